@@ -1,0 +1,1 @@
+"""Adapters from external systems to the small Protocols the processors declare."""

@@ -1,0 +1,250 @@
+"""The `kllm` command: run the pipeline, ask it questions, manage its topics."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from kllm import logs
+from kllm.errors import PipelineError
+from kllm.settings import STATE_FILE, KafkaSettings, write_state
+
+log = logging.getLogger(__name__)
+
+SAMPLE_QUESTIONS = (
+    "What is Kafka used for in this pipeline?",
+    "What happens to a malformed request?",
+    "Which model generates answers on the CPU?",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kllm",
+        description=(
+            "Kafka-native LLM serving pipeline. Stages (ingestion, retrieval, inference, "
+            "moderation) run as separate processes that talk only through Kafka topics. "
+            "Configuration comes from KLLM_* environment variables; with no "
+            "KLLM_BOOTSTRAP_SERVERS, `up` starts an embedded broker."
+        ),
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start broker (if none configured), topics and every stage")
+    up.add_argument("--demo", action="store_true",
+                    help="ask sample questions once ready, print the answers, then stop")
+    up.add_argument("-q", "--question", action="append", default=[],
+                    help="a question for --demo (repeatable; default: built-in samples)")
+    up.add_argument("--replicas", action="append", default=[], metavar="STAGE=N",
+                    help="processes for a stage, in its consumer group (repeatable)")
+    up.add_argument("--ready-timeout", type=float, default=180.0,
+                    help="seconds to wait for every stage to consume (default 180)")
+
+    ask = sub.add_parser("ask", help="publish a question to the request topic and print the answer")
+    ask.add_argument("question", nargs="+", help="one or more questions, sent concurrently")
+    ask.add_argument("--tenant", default="default", help="tenant id (default: default)")
+    ask.add_argument("--max-tokens", type=int, default=None, help="cap on generated tokens")
+    ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    ask.add_argument("--json", action="store_true", help="print the raw response messages")
+
+    sub.add_parser("provision", help="create the declared topics that are missing (idempotent)")
+    sub.add_parser("topics", help="list the declared topics: partitions, key, schema, DLQ")
+    broker = sub.add_parser("broker", help="run only the embedded broker, in the foreground")
+    broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = KafkaSettings()
+    logs.configure("WARNING" if args.command in {"ask", "topics"} else settings.log_level)
+    handlers = {"up": cmd_up, "ask": cmd_ask, "provision": cmd_provision,
+                "topics": cmd_topics, "broker": cmd_broker}
+    try:
+        return handlers[args.command](args, settings)
+    except PipelineError as exc:
+        print(f"kllm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_topics(_args: argparse.Namespace, _settings: KafkaSettings) -> int:
+    from topics import ALL
+
+    print(f"{'topic':28} {'parts':>5}  {'key':34} {'schema':24} dlq")
+    for t in ALL:
+        schema = f"{t.schema.SCHEMA} v{t.schema.VERSION}" if t.schema else "-"
+        dlq = f"{t.name}.dlq" if t.has_dlq else "-"
+        print(f"{t.name:28} {t.partitions:>5}  {t.key:34} {schema:24} {dlq}")
+    return 0
+
+
+def cmd_provision(_args: argparse.Namespace, settings: KafkaSettings) -> int:
+    report = _provision(settings.bootstrap())
+    print(f"created {len(report.created)}, already present {len(report.existing)}")
+    for line in report.mismatched:
+        print(f"warning: {line}", file=sys.stderr)
+    return 0
+
+
+def _provision(bootstrap: str):  # type: ignore[no-untyped-def]
+    from kllm.kafka import ConfluentTopicAdmin
+    from topics import ALL, provision
+
+    return provision(ConfluentTopicAdmin(bootstrap), ALL)
+
+
+def cmd_broker(args: argparse.Namespace, settings: KafkaSettings) -> int:
+    from kllm.broker import EmbeddedBroker
+
+    with EmbeddedBroker(args.port) as broker:
+        write_state(settings.run_dir, broker.bootstrap)
+        print(f"embedded broker on {broker.bootstrap} (Ctrl-C stops it)", flush=True)
+        _wait_for_stop_signal(lambda: broker.alive())
+    (settings.run_dir / STATE_FILE).unlink(missing_ok=True)
+    return 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(_sig: int, _frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def _wait_for_stop_signal(healthy, tick=None) -> None:  # type: ignore[no-untyped-def]
+    """Block until SIGINT/SIGTERM, or until ``healthy()`` turns false."""
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        while healthy():
+            if tick:
+                tick()
+            time.sleep(0.5)
+    except _Stop:
+        pass
+
+
+def _parse_replicas(items: list[str]) -> dict[str, int]:
+    from kllm.supervisor import STAGES
+
+    out = {}
+    for item in items:
+        stage, _, n = item.partition("=")
+        if stage not in STAGES or not n.isdigit() or int(n) < 1:
+            raise PipelineError(f"--replicas wants STAGE=N with STAGE in {STAGES}, got {item!r}")
+        out[stage] = int(n)
+    return out
+
+
+def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
+    from kllm.broker import EmbeddedBroker
+    from kllm.supervisor import Supervisor
+
+    replicas = _parse_replicas(args.replicas)
+    t0 = time.monotonic()
+    broker = None
+    signal.signal(signal.SIGTERM, _raise_stop)
+    (settings.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        if settings.bootstrap_servers:
+            bootstrap = settings.bootstrap_servers
+            print(f"using the Kafka broker at {bootstrap}", flush=True)
+        else:
+            broker = EmbeddedBroker(log_path=settings.run_dir / "logs" / "broker.log").start()
+            bootstrap = broker.bootstrap
+            write_state(settings.run_dir, bootstrap)
+            print(f"embedded broker (Tansu) on {bootstrap}", flush=True)
+        report = _provision(bootstrap)
+        print(f"topics: {len(report.created)} created, {len(report.existing)} present", flush=True)
+        sup = Supervisor(settings.run_dir, {"KLLM_BOOTSTRAP_SERVERS": bootstrap,
+                                            "KLLM_RUN_DIR": str(settings.run_dir)}, replicas)
+        try:
+            sup.start_all()
+            print(f"starting {len(sup.procs)} stage processes (logs: {settings.run_dir}/logs/)",
+                  flush=True)
+            sup.wait_ready(
+                args.ready_timeout,
+                lambda sp: print(f"  {sp.name:14} ready  pid {sp.proc.pid if sp.proc else '-'}"
+                                 f"  ({time.monotonic() - t0:.1f}s)", flush=True),
+                bootstrap=bootstrap,
+            )
+            print(f"pipeline ready in {time.monotonic() - t0:.1f}s", flush=True)
+            if args.demo:
+                questions = args.question or list(SAMPLE_QUESTIONS)
+                return _ask_and_print(bootstrap, settings, questions, "default", None, 120.0, False)
+            print("Ctrl-C stops everything. In another shell: kllm ask \"your question\"", flush=True)
+            _wait_for_stop_signal(lambda: True, tick=sup.restart_crashed)
+            return 0
+        finally:
+            print("stopping stages...", flush=True)
+            sup.stop_all()
+    except _Stop:
+        return 0
+    finally:
+        if broker is not None:
+            broker.stop()
+            (settings.run_dir / STATE_FILE).unlink(missing_ok=True)
+        print("stopped", flush=True)
+
+
+def cmd_ask(args: argparse.Namespace, settings: KafkaSettings) -> int:
+    return _ask_and_print(
+        settings.bootstrap(), settings, args.question, args.tenant, args.max_tokens,
+        args.timeout, args.json,
+    )
+
+
+def _ask_and_print(
+    bootstrap: str,
+    settings: KafkaSettings,
+    questions: Sequence[str],
+    tenant: str,
+    max_tokens: int | None,
+    timeout_s: float,
+    raw: bool,
+) -> int:
+    from kllm.kafka import TailReader, make_producer, produce_sync
+    from schemas import Request, Response, decode, encode
+    from topics import REQUESTS, RESPONSES
+
+    reader = TailReader(bootstrap, RESPONSES.name, settings.consumer_config())
+    producer = make_producer(bootstrap, settings.producer_config())
+    asked: dict[str, str] = {}
+    try:
+        for q in questions:
+            req = Request(request_id=str(uuid.uuid4()), tenant=tenant, prompt=q, max_tokens=max_tokens)
+            produce_sync(producer, REQUESTS.name, tenant, encode(req))
+            asked[req.request_id] = q
+
+        def show(request_id: str, value: bytes) -> None:
+            if raw:
+                print(value.decode(), flush=True)
+                return
+            r = decode(value, Response)
+            sources = ", ".join(dict.fromkeys(c.doc_id for c in r.citations)) or "none"
+            print(f"Q: {asked[request_id]}\nA: {r.text.strip() or r.error}\n"
+                  f"   [{r.verdict} · {r.model or '-'} · {r.usage.completion_tokens} tokens · "
+                  f"engine {r.engine_ms:.0f} ms · end-to-end {r.pipeline_ms:.0f} ms · "
+                  f"sources: {sources}]\n", flush=True)
+
+        missing = reader.wait_for(set(asked), timeout_s, show)
+    finally:
+        reader.close()
+    if missing:
+        print(f"no answer within {timeout_s:.0f}s for {len(missing)} question(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Settings shared by every process. Each service extends :class:`KafkaSettings`.
+
+Values come from ``KLLM_*`` environment variables, read only when a service's
+``main()`` builds its settings object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kllm.errors import ConfigError
+
+STATE_FILE = "state.json"
+
+
+class KafkaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KLLM_", frozen=True, extra="ignore")
+
+    bootstrap_servers: str = ""
+    """Kafka bootstrap address. Empty: use the embedded broker that `kllm up` started."""
+    run_dir: Path = Path(".kllm")
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1500
+    fetch_wait_max_ms: int = 20
+    log_level: str = "INFO"
+
+    def bootstrap(self) -> str:
+        if self.bootstrap_servers:
+            return self.bootstrap_servers
+        state = self.run_dir / STATE_FILE
+        try:
+            return str(orjson.loads(state.read_bytes())["bootstrap_servers"])
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                "no Kafka broker configured: set KLLM_BOOTSTRAP_SERVERS, "
+                f"or start the embedded one with `kllm up` (no {state} found)"
+            ) from exc
+        except (KeyError, orjson.JSONDecodeError) as exc:
+            raise ConfigError(f"{state} is unreadable; remove it and rerun `kllm up`") from exc
+
+    def consumer_config(self) -> dict[str, str | int | bool]:
+        return {
+            "session.timeout.ms": self.session_timeout_ms,
+            "heartbeat.interval.ms": self.heartbeat_interval_ms,
+            "fetch.wait.max.ms": self.fetch_wait_max_ms,
+        }
+
+    def producer_config(self) -> dict[str, str | int | bool]:
+        return {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
+
+
+def write_state(run_dir: Path, bootstrap_servers: str) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / STATE_FILE
+    path.write_bytes(orjson.dumps({"bootstrap_servers": bootstrap_servers}))
+    return path
+
+
+class StageSettings(KafkaSettings):
+    """Settings every stage process has."""
+
+    ready_file: str = ""
+    """Written once the stage is about to consume; the supervisor waits for it."""
+    commit_interval_s: float = 1.0

@@ -1,0 +1,199 @@
+"""Runs each stage as its own OS process, restarts crashed ones, stops them all cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import ConsumerGroupState, KafkaException
+from confluent_kafka.admin import AdminClient
+
+from kllm.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingestion", "retrieval", "inference", "moderation")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the supervisor dies, even by SIGKILL (no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class StageProcess:
+    stage: str
+    replica: int
+    log_path: Path
+    ready_file: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    exit_codes: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}-{self.replica}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def ready(self) -> bool:
+        return self.alive() and self.ready_file.exists()
+
+    def state(self) -> str:
+        if self.proc is None:
+            return "stopped"
+        if not self.alive():
+            return f"exited({self.proc.returncode})"
+        return "ready" if self.ready() else "starting"
+
+
+class Supervisor:
+    def __init__(
+        self,
+        run_dir: Path,
+        env: Mapping[str, str],
+        replicas: Mapping[str, int] | None = None,
+        max_restarts: int = 5,
+    ) -> None:
+        self.run_dir = run_dir
+        self.env = dict(env)
+        self.max_restarts = max_restarts
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "ready").mkdir(parents=True, exist_ok=True)
+        counts = {s: 1 for s in STAGES} | dict(replicas or {})
+        self.procs = [
+            StageProcess(
+                stage=s,
+                replica=i,
+                log_path=run_dir / "logs" / f"{s}-{i}.log",
+                ready_file=run_dir / "ready" / f"{s}-{i}",
+            )
+            for s in STAGES
+            for i in range(counts[s])
+        ]
+
+    def start(self, sp: StageProcess) -> None:
+        sp.ready_file.unlink(missing_ok=True)
+        env = os.environ | self.env | {"KLLM_READY_FILE": str(sp.ready_file)}
+        with open(sp.log_path, "ab") as out:
+            sp.proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{sp.stage}"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
+                preexec_fn=_die_with_parent,
+            )
+        sp.started_at = time.monotonic()
+        log.info("stage started", extra={"stage": sp.name, "pid": sp.proc.pid})
+
+    def start_all(self) -> None:
+        for sp in self.procs:
+            self.start(sp)
+
+    def find(self, stage: str, replica: int = 0) -> StageProcess:
+        for sp in self.procs:
+            if sp.stage == stage and sp.replica == replica:
+                return sp
+        raise KeyError(f"no process {stage}-{replica}")
+
+    def wait_ready(
+        self,
+        timeout_s: float,
+        on_progress: Callable[[StageProcess], None] | None = None,
+        bootstrap: str | None = None,
+    ) -> None:
+        """Wait until every stage is consuming: ready file written and, given the
+        broker address, its consumer group has settled with members."""
+        deadline = time.monotonic() + timeout_s
+        reported: set[str] = set()
+        while time.monotonic() < deadline:
+            for sp in self.procs:
+                if sp.proc is not None and not sp.alive():
+                    raise PipelineError(
+                        f"{sp.name} exited with code {sp.proc.returncode} while starting; "
+                        f"see {sp.log_path}:\n{tail(sp.log_path)}"
+                    )
+                if sp.ready() and sp.name not in reported:
+                    reported.add(sp.name)
+                    if on_progress:
+                        on_progress(sp)
+            if len(reported) == len(self.procs) and (
+                bootstrap is None or groups_stable(bootstrap, {f"kllm-{s}" for s in STAGES})
+            ):
+                return
+            time.sleep(0.1)
+        waiting = [sp.name for sp in self.procs if sp.name not in reported]
+        raise PipelineError(f"stages not ready after {timeout_s:.0f}s: {waiting or 'groups'}")
+
+    def restart_crashed(self) -> list[str]:
+        """Restart stages that died; give up on one that keeps crashing."""
+        restarted = []
+        for sp in self.procs:
+            if sp.proc is None or sp.alive():
+                continue
+            sp.exit_codes.append(sp.proc.returncode)
+            if sp.restarts >= self.max_restarts:
+                raise PipelineError(
+                    f"{sp.name} crashed {sp.restarts + 1} times (exit codes {sp.exit_codes}); "
+                    f"last log lines:\n{tail(sp.log_path)}"
+                )
+            sp.restarts += 1
+            log.warning("stage exited; restarting", extra={"stage": sp.name, "code": sp.proc.returncode})
+            self.start(sp)
+            restarted.append(sp.name)
+        return restarted
+
+    def kill(self, stage: str, replica: int = 0, sig: int = signal.SIGKILL) -> None:
+        sp = self.find(stage, replica)
+        if sp.proc is not None and sp.alive():
+            sp.proc.send_signal(sig)
+            sp.proc.wait()
+
+    def stop_all(self, timeout_s: float = 15.0) -> None:
+        live = [sp for sp in self.procs if sp.alive()]
+        for sp in live:
+            assert sp.proc is not None
+            sp.proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for sp in live:
+            assert sp.proc is not None
+            try:
+                sp.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("stage ignored SIGTERM; killing", extra={"stage": sp.name})
+                sp.proc.kill()
+                sp.proc.wait()
+        for sp in self.procs:
+            sp.ready_file.unlink(missing_ok=True)
+
+
+def groups_stable(bootstrap: str, groups: Iterable[str]) -> bool:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        futures = admin.describe_consumer_groups(list(groups), request_timeout=5)
+        described = [f.result() for f in futures.values()]
+    except KafkaException:
+        return False
+    # State only: Tansu reports a stable group with an empty member list.
+    return all(g.state == ConsumerGroupState.STABLE for g in described)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"

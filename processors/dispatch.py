@@ -1,0 +1,103 @@
+"""From raw record to output records: decode, process, and dead-letter what fails.
+
+Shared by every stage so that failure handling is the same everywhere: a
+record that cannot be processed goes to its topic's DLQ with the reason and
+the original bytes, and when its request id is readable the caller also gets
+an error response instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from kllm.errors import PipelineError
+from kllm.logs import where
+from processors.base import Emit
+from schemas import DeadLetter, Message, Response, decode, peek_request_id
+from topics import RESPONSES, TopicSpec
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    """Where a record came from."""
+
+    topic: TopicSpec
+    partition: int
+    offset: int
+    key: str | None
+
+    def __str__(self) -> str:
+        return where(self.topic.name, self.partition, self.offset)
+
+
+@dataclass(frozen=True)
+class StageLogic(Generic[M]):
+    """A stage: its name, the schema it reads, and its processor."""
+
+    name: str
+    schema: type[M]
+    process: Callable[[M], list[Emit]]
+
+
+def error_response(request_id: str, tenant: str, reason: str) -> Response:
+    return Response(
+        request_id=request_id,
+        tenant=tenant,
+        text="",
+        verdict="blocked",
+        reasons=[reason],
+        model="",
+        finish_reason="error",
+        error=reason,
+    )
+
+
+def dead_letter(stage: str, ref: RecordRef, value: bytes, reason: str) -> list[Emit]:
+    request_id = peek_request_id(value)
+    letter = DeadLetter(
+        stage=stage,
+        reason=reason,
+        source_topic=ref.topic.name,
+        partition=ref.partition,
+        offset=ref.offset,
+        key=ref.key,
+        request_id=request_id,
+        payload_b64=base64.b64encode(value).decode(),
+    )
+    out = [Emit(ref.topic.dlq, request_id or ref.key or "", letter)]
+    if request_id is not None:
+        out.append(Emit(RESPONSES, request_id, error_response(request_id, "unknown", reason)))
+    return out
+
+
+def dispatch(stage: StageLogic[M], ref: RecordRef, value: bytes) -> list[Emit]:
+    t0 = time.perf_counter()
+    try:
+        message = decode(value, stage.schema)
+        out = stage.process(message)
+    except PipelineError as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "dead-lettered",
+            extra={"request_id": peek_request_id(value), "record": str(ref), "reason": reason},
+        )
+        return dead_letter(stage.name, ref, value, reason)
+    log.info(
+        "processed",
+        extra={
+            "request_id": peek_request_id(value),
+            "record": str(ref),
+            "ms": round((time.perf_counter() - t0) * 1000, 2),
+            "out": [e.topic.name for e in out],
+        },
+    )
+    return out

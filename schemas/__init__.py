@@ -1,0 +1,42 @@
+"""Versioned wire messages.
+
+Every message travels as an orjson object carrying ``schema`` (its name) and
+``v`` (its version). :func:`decode` checks both before validating the fields,
+so a consumer answers bad input with a precise reason instead of crashing.
+"""
+
+from schemas.codec import SchemaError, decode, encode, peek_request_id, registry
+from schemas.messages import (
+    Chunk,
+    DeadLetter,
+    DriftAlert,
+    Feedback,
+    Generation,
+    InferenceJob,
+    Message,
+    ModerationEvent,
+    Request,
+    Response,
+    RetrievalContext,
+    Usage,
+)
+
+__all__ = [
+    "Chunk",
+    "DeadLetter",
+    "DriftAlert",
+    "Feedback",
+    "Generation",
+    "InferenceJob",
+    "Message",
+    "ModerationEvent",
+    "Request",
+    "Response",
+    "RetrievalContext",
+    "SchemaError",
+    "Usage",
+    "decode",
+    "encode",
+    "peek_request_id",
+    "registry",
+]

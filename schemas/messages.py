@@ -1,0 +1,187 @@
+"""Message models. Each top-level message names its schema and version.
+
+A breaking change adds a new class with ``VERSION = n + 1`` registered beside
+the old one, so consumers can keep reading both during a rollout.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Verdict = Literal["allowed", "redacted", "blocked"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Message(_Model):
+    """A top-level message: what travels on a topic."""
+
+    SCHEMA: ClassVar[str]
+    VERSION: ClassVar[int]
+
+
+def _now() -> float:
+    return time.time()
+
+
+RequestId = str
+
+
+class Request(Message):
+    """A question from a front end, as published to the request topic."""
+
+    SCHEMA: ClassVar[str] = "llm.request"
+    VERSION: ClassVar[int] = 1
+
+    request_id: RequestId = Field(min_length=1, max_length=128)
+    tenant: str = Field(default="default", min_length=1, max_length=64)
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    stream: bool = False
+    created_at: float = Field(default_factory=_now)
+    deadline_at: float | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class Chunk(_Model):
+    """A retrieved passage with its provenance and similarity score."""
+
+    chunk_id: str
+    doc_id: str
+    text: str
+    score: float
+    source: str = ""
+
+
+class RetrievalContext(Message):
+    SCHEMA: ClassVar[str] = "llm.retrieval_context"
+    VERSION: ClassVar[int] = 1
+
+    request_id: RequestId
+    chunks: list[Chunk] = Field(default_factory=list)
+    embed_ms: float = 0.0
+    search_ms: float = 0.0
+
+
+class ChatTurn(_Model):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InferenceJob(Message):
+    """A request with its retrieved context and the prompt built from it."""
+
+    SCHEMA: ClassVar[str] = "llm.inference_job"
+    VERSION: ClassVar[int] = 1
+
+    request: Request
+    context: RetrievalContext
+    messages: list[ChatTurn] = Field(min_length=1)
+
+
+class Usage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Generation(Message):
+    """The engine's unmoderated output for one request."""
+
+    SCHEMA: ClassVar[str] = "llm.generation"
+    VERSION: ClassVar[int] = 1
+
+    request: Request
+    chunks: list[Chunk] = Field(default_factory=list)
+    text: str
+    model: str
+    finish_reason: str
+    usage: Usage = Field(default_factory=Usage)
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    error: str | None = None
+
+
+class Citation(_Model):
+    chunk_id: str
+    doc_id: str
+    score: float
+
+
+class Response(Message):
+    """What the caller receives: the moderated answer."""
+
+    SCHEMA: ClassVar[str] = "llm.response"
+    VERSION: ClassVar[int] = 1
+
+    request_id: RequestId
+    tenant: str
+    text: str
+    verdict: Verdict
+    reasons: list[str] = Field(default_factory=list)
+    model: str
+    finish_reason: str
+    usage: Usage = Field(default_factory=Usage)
+    citations: list[Citation] = Field(default_factory=list)
+    engine_ms: float = 0.0
+    pipeline_ms: float = 0.0
+    error: str | None = None
+
+
+class ModerationEvent(Message):
+    SCHEMA: ClassVar[str] = "llm.moderation_event"
+    VERSION: ClassVar[int] = 1
+
+    request_id: RequestId
+    tenant: str
+    verdict: Verdict
+    scores: dict[str, float] = Field(default_factory=dict)
+    reasons: list[str] = Field(default_factory=list)
+
+
+class Feedback(Message):
+    SCHEMA: ClassVar[str] = "llm.feedback"
+    VERSION: ClassVar[int] = 1
+
+    request_id: RequestId
+    tenant: str = "default"
+    rating: int = Field(ge=1, le=5)
+    label: str | None = None
+    comment: str | None = Field(default=None, max_length=4000)
+    created_at: float = Field(default_factory=_now)
+
+
+class DriftAlert(Message):
+    SCHEMA: ClassVar[str] = "llm.drift_alert"
+    VERSION: ClassVar[int] = 1
+
+    tenant: str
+    model: str
+    signal: str
+    detector: str
+    before: dict[str, float] = Field(default_factory=dict)
+    after: dict[str, float] = Field(default_factory=dict)
+    sample_request_ids: list[RequestId] = Field(default_factory=list)
+    detected_at: float = Field(default_factory=_now)
+
+
+class DeadLetter(Message):
+    """A record a stage could not process, kept whole so it can be replayed."""
+
+    SCHEMA: ClassVar[str] = "llm.dead_letter"
+    VERSION: ClassVar[int] = 1
+
+    stage: str
+    reason: str
+    source_topic: str
+    partition: int
+    offset: int
+    key: str | None = None
+    request_id: RequestId | None = None
+    payload_b64: str
+    failed_at: float = Field(default_factory=_now)

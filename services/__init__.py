@@ -1,0 +1,1 @@
+"""One process per stage: settings, clients, topics and the run loop; logic lives in processors."""

@@ -1,0 +1,42 @@
+"""Every topic, declared once: name, partitions, key, schema, configs and its DLQ.
+
+Nothing outside this package spells a topic name; code refers to these specs.
+"""
+
+from topics.catalog import (
+    ALL,
+    DOCUMENTS,
+    DRIFT_ALERTS,
+    FEEDBACK,
+    FEEDBACK_ENRICHED,
+    GENERATIONS,
+    INFERENCE,
+    MODERATION_EVENTS,
+    REQUESTS,
+    RESPONSES,
+    RETRIEVAL,
+    TOKENS,
+    TopicSpec,
+    by_name,
+)
+from topics.provision import ProvisionReport, TopicAdmin, provision
+
+__all__ = [
+    "ALL",
+    "DOCUMENTS",
+    "DRIFT_ALERTS",
+    "FEEDBACK",
+    "FEEDBACK_ENRICHED",
+    "GENERATIONS",
+    "INFERENCE",
+    "MODERATION_EVENTS",
+    "REQUESTS",
+    "RESPONSES",
+    "RETRIEVAL",
+    "TOKENS",
+    "ProvisionReport",
+    "TopicAdmin",
+    "TopicSpec",
+    "by_name",
+    "provision",
+]

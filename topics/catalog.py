@@ -1,0 +1,90 @@
+"""The topic catalog."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from schemas import (
+    DeadLetter,
+    DriftAlert,
+    Feedback,
+    Generation,
+    InferenceJob,
+    Message,
+    ModerationEvent,
+    Request,
+    Response,
+)
+
+_DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic: how it is created and what travels on it."""
+
+    name: str
+    partitions: int
+    key: str
+    schema: type[Message] | None
+    retention_ms: int = 7 * _DAY_MS
+    cleanup_policy: str = "delete"
+    has_dlq: bool = False
+    extra_configs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def configs(self) -> dict[str, str]:
+        # retention.ms is always explicit: quixstreams reads it from topic metadata.
+        return {
+            "retention.ms": str(self.retention_ms),
+            "cleanup.policy": self.cleanup_policy,
+            **self.extra_configs,
+        }
+
+    @property
+    def dlq(self) -> TopicSpec:
+        if not self.has_dlq:
+            raise KeyError(f"topic {self.name} declares no DLQ")
+        return TopicSpec(
+            name=f"{self.name}.dlq",
+            partitions=1,
+            key="request id (when readable)",
+            schema=DeadLetter,
+            retention_ms=30 * _DAY_MS,
+        )
+
+
+REQUESTS = TopicSpec("llm.requests", 4, "tenant", Request, has_dlq=True)
+RETRIEVAL = TopicSpec("llm.retrieval", 4, "request id", Request, has_dlq=True)
+INFERENCE = TopicSpec("llm.inference", 4, "request id", InferenceJob, has_dlq=True)
+TOKENS = TopicSpec("llm.tokens", 4, "request id", None, retention_ms=_DAY_MS)
+GENERATIONS = TopicSpec("llm.generations", 4, "request id", Generation, has_dlq=True)
+RESPONSES = TopicSpec("llm.responses", 4, "request id", Response)
+MODERATION_EVENTS = TopicSpec("llm.moderation.events", 2, "request id", ModerationEvent)
+DOCUMENTS = TopicSpec("llm.documents", 2, "tenant/document id", None, has_dlq=True)
+FEEDBACK = TopicSpec("llm.feedback", 2, "request id", Feedback, has_dlq=True)
+FEEDBACK_ENRICHED = TopicSpec("llm.feedback.enriched", 2, "request id", None)
+DRIFT_ALERTS = TopicSpec("llm.drift.alerts", 1, "tenant/model", DriftAlert)
+
+_PRIMARY = (
+    REQUESTS,
+    RETRIEVAL,
+    INFERENCE,
+    TOKENS,
+    GENERATIONS,
+    RESPONSES,
+    MODERATION_EVENTS,
+    DOCUMENTS,
+    FEEDBACK,
+    FEEDBACK_ENRICHED,
+    DRIFT_ALERTS,
+)
+
+ALL: tuple[TopicSpec, ...] = _PRIMARY + tuple(t.dlq for t in _PRIMARY if t.has_dlq)
+
+
+def by_name(name: str) -> TopicSpec:
+    for spec in ALL:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no topic named {name!r} is declared")
