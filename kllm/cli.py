@@ -9,7 +9,6 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
 
 from kllm import logs
@@ -38,14 +37,31 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="start broker (if none configured), topics and every stage")
-    up.add_argument("--demo", action="store_true",
-                    help="ask sample questions once ready, print the answers, then stop")
-    up.add_argument("-q", "--question", action="append", default=[],
-                    help="a question for --demo (repeatable; default: built-in samples)")
-    up.add_argument("--replicas", action="append", default=[], metavar="STAGE=N",
-                    help="processes for a stage, in its consumer group (repeatable)")
-    up.add_argument("--ready-timeout", type=float, default=180.0,
-                    help="seconds to wait for every stage to consume (default 180)")
+    up.add_argument(
+        "--demo",
+        action="store_true",
+        help="ask sample questions once ready, print the answers, then stop",
+    )
+    up.add_argument(
+        "-q",
+        "--question",
+        action="append",
+        default=[],
+        help="a question for --demo (repeatable; default: built-in samples)",
+    )
+    up.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        help="processes for a stage, in its consumer group (repeatable)",
+    )
+    up.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for every stage to consume (default 180)",
+    )
 
     ask = sub.add_parser("ask", help="publish a question to the request topic and print the answer")
     ask.add_argument("question", nargs="+", help="one or more questions, sent concurrently")
@@ -65,8 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = KafkaSettings()
     logs.configure("WARNING" if args.command in {"ask", "topics"} else settings.log_level)
-    handlers = {"up": cmd_up, "ask": cmd_ask, "provision": cmd_provision,
-                "topics": cmd_topics, "broker": cmd_broker}
+    handlers = {
+        "up": cmd_up,
+        "ask": cmd_ask,
+        "provision": cmd_provision,
+        "topics": cmd_topics,
+        "broker": cmd_broker,
+    }
     try:
         return handlers[args.command](args, settings)
     except PipelineError as exc:
@@ -163,26 +184,34 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             broker = EmbeddedBroker(log_path=settings.run_dir / "logs" / "broker.log").start()
             bootstrap = broker.bootstrap
             write_state(settings.run_dir, bootstrap)
-            print(f"embedded broker (Tansu) on {bootstrap}", flush=True)
+            print(f"embedded broker (Tansu) on {bootstrap}  pid {broker.pid}", flush=True)
         report = _provision(bootstrap)
         print(f"topics: {len(report.created)} created, {len(report.existing)} present", flush=True)
-        sup = Supervisor(settings.run_dir, {"KLLM_BOOTSTRAP_SERVERS": bootstrap,
-                                            "KLLM_RUN_DIR": str(settings.run_dir)}, replicas)
+        sup = Supervisor(
+            settings.run_dir,
+            {"KLLM_BOOTSTRAP_SERVERS": bootstrap, "KLLM_RUN_DIR": str(settings.run_dir)},
+            replicas,
+        )
         try:
             sup.start_all()
-            print(f"starting {len(sup.procs)} stage processes (logs: {settings.run_dir}/logs/)",
-                  flush=True)
+            print(
+                f"starting {len(sup.procs)} stage processes (logs: {settings.run_dir}/logs/)",
+                flush=True,
+            )
             sup.wait_ready(
                 args.ready_timeout,
-                lambda sp: print(f"  {sp.name:14} ready  pid {sp.proc.pid if sp.proc else '-'}"
-                                 f"  ({time.monotonic() - t0:.1f}s)", flush=True),
+                lambda sp: print(
+                    f"  {sp.name:14} ready  pid {sp.proc.pid if sp.proc else '-'}"
+                    f"  ({time.monotonic() - t0:.1f}s)",
+                    flush=True,
+                ),
                 bootstrap=bootstrap,
             )
             print(f"pipeline ready in {time.monotonic() - t0:.1f}s", flush=True)
             if args.demo:
                 questions = args.question or list(SAMPLE_QUESTIONS)
                 return _ask_and_print(bootstrap, settings, questions, "default", None, 120.0, False)
-            print("Ctrl-C stops everything. In another shell: kllm ask \"your question\"", flush=True)
+            print('Ctrl-C stops everything. In another shell: kllm ask "your question"', flush=True)
             _wait_for_stop_signal(lambda: True, tick=sup.restart_crashed)
             return 0
         finally:
@@ -199,8 +228,13 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
 
 def cmd_ask(args: argparse.Namespace, settings: KafkaSettings) -> int:
     return _ask_and_print(
-        settings.bootstrap(), settings, args.question, args.tenant, args.max_tokens,
-        args.timeout, args.json,
+        settings.bootstrap(),
+        settings,
+        args.question,
+        args.tenant,
+        args.max_tokens,
+        args.timeout,
+        args.json,
     )
 
 
@@ -222,7 +256,9 @@ def _ask_and_print(
     asked: dict[str, str] = {}
     try:
         for q in questions:
-            req = Request(request_id=str(uuid.uuid4()), tenant=tenant, prompt=q, max_tokens=max_tokens)
+            req = Request(
+                request_id=str(uuid.uuid4()), tenant=tenant, prompt=q, max_tokens=max_tokens
+            )
             produce_sync(producer, REQUESTS.name, tenant, encode(req))
             asked[req.request_id] = q
 
@@ -232,10 +268,13 @@ def _ask_and_print(
                 return
             r = decode(value, Response)
             sources = ", ".join(dict.fromkeys(c.doc_id for c in r.citations)) or "none"
-            print(f"Q: {asked[request_id]}\nA: {r.text.strip() or r.error}\n"
-                  f"   [{r.verdict} · {r.model or '-'} · {r.usage.completion_tokens} tokens · "
-                  f"engine {r.engine_ms:.0f} ms · end-to-end {r.pipeline_ms:.0f} ms · "
-                  f"sources: {sources}]\n", flush=True)
+            print(
+                f"Q: {asked[request_id]}\nA: {r.text.strip() or r.error}\n"
+                f"   [{r.verdict} · {r.model or '-'} · {r.usage.completion_tokens} tokens · "
+                f"engine {r.engine_ms:.0f} ms · end-to-end {r.pipeline_ms:.0f} ms · "
+                f"sources: {sources}]\n",
+                flush=True,
+            )
 
         missing = reader.wait_for(set(asked), timeout_s, show)
     finally:

@@ -7,6 +7,7 @@ Values come from ``KLLM_*`` environment variables, read only when a service's
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import orjson
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,7 +39,7 @@ class KafkaSettings(BaseSettings):
                 "no Kafka broker configured: set KLLM_BOOTSTRAP_SERVERS, "
                 f"or start the embedded one with `kllm up` (no {state} found)"
             ) from exc
-        except (KeyError, orjson.JSONDecodeError) as exc:
+        except (KeyError, TypeError, orjson.JSONDecodeError) as exc:
             raise ConfigError(f"{state} is unreadable; remove it and rerun `kllm up`") from exc
 
     def consumer_config(self) -> dict[str, str | int | bool]:
@@ -65,3 +66,4 @@ class StageSettings(KafkaSettings):
     ready_file: str = ""
     """Written once the stage is about to consume; the supervisor waits for it."""
     commit_interval_s: float = 1.0
+    quix_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

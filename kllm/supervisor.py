@@ -152,7 +152,9 @@ class Supervisor:
                     f"last log lines:\n{tail(sp.log_path)}"
                 )
             sp.restarts += 1
-            log.warning("stage exited; restarting", extra={"stage": sp.name, "code": sp.proc.returncode})
+            log.warning(
+                "stage exited; restarting", extra={"stage": sp.name, "code": sp.proc.returncode}
+            )
             self.start(sp)
             restarted.append(sp.name)
         return restarted

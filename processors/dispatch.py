@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 from kllm.errors import PipelineError
 from kllm.logs import where
 from processors.base import Emit
-from schemas import DeadLetter, Message, Response, decode, peek_request_id
+from schemas import DeadLetter, Message, Response, decode, peek_field, peek_request_id
 from topics import RESPONSES, TopicSpec
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def error_response(request_id: str, tenant: str, reason: str) -> Response:
 
 def dead_letter(stage: str, ref: RecordRef, value: bytes, reason: str) -> list[Emit]:
     request_id = peek_request_id(value)
+    tenant = peek_field(value, "tenant") or "unknown"
     letter = DeadLetter(
         stage=stage,
         reason=reason,
@@ -75,7 +76,7 @@ def dead_letter(stage: str, ref: RecordRef, value: bytes, reason: str) -> list[E
     )
     out = [Emit(ref.topic.dlq, request_id or ref.key or "", letter)]
     if request_id is not None:
-        out.append(Emit(RESPONSES, request_id, error_response(request_id, "unknown", reason)))
+        out.append(Emit(RESPONSES, request_id, error_response(request_id, tenant, reason)))
     return out
 
 

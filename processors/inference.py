@@ -45,7 +45,9 @@ class Generator:
             result = self.engine.generate(job.messages, max_tokens)
         except EngineError as exc:
             # The caller still gets an answer: an error generation, not silence.
-            log.warning("engine failed", extra={"request_id": request.request_id, "error": str(exc)})
+            log.warning(
+                "engine failed", extra={"request_id": request.request_id, "error": str(exc)}
+            )
             generation = Generation(
                 request=request,
                 chunks=job.context.chunks,

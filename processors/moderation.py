@@ -37,7 +37,9 @@ class Moderator:
             scores[self.classifier.name] = score
             if score >= self.block_threshold:
                 verdict = "blocked"
-                reasons.append(f"{self.classifier.name} score {score:.2f} >= {self.block_threshold}")
+                reasons.append(
+                    f"{self.classifier.name} score {score:.2f} >= {self.block_threshold}"
+                )
         now = time.time() if now is None else now
         response = Response(
             request_id=request.request_id,
@@ -48,8 +50,10 @@ class Moderator:
             model=generation.model,
             finish_reason="content_filter" if verdict == "blocked" else generation.finish_reason,
             usage=generation.usage,
-            citations=[Citation(chunk_id=c.chunk_id, doc_id=c.doc_id, score=c.score)
-                       for c in generation.chunks],
+            citations=[
+                Citation(chunk_id=c.chunk_id, doc_id=c.doc_id, score=c.score)
+                for c in generation.chunks
+            ],
             engine_ms=generation.latency_ms,
             pipeline_ms=max(0.0, (now - request.created_at) * 1000),
             error=generation.error,

@@ -5,7 +5,7 @@ Every message travels as an orjson object carrying ``schema`` (its name) and
 so a consumer answers bad input with a precise reason instead of crashing.
 """
 
-from schemas.codec import SchemaError, decode, encode, peek_request_id, registry
+from schemas.codec import SchemaError, decode, encode, peek_field, peek_request_id, registry
 from schemas.messages import (
     Chunk,
     DeadLetter,
@@ -37,6 +37,7 @@ __all__ = [
     "Usage",
     "decode",
     "encode",
+    "peek_field",
     "peek_request_id",
     "registry",
 ]

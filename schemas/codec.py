@@ -98,8 +98,9 @@ def decode(data: bytes | str, expected: type[M]) -> M:
     return message
 
 
-def peek_request_id(data: bytes | str | None) -> str | None:
-    """Best-effort request id from a payload that may not be valid, for logs and DLQ records."""
+def peek_field(data: bytes | str | None, name: str) -> str | None:
+    """Best-effort string field of a payload that may not be valid, also looking
+    inside a nested ``request``; for logs and DLQ records."""
     if not data:
         return None
     try:
@@ -108,7 +109,11 @@ def peek_request_id(data: bytes | str | None) -> str | None:
         return None
     if not isinstance(body, dict):
         return None
-    rid = body.get("request_id")
-    if rid is None and isinstance(body.get("request"), dict):
-        rid = body["request"].get("request_id")
-    return rid if isinstance(rid, str) else None
+    value = body.get(name)
+    if value is None and isinstance(body.get("request"), dict):
+        value = body["request"].get(name)
+    return value if isinstance(value, str) else None
+
+
+def peek_request_id(data: bytes | str | None) -> str | None:
+    return peek_field(data, "request_id")

@@ -46,7 +46,7 @@ def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
     logic = build(settings)
-    app = build_app(settings, STAGE, settings.commit_interval_s)
+    app = build_app(settings, STAGE)
     run_stage(app, INFERENCE, logic, settings.ready_file)
 
 

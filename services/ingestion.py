@@ -31,7 +31,7 @@ def build(settings: Settings) -> StageLogic[Request]:
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
-    app = build_app(settings, STAGE, settings.commit_interval_s)
+    app = build_app(settings, STAGE)
     run_stage(app, REQUESTS, build(settings), settings.ready_file)
 
 

@@ -17,7 +17,9 @@ class Settings(StageSettings):
     profanity_threshold: float = 0.8
 
 
-def build(settings: Settings, *, classifier: TextClassifier | None = None) -> StageLogic[Generation]:
+def build(
+    settings: Settings, *, classifier: TextClassifier | None = None
+) -> StageLogic[Generation]:
     if classifier is None:
         from kllm.adapters.profanity import ProfanityClassifier
 
@@ -30,7 +32,7 @@ def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
     logic = build(settings)
-    app = build_app(settings, STAGE, settings.commit_interval_s)
+    app = build_app(settings, STAGE)
     run_stage(app, GENERATIONS, logic, settings.ready_file)
 
 

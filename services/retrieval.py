@@ -46,7 +46,9 @@ def build(
     if store is None:
         from kllm.adapters.qdrant import QdrantStore, open_client
 
-        store = QdrantStore(open_client(settings.qdrant_url, settings.qdrant_path), settings.collection)
+        store = QdrantStore(
+            open_client(settings.qdrant_url, settings.qdrant_path), settings.collection
+        )
     store.ensure_collection(embedder.dim)
     if settings.seed_dir.is_dir():
         n = index_documents(seed_documents(settings.seed_dir), embedder, store)
@@ -59,7 +61,7 @@ def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
     logic = build(settings)
-    app = build_app(settings, STAGE, settings.commit_interval_s)
+    app = build_app(settings, STAGE)
     run_stage(app, RETRIEVAL, logic, settings.ready_file)
 
 

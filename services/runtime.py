@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from quixstreams import Application, message_context
 from quixstreams.models.serializers import Serializer
 
-from kllm.settings import KafkaSettings
+from kllm.settings import StageSettings
 from processors.base import Emit
 from processors.dispatch import RecordRef, StageLogic, dispatch
 from schemas import Message, encode
@@ -34,27 +34,28 @@ def group_id(stage: str) -> str:
     return f"kllm-{stage}"
 
 
-def build_app(
-    settings: KafkaSettings, stage: str, commit_interval_s: float = 1.0
-) -> Application:
+def build_app(settings: KafkaSettings, stage: str, commit_interval_s: float = 1.0) -> Application:
     return Application(
         broker_address=settings.bootstrap(),
         consumer_group=group_id(stage),
         auto_offset_reset="earliest",
         auto_create_topics=False,  # `kllm provision` made them; quixstreams would stall creating
-        commit_interval=commit_interval_s,
+        commit_interval=settings.commit_interval_s,
         consumer_extra_config=settings.consumer_config(),
         producer_extra_config=settings.producer_config(),
         state_dir=str(settings.run_dir / "state" / stage),
         use_changelog_topics=False,
         processing_guarantee="at-least-once",
+        loglevel=settings.quix_log_level,
     )
 
 
 def run_stage(app: Application, source: TopicSpec, logic: StageLogic[M], ready_file: str) -> None:
     """Consume ``source``, dispatch each record, produce every output; runs until SIGTERM."""
-    sink = {spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
-            for spec in ALL}
+    sink = {
+        spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
+        for spec in ALL
+    }
     sdf = app.dataframe(app.topic(source.name, key_deserializer="str", value_deserializer="bytes"))
 
     def handle(value: bytes, key: str | None, _ts: int, _headers: Any) -> list[Emit]:
@@ -64,7 +65,9 @@ def run_stage(app: Application, source: TopicSpec, logic: StageLogic[M], ready_f
     sdf = sdf.apply(handle, expand=True, metadata=True)
     sdf.to_topic(lambda value, _key, _ts, _headers: sink[value.topic.name], key=lambda e: e.key)
     _mark_ready(ready_file)
-    log.info("stage running", extra={"stage": logic.name, "source": source.name, "pid": os.getpid()})
+    log.info(
+        "stage running", extra={"stage": logic.name, "source": source.name, "pid": os.getpid()}
+    )
     app.run()
 
 

@@ -42,7 +42,7 @@ class QdrantStore:
                 self.client.create_payload_index(
                     self.collection, "tenant", models.PayloadSchemaType.KEYWORD
                 )
-        except Exception as exc:  # noqa: BLE001 - qdrant-client raises many types; translate all
+        except Exception as exc:
             raise StoreError(f"cannot create collection {self.collection}: {exc}") from exc
 
     def upsert(self, chunks: Sequence[StoredChunk]) -> None:
@@ -50,13 +50,18 @@ class QdrantStore:
             models.PointStruct(
                 id=c.point_id,
                 vector=c.vector,
-                payload={"tenant": c.tenant, "doc_id": c.doc_id, "text": c.text, "source": c.source},
+                payload={
+                    "tenant": c.tenant,
+                    "doc_id": c.doc_id,
+                    "text": c.text,
+                    "source": c.source,
+                },
             )
             for c in chunks
         ]
         try:
             self.client.upsert(self.collection, points=points, wait=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise StoreError(f"upsert into {self.collection} failed: {exc}") from exc
 
     def search(
@@ -74,7 +79,7 @@ class QdrantStore:
                 score_threshold=min_score,
                 with_payload=True,
             ).points
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise StoreError(f"search in {self.collection} failed: {exc}") from exc
         return [
             Chunk(

@@ -55,7 +55,7 @@ class XLlamaEngine:
         self.temperature = temperature
         try:
             self._server = xllamacpp.Server(params)
-        except Exception as exc:  # noqa: BLE001 - the extension raises plain RuntimeError and more
+        except Exception as exc:
             raise EngineError(f"cannot load {path}: {exc}") from exc
 
     def generate(self, messages: Sequence[ChatTurn], max_tokens: int) -> EngineResult:
@@ -68,7 +68,7 @@ class XLlamaEngine:
         t0 = time.perf_counter()
         try:
             out = self._server.handle_chat_completions(body)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise EngineError(f"xllamacpp failed: {exc}") from exc
         latency_ms = (time.perf_counter() - t0) * 1000
         if not isinstance(out, dict) or "choices" not in out:

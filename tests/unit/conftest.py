@@ -1,0 +1,219 @@
+"""Small in-memory fakes for the processor Protocols, and builders for valid messages.
+
+No Kafka, no models: everything here runs in microseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from kllm.errors import EngineError
+from processors.inference import EngineResult
+from processors.retrieval import StoredChunk
+from schemas import Chunk, Generation, InferenceJob, Request, RetrievalContext, Usage
+from schemas.messages import ChatTurn
+
+
+class FakeEmbedder:
+    """dim 4; deterministic bag-of-words vectors (crc32 of each word picks a dimension)."""
+
+    dim = 4
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    @staticmethod
+    def vector(text: str) -> list[float]:
+        v = [0.01, 0.01, 0.01, 0.01]  # never the zero vector
+        for word in text.lower().split():
+            v[zlib.crc32(word.encode()) % 4] += 1.0
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v]
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.calls.append(list(texts))
+        return [self.vector(t) for t in texts]
+
+
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    na = math.sqrt(sum(x * x for x in a))
+    nb = math.sqrt(sum(y * y for y in b))
+    return dot / (na * nb) if na and nb else 0.0
+
+
+class FakeVectorStore:
+    """Point id -> chunk; cosine search restricted to the given tenants."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, StoredChunk] = {}
+        self.dim: int | None = None
+        self.searches: list[tuple[list[str], int, float]] = []
+
+    def ensure_collection(self, dim: int) -> None:
+        self.dim = dim
+
+    def upsert(self, chunks: Sequence[StoredChunk]) -> None:
+        for c in chunks:
+            if self.dim is not None:
+                assert len(c.vector) == self.dim
+            self.points[c.point_id] = c
+
+    def search(
+        self, vector: Sequence[float], tenants: Sequence[str], top_k: int, min_score: float
+    ) -> list[Chunk]:
+        self.searches.append((list(tenants), top_k, min_score))
+        scored = [
+            (cosine(vector, c.vector), c) for c in self.points.values() if c.tenant in tenants
+        ]
+        scored = [(s, c) for s, c in scored if s >= min_score]
+        scored.sort(key=lambda sc: (-sc[0], sc[1].point_id))
+        return [
+            Chunk(chunk_id=c.point_id, doc_id=c.doc_id, text=c.text, score=s, source=c.source)
+            for s, c in scored[:top_k]
+        ]
+
+    def tenant_of(self, chunk_id: str) -> str:
+        return self.points[chunk_id].tenant
+
+
+@dataclass
+class FakeEngine:
+    model: str = "fake-model"
+    text: str = "an answer [1]"
+    finish_reason: str = "stop"
+    fail_with: str | None = None
+    calls: list[tuple[list[ChatTurn], int]] = field(default_factory=list)
+
+    def generate(self, messages: Sequence[ChatTurn], max_tokens: int) -> EngineResult:
+        self.calls.append((list(messages), max_tokens))
+        if self.fail_with is not None:
+            raise EngineError(self.fail_with)
+        return EngineResult(
+            text=self.text,
+            finish_reason=self.finish_reason,
+            usage=Usage(prompt_tokens=42, completion_tokens=7),
+            latency_ms=12.5,
+            ttft_ms=3.25,
+        )
+
+
+class FakeClassifier:
+    """Scores each text from a fixed table, or ``default``; records what it scored."""
+
+    name = "fake-clf"
+
+    def __init__(self, scores: dict[str, float] | None = None, default: float = 0.0) -> None:
+        self.scores = scores or {}
+        self.default = default
+        self.calls: list[list[str]] = []
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        self.calls.append(list(texts))
+        return [self.scores.get(t, self.default) for t in texts]
+
+
+# --- message builders -------------------------------------------------------------------
+
+
+def _make_request(**kw: object) -> Request:
+    base: dict[str, object] = {
+        "request_id": "req-1",
+        "tenant": "acme",
+        "prompt": "What is Kafka?",
+        "created_at": 1000.0,
+    }
+    base.update(kw)
+    return Request(**base)  # type: ignore[arg-type]
+
+
+def _make_chunks() -> list[Chunk]:
+    return [
+        Chunk(chunk_id="c1", doc_id="d1", text="Kafka is a log.", score=0.9, source="a.md"),
+        Chunk(chunk_id="c2", doc_id="d2", text="Topics have partitions.", score=0.5),
+    ]
+
+
+def _make_job(request: Request | None = None, chunks: list[Chunk] | None = None) -> InferenceJob:
+    request = request or _make_request()
+    chunks = _make_chunks() if chunks is None else chunks
+    return InferenceJob(
+        request=request,
+        context=RetrievalContext(request_id=request.request_id, chunks=chunks),
+        messages=[ChatTurn(role="system", content="sys"), ChatTurn(role="user", content="q")],
+    )
+
+
+def _make_generation(**kw: object) -> Generation:
+    base: dict[str, object] = {
+        "request": _make_request(),
+        "chunks": _make_chunks(),
+        "text": "Kafka is a distributed log [1].",
+        "model": "fake-model",
+        "finish_reason": "stop",
+        "usage": Usage(prompt_tokens=10, completion_tokens=5),
+        "latency_ms": 33.0,
+    }
+    base.update(kw)
+    return Generation(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def make_request() -> Callable[..., Request]:
+    return _make_request
+
+
+@pytest.fixture
+def make_chunks() -> Callable[[], list[Chunk]]:
+    return _make_chunks
+
+
+@pytest.fixture
+def make_job() -> Callable[..., InferenceJob]:
+    return _make_job
+
+
+@pytest.fixture
+def make_generation() -> Callable[..., Generation]:
+    return _make_generation
+
+
+@pytest.fixture
+def embedder() -> FakeEmbedder:
+    return FakeEmbedder()
+
+
+@pytest.fixture
+def store() -> FakeVectorStore:
+    return FakeVectorStore()
+
+
+@pytest.fixture
+def engine_factory() -> Callable[..., FakeEngine]:
+    return FakeEngine
+
+
+@pytest.fixture
+def classifier_factory() -> Callable[..., FakeClassifier]:
+    return FakeClassifier
+
+
+@pytest.fixture
+def restore_root_logging() -> Iterator[None]:
+    """kllm.logs.configure replaces the root handlers; put them back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    noisy = {n: logging.getLogger(n).level for n in ("quixstreams", "httpx", "urllib3")}
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, lvl in noisy.items():
+            logging.getLogger(name).setLevel(lvl)
