@@ -53,6 +53,11 @@ class KafkaSettings(BaseSettings):
         return {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
 
 
+def group_id(stage: str) -> str:
+    """The consumer group of a stage: every process of the stage shares it."""
+    return f"kllm-{stage}"
+
+
 def write_state(run_dir: Path, bootstrap_servers: str) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / STATE_FILE

@@ -18,6 +18,7 @@ from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from kllm.errors import PipelineError
+from kllm.settings import group_id
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Supervisor:
                     if on_progress:
                         on_progress(sp)
             if len(reported) == len(self.procs) and (
-                bootstrap is None or groups_stable(bootstrap, {f"kllm-{s}" for s in STAGES})
+                bootstrap is None or groups_stable(bootstrap, {group_id(s) for s in STAGES})
             ):
                 return
             time.sleep(0.1)

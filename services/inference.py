@@ -23,6 +23,7 @@ class Settings(StageSettings):
     n_ctx_per_slot: int = 2048
     threads: int = 2
     temperature: float = 0.2
+    repeat_penalty: float = 1.3
     default_max_tokens: int = 96
 
 
@@ -37,6 +38,7 @@ def build(settings: Settings, *, engine: Engine | None = None) -> StageLogic[Inf
             n_ctx_per_slot=settings.n_ctx_per_slot,
             threads=settings.threads,
             temperature=settings.temperature,
+            repeat_penalty=settings.repeat_penalty,
         )
     generator = Generator(engine, default_max_tokens=settings.default_max_tokens)
     return StageLogic(STAGE, InferenceJob, generator.process)

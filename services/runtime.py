@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from quixstreams import Application, message_context
 from quixstreams.models.serializers import Serializer
 
-from kllm.settings import StageSettings
+from kllm.settings import StageSettings, group_id
 from processors.base import Emit
 from processors.dispatch import RecordRef, StageLogic, dispatch
 from schemas import Message, encode
@@ -30,11 +30,7 @@ class _EmitSerializer(Serializer):
         return encode(value.message)
 
 
-def group_id(stage: str) -> str:
-    return f"kllm-{stage}"
-
-
-def build_app(settings: KafkaSettings, stage: str, commit_interval_s: float = 1.0) -> Application:
+def build_app(settings: StageSettings, stage: str) -> Application:
     return Application(
         broker_address=settings.bootstrap(),
         consumer_group=group_id(stage),

@@ -39,6 +39,7 @@ class XLlamaEngine:
         n_ctx_per_slot: int = 2048,
         threads: int = 2,
         temperature: float = 0.2,
+        repeat_penalty: float = 1.3,
     ) -> None:
         import xllamacpp
 
@@ -53,6 +54,8 @@ class XLlamaEngine:
         params.cpuparams_batch.n_threads = threads
         self.model = model_name
         self.temperature = temperature
+        # Small models loop on their own phrases; a penalty keeps answers short and on topic.
+        self.repeat_penalty = repeat_penalty
         try:
             self._server = xllamacpp.Server(params)
         except Exception as exc:
@@ -63,6 +66,7 @@ class XLlamaEngine:
             "messages": [m.model_dump() for m in messages],
             "max_tokens": max_tokens,
             "temperature": self.temperature,
+            "repeat_penalty": self.repeat_penalty,
             "stream": False,
         }
         t0 = time.perf_counter()
