@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import FAST_GROUPS, REPO
 
 
-@pytest.mark.slow
-def test_up_demo_answers_and_leaves_no_process_behind(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _env(tmp_path: Path) -> dict[str, str]:
     env = (
         os.environ
         | FAST_GROUPS
@@ -25,6 +27,12 @@ def test_up_demo_answers_and_leaves_no_process_behind(tmp_path) -> None:  # type
         }
     )
     env.pop("KLLM_BOOTSTRAP_SERVERS", None)
+    return env
+
+
+@pytest.mark.slow
+def test_up_demo_answers_and_leaves_no_process_behind(tmp_path: Path) -> None:
+    env = _env(tmp_path)
     proc = subprocess.run(
         [
             sys.executable,
@@ -60,3 +68,50 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.slow
+def test_up_then_ask_from_another_shell_then_sigint_stops_everything(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "kllm.cli", "up"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert up.stdout is not None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("pipeline ready in"):
+                break
+        assert any(x.startswith("pipeline ready in") for x in lines), "".join(lines)
+        # `ask` finds the embedded broker through the run directory, as a user's shell would.
+        ask = subprocess.run(
+            [sys.executable, "-m", "kllm.cli", "ask", "What is the dead-letter queue?"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert ask.returncode == 0, ask.stdout + ask.stderr
+        assert "A: " in ask.stdout and ask.stdout.split("A: ", 1)[1].strip()
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    out = "".join(lines) + rest
+    assert up.returncode == 0, out
+    assert "stopped" in out
+    pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
+    assert len(pids) == 5, out
+    assert not [p for p in pids if _alive(p)], f"processes left behind: {out}"
