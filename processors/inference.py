@@ -34,7 +34,7 @@ class Engine(Protocol):
 
 
 class Generator:
-    def __init__(self, engine: Engine, default_max_tokens: int = 96) -> None:
+    def __init__(self, engine: Engine, default_max_tokens: int = 64) -> None:
         self.engine = engine
         self.default_max_tokens = default_max_tokens
 

@@ -14,7 +14,7 @@ from topics import RETRIEVAL
 class IngestionPolicy:
     max_prompt_chars: int = 8000
     max_tokens_cap: int = 1024
-    default_max_tokens: int = 96
+    default_max_tokens: int = 64
 
 
 class Ingestion:

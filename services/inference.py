@@ -22,9 +22,9 @@ class Settings(StageSettings):
     n_parallel: int = 4
     n_ctx_per_slot: int = 2048
     threads: int = 2
-    temperature: float = 0.2
-    repeat_penalty: float = 1.3
-    default_max_tokens: int = 96
+    temperature: float = 0.0
+    repeat_penalty: float = 1.15
+    default_max_tokens: int = 64
 
 
 def build(settings: Settings, *, engine: Engine | None = None) -> StageLogic[InferenceJob]:

@@ -16,7 +16,7 @@ STAGE = "ingestion"
 class Settings(StageSettings):
     max_prompt_chars: int = 8000
     max_tokens_cap: int = 1024
-    default_max_tokens: int = 96
+    default_max_tokens: int = 64
 
 
 def build(settings: Settings) -> StageLogic[Request]:

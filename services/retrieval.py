@@ -27,7 +27,7 @@ class Settings(StageSettings):
     collection: str = "kllm_docs"
     seed_dir: Path = Path("docs")
     embed_model: str = ""
-    top_k: int = 3
+    top_k: int = 2
     min_score: float = 0.2
 
 

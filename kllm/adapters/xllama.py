@@ -38,8 +38,8 @@ class XLlamaEngine:
         n_parallel: int = 4,
         n_ctx_per_slot: int = 2048,
         threads: int = 2,
-        temperature: float = 0.2,
-        repeat_penalty: float = 1.3,
+        temperature: float = 0.0,
+        repeat_penalty: float = 1.15,
     ) -> None:
         import xllamacpp
 

@@ -30,7 +30,7 @@ def test_success(engine_factory: Callable[..., Any], make_job: Callable[..., Inf
     assert gen.error is None
     assert gen.request == job.request
     assert gen.chunks == job.context.chunks
-    assert engine.calls == [(job.messages, 96)]
+    assert engine.calls == [(job.messages, 64)]
 
 
 def test_max_tokens_from_request_or_default(

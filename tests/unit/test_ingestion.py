@@ -27,7 +27,7 @@ def test_forwards_normalised_request(make_request: MakeRequest) -> None:
     req = make_request(prompt="  What is Kafka?\n", request_id="abc")
     out = _one(Ingestion().process(req, now=NOW))
     assert out.prompt == "What is Kafka?"
-    assert out.max_tokens == IngestionPolicy().default_max_tokens == 96
+    assert out.max_tokens == IngestionPolicy().default_max_tokens == 64
     assert out.request_id == "abc"
     assert out.tenant == req.tenant
     assert out.created_at == req.created_at
