@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up test test-unit test-e2e check clean
+.PHONY: install run up test test-unit test-e2e check clean bench
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,3 +40,6 @@ check: install
 
 clean:
 	rm -rf .kllm .pytest_cache .mypy_cache .ruff_cache
+
+bench: install  ## pipeline latency: end-to-end vs engine time, overhead percentiles
+	$(BIN)/python loadtest/pipeline_latency.py

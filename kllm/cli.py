@@ -8,12 +8,13 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from kllm import logs
 from kllm.errors import PipelineError
 from kllm.settings import STATE_FILE, KafkaSettings, write_state
+from topics import ProvisionReport
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def cmd_topics(_args: argparse.Namespace, _settings: KafkaSettings) -> int:
     print(f"{'topic':28} {'parts':>5}  {'key':34} {'schema':24} dlq")
     for t in ALL:
         schema = f"{t.schema.SCHEMA} v{t.schema.VERSION}" if t.schema else "-"
-        dlq = f"{t.name}.dlq" if t.has_dlq else "-"
+        dlq = t.dlq.name if t.has_dlq else "-"
         print(f"{t.name:28} {t.partitions:>5}  {t.key:34} {schema:24} {dlq}")
     return 0
 
@@ -116,7 +117,7 @@ def cmd_provision(_args: argparse.Namespace, settings: KafkaSettings) -> int:
     return 0
 
 
-def _provision(bootstrap: str):  # type: ignore[no-untyped-def]
+def _provision(bootstrap: str) -> ProvisionReport:
     from kllm.kafka import ConfluentTopicAdmin
     from topics import ALL, provision
 
@@ -142,7 +143,9 @@ def _raise_stop(_sig: int, _frame: FrameType | None) -> None:
     raise _Stop
 
 
-def _wait_for_stop_signal(healthy, tick=None) -> None:  # type: ignore[no-untyped-def]
+def _wait_for_stop_signal(
+    healthy: Callable[[], bool], tick: Callable[[], object] | None = None
+) -> None:
     """Block until SIGINT/SIGTERM, or until ``healthy()`` turns false."""
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)

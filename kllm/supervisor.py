@@ -121,6 +121,7 @@ class Supervisor:
         broker address, its consumer group has settled with members."""
         deadline = time.monotonic() + timeout_s
         reported: set[str] = set()
+        admin = AdminClient({"bootstrap.servers": bootstrap}) if bootstrap else None
         while time.monotonic() < deadline:
             for sp in self.procs:
                 if sp.proc is not None and not sp.alive():
@@ -133,7 +134,7 @@ class Supervisor:
                     if on_progress:
                         on_progress(sp)
             if len(reported) == len(self.procs) and (
-                bootstrap is None or groups_stable(bootstrap, {group_id(s) for s in STAGES})
+                admin is None or groups_stable(admin, {group_id(s) for s in STAGES})
             ):
                 return
             time.sleep(0.1)
@@ -184,8 +185,7 @@ class Supervisor:
             sp.ready_file.unlink(missing_ok=True)
 
 
-def groups_stable(bootstrap: str, groups: Iterable[str]) -> bool:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+def groups_stable(admin: AdminClient, groups: Iterable[str]) -> bool:
     try:
         futures = admin.describe_consumer_groups(list(groups), request_timeout=5)
         described = [f.result() for f in futures.values()]

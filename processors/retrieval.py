@@ -59,8 +59,10 @@ def chunk_text(text: str, max_chars: int = 600, overlap: int = 100) -> list[str]
     A paragraph longer than the limit is cut into windows that overlap by
     ``overlap`` characters, so a sentence on a cut is whole in one of them.
     """
-    if overlap >= max_chars:
-        raise ValueError("overlap must be smaller than max_chars")
+    if not 0 <= overlap < max_chars:
+        raise ValueError(
+            f"need 0 <= overlap < max_chars, got overlap={overlap}, max_chars={max_chars}"
+        )
     pieces: list[str] = []
     current = ""
     for para in (p.strip() for p in text.split("\n\n")):

@@ -33,7 +33,9 @@ class Settings(StageSettings):
 
 def seed_documents(seed_dir: Path) -> list[tuple[str, str, str]]:
     files = sorted(p for p in seed_dir.glob("**/*") if p.suffix in {".md", ".txt"})
-    return [(p.stem, p.name, p.read_text(encoding="utf-8")) for p in files]
+    # The path relative to the folder is the id: two README.md in subfolders stay distinct.
+    ids = [p.relative_to(seed_dir).with_suffix("").as_posix() for p in files]
+    return [(i, p.name, p.read_text(encoding="utf-8")) for i, p in zip(ids, files, strict=True)]
 
 
 def build(
