@@ -9,7 +9,7 @@ from kllm.settings import StageSettings
 from processors.dispatch import StageLogic
 from processors.inference import Engine, Generator
 from schemas import InferenceJob
-from services.runtime import build_app, run_stage
+from services.runtime import serve
 from topics import INFERENCE
 
 STAGE = "inference"
@@ -47,9 +47,7 @@ def build(settings: Settings, *, engine: Engine | None = None) -> StageLogic[Inf
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
-    logic = build(settings)
-    app = build_app(settings, STAGE)
-    run_stage(app, INFERENCE, logic, settings.ready_file)
+    serve(settings, INFERENCE, build(settings))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from kllm.settings import StageSettings
 from processors.dispatch import StageLogic
 from processors.ingestion import Ingestion, IngestionPolicy
 from schemas import Request
-from services.runtime import build_app, run_stage
+from services.runtime import serve
 from topics import REQUESTS
 
 STAGE = "ingestion"
@@ -31,8 +31,7 @@ def build(settings: Settings) -> StageLogic[Request]:
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
-    app = build_app(settings, STAGE)
-    run_stage(app, REQUESTS, build(settings), settings.ready_file)
+    serve(settings, REQUESTS, build(settings))
 
 
 if __name__ == "__main__":

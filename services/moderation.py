@@ -7,7 +7,7 @@ from kllm.settings import StageSettings
 from processors.dispatch import StageLogic
 from processors.moderation import Moderator, TextClassifier
 from schemas import Generation
-from services.runtime import build_app, run_stage
+from services.runtime import serve
 from topics import GENERATIONS
 
 STAGE = "moderation"
@@ -31,9 +31,7 @@ def build(
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
-    logic = build(settings)
-    app = build_app(settings, STAGE)
-    run_stage(app, GENERATIONS, logic, settings.ready_file)
+    serve(settings, GENERATIONS, build(settings))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from kllm.settings import StageSettings
 from processors.dispatch import StageLogic
 from processors.retrieval import Embedder, Retriever, VectorStore, index_documents
 from schemas import Request
-from services.runtime import build_app, run_stage
+from services.runtime import serve
 from topics import RETRIEVAL
 
 STAGE = "retrieval"
@@ -62,9 +62,7 @@ def build(
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
-    logic = build(settings)
-    app = build_app(settings, STAGE)
-    run_stage(app, RETRIEVAL, logic, settings.ready_file)
+    serve(settings, RETRIEVAL, build(settings))
 
 
 if __name__ == "__main__":

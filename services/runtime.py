@@ -46,8 +46,9 @@ def build_app(settings: StageSettings, stage: str) -> Application:
     )
 
 
-def run_stage(app: Application, source: TopicSpec, logic: StageLogic[M], ready_file: str) -> None:
+def serve(settings: StageSettings, source: TopicSpec, logic: StageLogic[M]) -> None:
     """Consume ``source``, dispatch each record, produce every output; runs until SIGTERM."""
+    app = build_app(settings, logic.name)
     sink = {
         spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
         for spec in ALL
@@ -60,7 +61,7 @@ def run_stage(app: Application, source: TopicSpec, logic: StageLogic[M], ready_f
 
     sdf = sdf.apply(handle, expand=True, metadata=True)
     sdf.to_topic(lambda value, _key, _ts, _headers: sink[value.topic.name], key=lambda e: e.key)
-    _mark_ready(ready_file)
+    _mark_ready(settings.ready_file)
     log.info(
         "stage running", extra={"stage": logic.name, "source": source.name, "pid": os.getpid()}
     )
