@@ -68,13 +68,15 @@ class Supervisor:
         env: Mapping[str, str],
         replicas: Mapping[str, int] | None = None,
         max_restarts: int = 5,
+        stages: Iterable[str] = STAGES,
     ) -> None:
         self.run_dir = run_dir
         self.env = dict(env)
         self.max_restarts = max_restarts
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "ready").mkdir(parents=True, exist_ok=True)
-        counts = {s: 1 for s in STAGES} | dict(replicas or {})
+        self.stages = tuple(stages)
+        counts = {s: 1 for s in self.stages} | dict(replicas or {})
         self.procs = [
             StageProcess(
                 stage=s,
@@ -82,7 +84,7 @@ class Supervisor:
                 log_path=run_dir / "logs" / f"{s}-{i}.log",
                 ready_file=run_dir / "ready" / f"{s}-{i}",
             )
-            for s in STAGES
+            for s in self.stages
             for i in range(counts[s])
         ]
 
@@ -134,7 +136,7 @@ class Supervisor:
                     if on_progress:
                         on_progress(sp)
             if len(reported) == len(self.procs) and (
-                admin is None or groups_stable(admin, {group_id(s) for s in STAGES})
+                admin is None or groups_stable(admin, {group_id(s) for s in self.stages})
             ):
                 return
             time.sleep(0.1)

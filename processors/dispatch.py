@@ -61,9 +61,9 @@ def error_response(request_id: str, tenant: str, reason: str) -> Response:
     )
 
 
-def dead_letter(stage: str, ref: RecordRef, value: bytes, reason: str) -> list[Emit]:
+def dead_letter_record(stage: str, ref: RecordRef, value: bytes, reason: str) -> Emit:
+    """The DLQ twin of a record: the reason, where it came from, its bytes."""
     request_id = peek_request_id(value)
-    tenant = peek_field(value, "tenant") or "unknown"
     letter = DeadLetter(
         stage=stage,
         reason=reason,
@@ -74,8 +74,15 @@ def dead_letter(stage: str, ref: RecordRef, value: bytes, reason: str) -> list[E
         request_id=request_id,
         payload_b64=base64.b64encode(value).decode(),
     )
-    out = [Emit(ref.topic.dlq, request_id or ref.key or "", letter)]
+    return Emit(ref.topic.dlq, request_id or ref.key or "", letter)
+
+
+def dead_letter(stage: str, ref: RecordRef, value: bytes, reason: str) -> list[Emit]:
+    """DLQ record, plus an error response when the caller can be identified."""
+    out = [dead_letter_record(stage, ref, value, reason)]
+    request_id = peek_request_id(value)
     if request_id is not None:
+        tenant = peek_field(value, "tenant") or "unknown"
         out.append(Emit(RESPONSES, request_id, error_response(request_id, tenant, reason)))
     return out
 

@@ -1,70 +1,269 @@
-"""Inference: run the engine on a job and describe the result as a generation."""
+"""Inference: route a job to an engine, stream it, retry, and describe the result.
+
+The engine streams; this module decides which engine (model routing with a
+fallback and a circuit breaker), enforces the request's deadline, retries
+engine errors a bounded number of times, prices the usage, and produces the
+generation. It knows nothing of Kafka: deltas go to a callback, outputs come
+back as :class:`Emit` values.
+"""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kllm.errors import EngineError
-from processors.base import Emit
-from schemas import Generation, InferenceJob, Usage
+from processors.base import Emit, Rejected
+from schemas import Generation, InferenceJob, Request, TokenDelta, Usage
 from schemas.messages import ChatTurn
 from topics import GENERATIONS
 
-log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of generated text."""
+
+    text: str
 
 
 @dataclass(frozen=True)
-class EngineResult:
-    text: str
+class Finish:
+    """The end of a stream: why it stopped and what it used."""
+
     finish_reason: str
     usage: Usage
-    latency_ms: float
-    ttft_ms: float | None = None
+
+
+EngineEvent = Delta | Finish
 
 
 class Engine(Protocol):
-    """A generation engine; raises :class:`EngineError` when it fails."""
+    """A streaming generation engine. Raises :class:`EngineError` when it fails."""
 
     model: str
+    slots: int
+    """How many requests it serves at once (continuous batching slots)."""
 
-    def generate(self, messages: Sequence[ChatTurn], max_tokens: int) -> EngineResult: ...
+    def stream(
+        self, messages: Sequence[ChatTurn], max_tokens: int
+    ) -> AsyncIterator[EngineEvent]: ...
+
+
+@dataclass(frozen=True)
+class Price:
+    """US dollars per million tokens."""
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+
+    def cost(self, usage: Usage) -> float:
+        return (
+            usage.prompt_tokens * self.input_per_mtok
+            + usage.completion_tokens * self.output_per_mtok
+        ) / 1e6
+
+
+@dataclass
+class _Breaker:
+    failures: int = 0
+    open_until: float = 0.0
+
+
+@dataclass
+class Router:
+    """Maps a requested model or alias to the engines to try, in order.
+
+    After ``failure_threshold`` consecutive failed requests a model's breaker
+    opens for ``cooldown_s``: its requests go to the fallback first. When the
+    cooldown ends the model is tried again (one success closes the breaker).
+    """
+
+    engines: Mapping[str, Engine]
+    default: str
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    fallback: str | None = None
+    failure_threshold: int = 3
+    cooldown_s: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    _breakers: dict[str, _Breaker] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        for name in (self.default, self.fallback, *self.aliases.values()):
+            if name is not None and name not in self.engines:
+                raise ValueError(f"model {name!r} is routed to but not served")
+
+    def resolve(self, requested: str | None) -> str:
+        if requested is None:
+            return self.default
+        name = self.aliases.get(requested, requested)
+        if name not in self.engines:
+            served = sorted({*self.engines, *self.aliases})
+            raise Rejected(f"model {requested!r} is not served here (served: {served})")
+        return name
+
+    def plan(self, requested: str | None) -> list[str]:
+        primary = self.resolve(requested)
+        if self.fallback is None or self.fallback == primary:
+            return [primary]
+        if self.is_open(primary):
+            return [self.fallback, primary]
+        return [primary, self.fallback]
+
+    def is_open(self, model: str) -> bool:
+        return self._breakers.get(model, _Breaker()).open_until > self.clock()
+
+    def record(self, model: str, ok: bool) -> None:
+        b = self._breakers.setdefault(model, _Breaker())
+        if ok:
+            b.failures, b.open_until = 0, 0.0
+            return
+        b.failures += 1
+        if b.failures >= self.failure_threshold:
+            b.open_until = self.clock() + self.cooldown_s
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a job produced; ``failure`` is set when it must also be dead-lettered."""
+
+    emits: list[Emit]
+    failure: str | None = None
+
+
+DeltaSink = Callable[[TokenDelta], None]
 
 
 class Generator:
-    def __init__(self, engine: Engine, default_max_tokens: int = 64) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        router: Router,
+        prices: Mapping[str, Price] | None = None,
+        default_max_tokens: int = 64,
+        max_attempts: int = 3,
+        backoff_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.router = router
+        self.prices = dict(prices or {})
         self.default_max_tokens = default_max_tokens
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.clock = clock
 
-    def process(self, job: InferenceJob) -> list[Emit]:
+    async def run(self, job: InferenceJob, on_delta: DeltaSink | None = None) -> Outcome:
+        """Generate for ``job``; raises :class:`Rejected` for a model nobody serves."""
+        request = job.request
+        plan = self.router.plan(request.model)
+        errors: list[str] = []
+        attempts = 0
+        for model in plan:
+            engine = self.router.engines[model]
+            for attempt in range(self.max_attempts):
+                if self._late(request):
+                    when = "before generation started" if attempts == 0 else "before a retry"
+                    return self._failed(job, model, "timeout", f"deadline passed {when}", attempts)
+                attempts += 1
+                sent = [0]
+                try:
+                    gen = await self._attempt(engine, job, on_delta, sent)
+                except DeadlineExceeded:
+                    return self._failed(
+                        job, model, "timeout", "deadline passed during generation", attempts
+                    )
+                except EngineError as exc:
+                    errors.append(f"{model} attempt {attempt + 1}: {exc}")
+                    if sent[0]:
+                        # Deltas already reached the tokens topic: a restart, here or on the
+                        # fallback, would send the text twice. Answer with the error instead.
+                        self.router.record(model, ok=False)
+                        return self._exhausted(job, model, attempts, errors)
+                    if attempt + 1 < self.max_attempts:
+                        await asyncio.sleep(self._backoff(request, attempt))
+                    continue
+                self.router.record(model, ok=True)
+                done = gen.model_copy(update={"attempts": attempts})
+                return Outcome([Emit(GENERATIONS, request.request_id, done)])
+            self.router.record(model, ok=False)
+        return self._exhausted(job, plan[-1], attempts, errors)
+
+    def _late(self, request: Request) -> bool:
+        return request.deadline_at is not None and self.clock() >= request.deadline_at
+
+    def _backoff(self, request: Request, attempt: int) -> float:
+        delay = self.backoff_s * 2.0**attempt
+        if request.deadline_at is not None:
+            delay = min(delay, max(0.0, request.deadline_at - self.clock()))
+        return delay
+
+    def _exhausted(
+        self, job: InferenceJob, model: str, attempts: int, errors: list[str]
+    ) -> Outcome:
+        reason = f"engine failed after {attempts} attempts: " + "; ".join(errors)
+        return Outcome(self._failed(job, model, "error", reason, attempts).emits, failure=reason)
+
+    async def _attempt(
+        self, engine: Engine, job: InferenceJob, on_delta: DeltaSink | None, sent: list[int]
+    ) -> Generation:
         request = job.request
         max_tokens = request.max_tokens or self.default_max_tokens
+        remaining = None if request.deadline_at is None else request.deadline_at - self.clock()
+        t0 = time.perf_counter()
+        ttft_ms: float | None = None
+        parts: list[str] = []
+        finish = Finish("stop", Usage())
         try:
-            result = self.engine.generate(job.messages, max_tokens)
-        except EngineError as exc:
-            # The caller still gets an answer: an error generation, not silence.
-            log.warning(
-                "engine failed", extra={"request_id": request.request_id, "error": str(exc)}
-            )
-            generation = Generation(
-                request=request,
-                chunks=job.context.chunks,
-                text="",
-                model=self.engine.model,
-                finish_reason="error",
-                error=f"engine error: {exc}",
-            )
-            return [Emit(GENERATIONS, request.request_id, generation)]
-        generation = Generation(
+            async with asyncio.timeout(remaining):
+                async for event in engine.stream(job.messages, max_tokens):
+                    if isinstance(event, Finish):
+                        finish = event
+                        continue
+                    if ttft_ms is None:
+                        ttft_ms = (time.perf_counter() - t0) * 1000
+                    parts.append(event.text)
+                    if on_delta is not None and request.stream:
+                        on_delta(
+                            TokenDelta(
+                                request_id=request.request_id,
+                                index=sent[0],
+                                text=event.text,
+                                model=engine.model,
+                            )
+                        )
+                        sent[0] += 1
+        except TimeoutError as exc:
+            raise DeadlineExceeded from exc
+        price = self.prices.get(engine.model, Price())
+        return Generation(
             request=request,
             chunks=job.context.chunks,
-            text=result.text,
-            model=self.engine.model,
-            finish_reason=result.finish_reason,
-            usage=result.usage,
-            latency_ms=result.latency_ms,
-            ttft_ms=result.ttft_ms,
+            text="".join(parts),
+            model=engine.model,
+            finish_reason=finish.finish_reason,
+            usage=finish.usage,
+            latency_ms=(time.perf_counter() - t0) * 1000,
+            ttft_ms=ttft_ms,
+            cost_usd=price.cost(finish.usage),
         )
-        return [Emit(GENERATIONS, request.request_id, generation)]
+
+    def _failed(
+        self, job: InferenceJob, model: str, finish_reason: str, error: str, attempts: int
+    ) -> Outcome:
+        generation = Generation(
+            request=job.request,
+            chunks=job.context.chunks,
+            text="",
+            model=model,
+            finish_reason=finish_reason,
+            attempts=attempts,
+            error=error,
+        )
+        return Outcome([Emit(GENERATIONS, job.request.request_id, generation)])

@@ -55,6 +55,8 @@ class Moderator:
                 for c in generation.chunks
             ],
             engine_ms=generation.latency_ms,
+            ttft_ms=generation.ttft_ms,
+            cost_usd=generation.cost_usd,
             pipeline_ms=max(0.0, (now - request.created_at) * 1000),
             error=generation.error,
         )

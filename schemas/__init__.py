@@ -18,6 +18,7 @@ from schemas.messages import (
     Request,
     Response,
     RetrievalContext,
+    TokenDelta,
     Usage,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "Response",
     "RetrievalContext",
     "SchemaError",
+    "TokenDelta",
     "Usage",
     "decode",
     "encode",

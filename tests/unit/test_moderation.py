@@ -96,3 +96,16 @@ def test_pipeline_ms_never_negative(
     gen = make_generation()
     response, _ = _split(Moderator(classifier_factory()).process(gen, now=0.0), gen)
     assert response.pipeline_ms == 0.0
+
+
+@pytest.mark.parametrize(("ttft_ms", "cost_usd"), [(4.5, 0.003), (None, 0.0)])
+def test_ttft_and_cost_copied_into_response(
+    classifier_factory: Callable[..., Any],
+    make_generation: MakeGen,
+    ttft_ms: float | None,
+    cost_usd: float,
+) -> None:
+    gen = make_generation(ttft_ms=ttft_ms, cost_usd=cost_usd)
+    response, _ = _split(Moderator(classifier_factory()).process(gen, now=NOW), gen)
+    assert response.ttft_ms == ttft_ms
+    assert response.cost_usd == cost_usd

@@ -20,6 +20,7 @@ from schemas import (
     Response,
     RetrievalContext,
     SchemaError,
+    TokenDelta,
     Usage,
     decode,
     encode,
@@ -59,6 +60,8 @@ SAMPLES: dict[type[Message], Message] = {
         usage=Usage(prompt_tokens=3, completion_tokens=4),
         latency_ms=12.0,
         ttft_ms=2.0,
+        cost_usd=0.003,
+        attempts=2,
     ),
     Response: Response(
         request_id="r-1",
@@ -71,6 +74,8 @@ SAMPLES: dict[type[Message], Message] = {
         usage=Usage(prompt_tokens=3, completion_tokens=4),
         citations=[Citation(chunk_id="c1", doc_id="d1", score=0.5)],
         engine_ms=1.0,
+        ttft_ms=0.5,
+        cost_usd=0.25,
         pipeline_ms=2.0,
         error=None,
     ),
@@ -78,6 +83,7 @@ SAMPLES: dict[type[Message], Message] = {
         request_id="r-1", tenant="acme", verdict="blocked", scores={"p": 0.9}, reasons=["p"]
     ),
     Feedback: Feedback(request_id="r-1", rating=4, label="good", comment="ok", created_at=5.0),
+    TokenDelta: TokenDelta(request_id="r-1", index=3, text=" log", model="m"),
     DriftAlert: DriftAlert(
         tenant="acme",
         model="m",
@@ -234,7 +240,9 @@ def test_messages_are_frozen_and_strict() -> None:
 # --- peek_request_id ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", [Request, RetrievalContext, Response, ModerationEvent, Feedback])
+@pytest.mark.parametrize(
+    "model", [Request, RetrievalContext, Response, ModerationEvent, Feedback, TokenDelta]
+)
 def test_peek_top_level(model: type[Message]) -> None:
     assert peek_request_id(encode(SAMPLES[model])) == "r-1"
 
@@ -276,3 +284,10 @@ def test_peek_reads_invalid_messages() -> None:
 )
 def test_peek_garbage_is_none(data: bytes | str | None) -> None:
     assert peek_request_id(data) is None
+
+
+def test_token_delta_index_is_never_negative() -> None:
+    with pytest.raises(ValidationError):
+        TokenDelta(request_id="r-1", index=-1, text="x", model="m")
+    body = _body(SAMPLES[TokenDelta], index=-1)
+    assert "index" in _reason(orjson.dumps(body), TokenDelta)
