@@ -26,6 +26,9 @@ class KafkaSettings(BaseSettings):
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1500
     fetch_wait_max_ms: int = 20
+    max_poll_interval_ms: int = 30000
+    """Also the rebalance timeout: how long a rebalance waits for a member that died
+    while joining. Stages poll between short records, so 30 s is ample."""
     log_level: str = "INFO"
 
     def bootstrap(self) -> str:
@@ -47,6 +50,7 @@ class KafkaSettings(BaseSettings):
             "session.timeout.ms": self.session_timeout_ms,
             "heartbeat.interval.ms": self.heartbeat_interval_ms,
             "fetch.wait.max.ms": self.fetch_wait_max_ms,
+            "max.poll.interval.ms": self.max_poll_interval_ms,
         }
 
     def producer_config(self) -> dict[str, str | int | bool]:

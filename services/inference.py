@@ -65,6 +65,8 @@ class Settings(StageSettings):
     temperature: float = 0.0
     repeat_penalty: float = 1.15
     default_max_tokens: int = 64
+    max_poll_interval_ms: int = 15000
+    """The loop polls every few milliseconds whatever the engine does, so this can be short."""
 
 
 def make_engine(spec: ModelSpec, settings: Settings) -> Engine:

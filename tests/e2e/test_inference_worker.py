@@ -1,6 +1,8 @@
 """The inference worker alone, with the real xllamacpp engine, through a real broker.
 
-A broker of its own, so these workers are the only members of their group.
+Each test has a broker of its own, so its workers are the only members of their
+group: Tansu can keep a group rebalancing for minutes after a member that was
+still joining goes away, which would leak from one test into the next.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ WORKER_ENV = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     with EmbeddedBroker(log_path=tmp_path_factory.mktemp("wbroker") / "broker.log") as b:
         provision(ConfluentTopicAdmin(b.bootstrap), ALL)
@@ -125,6 +127,7 @@ def test_kill_9_of_a_worker_mid_load_loses_nothing(broker: EmbeddedBroker, tmp_p
         # The survivor takes over the dead worker's partitions once its session expires.
         got = generations(out, ids, 240)
         sup.restart_crashed()
+        sup.wait_ready(120, bootstrap=broker.bootstrap)
         more = jobs.send([job("One more after the restart.")])
         got |= generations(out, more, 120)
     finally:
