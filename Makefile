@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up test test-unit test-e2e check clean bench
+.PHONY: install run up test test-unit test-e2e check clean bench bench-inference
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,3 +43,6 @@ clean:
 
 bench: install  ## pipeline latency: end-to-end vs engine time, overhead percentiles
 	$(BIN)/python loadtest/pipeline_latency.py
+
+bench-inference: install  ## inference worker tokens/s through Kafka vs the engine's own, one run
+	$(BIN)/python loadtest/inference_throughput.py

@@ -58,6 +58,8 @@ class Settings(StageSettings):
     """Model tried when the requested one keeps failing."""
     max_in_flight: int = 0
     """Requests in flight per worker; 0 sizes it to the default model's slots."""
+    prefetch: int = 0
+    """Records waiting locally for a free slot; 0 means as many as ``max_in_flight``."""
     max_attempts: int = 3
     retry_backoff_s: float = 0.05
     n_ctx_per_slot: int = 2048

@@ -3,9 +3,11 @@
 Why not the per-message runtime: a stage that waits for a model inside the poll
 loop leaves a continuous-batching engine idle and, when a call is slow, misses
 the group's poll deadline and triggers a rebalance. Here the poll loop never
-waits for work: each record becomes an asyncio task, the partitions are paused
-while N tasks run and resumed when one ends, and the loop keeps polling (so
-heartbeats and rebalances are served) all the while.
+waits for work: each record becomes an asyncio task, at most N run at once, and
+the loop keeps polling (so heartbeats and rebalances are served) all the while.
+Up to ``prefetch`` records wait in a local buffer so a freed slot is refilled at
+once; when the buffer is full the partitions are paused, and resumed when it
+drains (bounded memory, no refetch stall per completion).
 
 Offsets: a record's offset is committed only once its outputs are acknowledged
 by the broker and every earlier record of its partition is done too
@@ -19,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -45,6 +48,7 @@ class InflightRunner:
         source: TopicSpec,
         handler: Handler,
         capacity: int,
+        prefetch: int | None = None,
         commit_interval_s: float = 0.2,
         drain_timeout_s: float = 30.0,
     ) -> None:
@@ -55,6 +59,8 @@ class InflightRunner:
         self.source = source
         self.handler = handler
         self.capacity = capacity
+        self.prefetch = capacity if prefetch is None else prefetch
+        self.buffer: deque[Message] = deque()
         self.commit_interval_s = commit_interval_s
         self.drain_timeout_s = drain_timeout_s
         self.offsets = OffsetTracker()
@@ -88,24 +94,31 @@ class InflightRunner:
             self.producer.flush(10)
 
     def _poll_once(self) -> bool:
-        free = self.capacity - len(self.tasks)
-        if free <= 0:
+        room = self.prefetch - len(self.buffer)
+        if room <= 0:
             self._pause()
             # Still poll: it serves heartbeats and rebalance callbacks while paused.
             msg = self.consumer.poll(0)
             if msg is not None and msg.error() is None:
                 self._give_back(msg)
-            return False
-        self._resume()
-        msgs = self.consumer.consume(num_messages=free, timeout=0)
+            msgs = []
+        else:
+            self._resume()
+            msgs = self.consumer.consume(num_messages=room, timeout=0)
         for msg in msgs:
             err = msg.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error", extra={"error": str(err)})
                 continue
-            self._start(msg)
-        return bool(msgs)
+            # Tracked from now on: the commit cannot pass a record still waiting here.
+            self.offsets.start((self.source.name, msg.partition()), msg.offset())
+            self.buffer.append(msg)
+        started = False
+        while self.buffer and len(self.tasks) < self.capacity:
+            self._start(self.buffer.popleft())
+            started = True
+        return bool(msgs) or started
 
     def _pause(self) -> None:
         if not self.paused:
@@ -127,7 +140,6 @@ class InflightRunner:
         partition, offset = msg.partition(), msg.offset()
         raw_key = msg.key()
         ref = RecordRef(self.source, partition, offset, raw_key.decode() if raw_key else None)
-        self.offsets.start((self.source.name, partition), offset)
         task = asyncio.create_task(self._work(ref, msg.value() or b""), name=str(ref))
         self.tasks[(partition, offset)] = task
         self.max_in_flight = max(self.max_in_flight, len(self.tasks))
@@ -211,6 +223,7 @@ class InflightRunner:
         for (partition, _offset), task in list(self.tasks.items()):
             if partition in revoked:
                 task.cancel()
+        self.buffer = deque(m for m in self.buffer if m.partition() not in revoked)
         self.offsets.forget((self.source.name, p) for p in revoked)
 
     async def _drain(self) -> None:

@@ -1,0 +1,142 @@
+"""Inference worker throughput versus the engine's own, measured in one run.
+
+1. engine-direct: the CPU engine in this process, the job set run with N
+   requests in flight (asyncio), completion tokens per second.
+2. through Kafka: the embedded broker and one inference worker process
+   (capacity N); the same jobs published to llm.inference at once, generations
+   read from llm.generations; completion tokens per second from first publish
+   to last generation.
+
+The ratio of (2) to (1) is what the worker costs; the target is at least 0.9.
+
+    python loadtest/inference_throughput.py --jobs 48 --concurrency 4 --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from kllm.adapters.xllama import XLlamaEngine
+from kllm.broker import EmbeddedBroker
+from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer
+from kllm.supervisor import Supervisor
+from processors.inference import Finish
+from schemas import Generation, InferenceJob, Request, RetrievalContext, decode, encode
+from schemas.messages import ChatTurn
+from topics import ALL, GENERATIONS, INFERENCE, provision
+
+PROMPTS = (
+    "Explain what a message queue is.",
+    "Describe a river in two sentences.",
+    "Why do computers need memory?",
+    "Give three uses of a hammer.",
+    "What is the capital of France and why is it famous?",
+    "Write a short note about Kafka topics.",
+)
+
+
+def make_jobs(n: int, max_tokens: int) -> list[InferenceJob]:
+    jobs = []
+    for i in range(n):
+        rid = f"tput-{uuid.uuid4()}"
+        prompt = PROMPTS[i % len(PROMPTS)]
+        jobs.append(
+            InferenceJob(
+                request=Request(request_id=rid, prompt=prompt, max_tokens=max_tokens),
+                context=RetrievalContext(request_id=rid),
+                messages=[ChatTurn(role="user", content=prompt)],
+            )
+        )
+    return jobs
+
+
+async def engine_direct(jobs: list[InferenceJob], concurrency: int) -> tuple[int, float]:
+    engine = XLlamaEngine(n_parallel=concurrency)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(job: InferenceJob) -> int:
+        async with gate:
+            tokens = 0
+            async for event in engine.stream(job.messages, job.request.max_tokens or 32):
+                if isinstance(event, Finish):
+                    tokens = event.usage.completion_tokens
+            return tokens
+
+    await one(jobs[0])  # warm-up, not counted
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(j) for j in jobs))
+    elapsed = time.perf_counter() - t0
+    engine.close()
+    return sum(counts), elapsed
+
+
+def through_kafka(jobs: list[InferenceJob], concurrency: int) -> tuple[int, float, int]:
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+        run_dir = Path(tmp)
+        provision(ConfluentTopicAdmin(broker.bootstrap), ALL)
+        env = {
+            "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "KLLM_RUN_DIR": str(run_dir),
+            "KLLM_MAX_IN_FLIGHT": str(concurrency),
+            "KLLM_MODELS": f'[{{"name": "smollm2-135m", "slots": {concurrency}}}]',
+            "KLLM_LOG_LEVEL": "WARNING",
+            "KLLM_SESSION_TIMEOUT_MS": "6000",
+        }
+        sup = Supervisor(run_dir, env, stages=("inference",))
+        sup.start_all()
+        try:
+            sup.wait_ready(180, bootstrap=broker.bootstrap)
+            reader = TailReader(broker.bootstrap, GENERATIONS.name, {"fetch.wait.max.ms": 10})
+            producer = make_producer(broker.bootstrap)
+            warm = make_jobs(1, jobs[0].request.max_tokens or 32)[0]
+            producer.produce(INFERENCE.name, key=warm.request.request_id, value=encode(warm))
+            producer.flush(10)
+            reader.wait_for({warm.request.request_id}, 60, lambda _k, _v: None)
+            wanted = {j.request.request_id for j in jobs}
+            got: dict[str, Generation] = {}
+            t0 = time.perf_counter()
+            for j in jobs:
+                producer.produce(INFERENCE.name, key=j.request.request_id, value=encode(j))
+            producer.flush(10)
+            reader.wait_for(wanted, 600, lambda k, v: got.__setitem__(k, decode(v, Generation)))
+            elapsed = time.perf_counter() - t0
+            reader.close()
+        finally:
+            sup.stop_all()
+    tokens = sum(g.usage.completion_tokens for g in got.values())
+    return tokens, elapsed, len(jobs) - len(got)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--jobs", type=int, default=48, help="requests per measurement (default 48)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight, N (default 4)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    args = p.parse_args()
+    jobs = make_jobs(args.jobs, args.max_tokens)
+    print(f"{args.jobs} jobs, {args.max_tokens} max tokens, N = {args.concurrency}", flush=True)
+    d_tokens, d_s = asyncio.run(engine_direct(jobs, args.concurrency))
+    print(
+        f"engine-direct:  {d_tokens} tokens in {d_s:.1f}s = {d_tokens / d_s:.1f} tok/s", flush=True
+    )
+    k_tokens, k_s, lost = through_kafka(jobs, args.concurrency)
+    print(
+        f"through Kafka:  {k_tokens} tokens in {k_s:.1f}s = {k_tokens / k_s:.1f} tok/s"
+        f"  ({lost} lost)",
+        flush=True,
+    )
+    ratio = (k_tokens / k_s) / (d_tokens / d_s)
+    print(f"ratio worker / engine: {ratio:.3f} (target >= 0.9)")
+    return 0 if lost == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
