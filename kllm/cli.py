@@ -98,11 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def cmd_topics(_args: argparse.Namespace, _settings: KafkaSettings) -> int:
-    from topics import ALL
+def cmd_topics(_args: argparse.Namespace, settings: KafkaSettings) -> int:
+    from topics import declared
 
     print(f"{'topic':28} {'parts':>5}  {'key':34} {'schema':24} dlq")
-    for t in ALL:
+    for t in declared(settings.inference_pools):
         schema = f"{t.schema.SCHEMA} v{t.schema.VERSION}" if t.schema else "-"
         dlq = t.dlq.name if t.has_dlq else "-"
         print(f"{t.name:28} {t.partitions:>5}  {t.key:34} {schema:24} {dlq}")
@@ -110,18 +110,18 @@ def cmd_topics(_args: argparse.Namespace, _settings: KafkaSettings) -> int:
 
 
 def cmd_provision(_args: argparse.Namespace, settings: KafkaSettings) -> int:
-    report = _provision(settings.bootstrap())
+    report = _provision(settings.bootstrap(), settings.inference_pools)
     print(f"created {len(report.created)}, already present {len(report.existing)}")
     for line in report.mismatched:
         print(f"warning: {line}", file=sys.stderr)
     return 0
 
 
-def _provision(bootstrap: str) -> ProvisionReport:
+def _provision(bootstrap: str, pools: Sequence[str]) -> ProvisionReport:
     from kllm.kafka import ConfluentTopicAdmin
-    from topics import ALL, provision
+    from topics import declared, provision
 
-    return provision(ConfluentTopicAdmin(bootstrap), ALL)
+    return provision(ConfluentTopicAdmin(bootstrap), declared(pools))
 
 
 def cmd_broker(args: argparse.Namespace, settings: KafkaSettings) -> int:
@@ -188,7 +188,7 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             bootstrap = broker.bootstrap
             write_state(settings.run_dir, bootstrap)
             print(f"embedded broker (Tansu) on {bootstrap}  pid {broker.pid}", flush=True)
-        report = _provision(bootstrap)
+        report = _provision(bootstrap, settings.inference_pools)
         print(f"topics: {len(report.created)} created, {len(report.existing)} present", flush=True)
         sup = Supervisor(
             settings.run_dir,

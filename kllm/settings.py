@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import orjson
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kllm.errors import ConfigError
@@ -30,6 +31,8 @@ class KafkaSettings(BaseSettings):
     """Also the rebalance timeout: how long a rebalance waits for a member that died
     while joining. Stages poll between short records, so 30 s is ample."""
     log_level: str = "INFO"
+    inference_pools: list[str] = Field(default_factory=list)
+    """Extra inference pools, each with its own job topic (see topics.inference_topic)."""
 
     def bootstrap(self) -> str:
         if self.bootstrap_servers:
@@ -60,6 +63,11 @@ class KafkaSettings(BaseSettings):
 def group_id(stage: str) -> str:
     """The consumer group of a stage: every process of the stage shares it."""
     return f"kllm-{stage}"
+
+
+def stage_group(stage: str, pool: str = "") -> str:
+    """The group of a stage's processes; an inference pool has a group of its own."""
+    return group_id(f"{stage}-{pool}" if pool else stage)
 
 
 def write_state(run_dir: Path, bootstrap_servers: str) -> Path:

@@ -18,7 +18,7 @@ from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from kllm.errors import PipelineError
-from kllm.settings import group_id
+from kllm.settings import stage_group
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,10 @@ class Supervisor:
                     if on_progress:
                         on_progress(sp)
             if len(reported) == len(self.procs) and (
-                admin is None or groups_stable(admin, {group_id(s) for s in self.stages})
+                admin is None
+                or groups_stable(
+                    admin, {stage_group(s, self.env.get("KLLM_POOL", "")) for s in self.stages}
+                )
             ):
                 return
             time.sleep(0.1)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from processors.base import Emit
 from schemas import Chunk, InferenceJob, Request, RetrievalContext
 from schemas.messages import ChatTurn
-from topics import INFERENCE
+from topics import INFERENCE, inference_topic
 
 PUBLIC_TENANT = "public"
 """Chunks every tenant may see (the seed corpus)."""
@@ -124,12 +124,19 @@ class Retriever:
     """Turns a request into an inference job carrying its context and prompt."""
 
     def __init__(
-        self, embedder: Embedder, store: VectorStore, top_k: int = 3, min_score: float = 0.2
+        self,
+        embedder: Embedder,
+        store: VectorStore,
+        top_k: int = 3,
+        min_score: float = 0.2,
+        model_pools: Mapping[str, str] | None = None,
     ) -> None:
         self.embedder = embedder
         self.store = store
         self.top_k = top_k
         self.min_score = min_score
+        # Model or alias -> inference pool; unlisted models go to the default pool.
+        self.routes = {m: inference_topic(p) for m, p in (model_pools or {}).items()}
 
     def process(self, request: Request) -> list[Emit]:
         t0 = time.perf_counter()
@@ -147,4 +154,5 @@ class Retriever:
         job = InferenceJob(
             request=request, context=context, messages=build_messages(request.prompt, chunks)
         )
-        return [Emit(INFERENCE, request.request_id, job)]
+        topic = self.routes.get(request.model or "", INFERENCE)
+        return [Emit(topic, request.request_id, job)]

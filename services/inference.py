@@ -18,13 +18,13 @@ from pydantic import BaseModel, Field
 
 from kllm import logs
 from kllm.errors import ConfigError, PipelineError
-from kllm.settings import StageSettings, group_id
+from kllm.settings import StageSettings, stage_group
 from processors.base import Emit
 from processors.dispatch import RecordRef, dead_letter, dead_letter_record
 from processors.inference import Engine, Generator, Price, Router
 from schemas import InferenceJob, decode
 from services.inflight import Handler, InflightRunner, ready_marker
-from topics import INFERENCE, TOKENS
+from topics import TOKENS, inference_topic
 
 STAGE = "inference"
 
@@ -48,6 +48,9 @@ class ModelSpec(BaseModel):
 
 
 class Settings(StageSettings):
+    pool: str = ""
+    """Inference pool this worker serves: its job topic and consumer group. Empty: the
+    default pool and its job topic. Workers of one pool must serve the same models."""
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec()])
     """JSON list, e.g. [{"name": "local", "engine": "xllamacpp"}, {"name": "big", "engine":
     "openai", "url": "http://vllm:8000", "served_name": "meta-llama/Llama-3.1-8B-Instruct"}]."""
@@ -156,7 +159,7 @@ def clients(settings: Settings) -> tuple[Consumer, Producer]:
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": group_id(STAGE),
+            "group.id": stage_group(STAGE, settings.pool),
             "enable.auto.commit": False,  # offsets are committed only after outputs are acked
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "range",
@@ -172,7 +175,7 @@ async def serve(settings: Settings, generator: Generator, capacity: int) -> None
     runner = InflightRunner(
         consumer,
         producer,
-        INFERENCE,
+        inference_topic(settings.pool),
         make_handler(generator),
         capacity,
         commit_interval_s=min(settings.commit_interval_s, 0.2),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pydantic import Field
+
 from kllm import logs
 from kllm.settings import StageSettings
 from processors.dispatch import StageLogic
@@ -29,6 +31,8 @@ class Settings(StageSettings):
     embed_model: str = ""
     top_k: int = 2
     min_score: float = 0.2
+    model_pools: dict[str, str] = Field(default_factory=dict)
+    """Model or alias -> inference pool, e.g. {"big": "gpu"}: jobs go to that pool's topic."""
 
 
 def seed_documents(seed_dir: Path) -> list[tuple[str, str, str]]:
@@ -55,7 +59,9 @@ def build(
     if settings.seed_dir.is_dir():
         n = index_documents(seed_documents(settings.seed_dir), embedder, store)
         log.info("seed corpus indexed", extra={"chunks": n, "seed_dir": str(settings.seed_dir)})
-    retriever = Retriever(embedder, store, top_k=settings.top_k, min_score=settings.min_score)
+    retriever = Retriever(
+        embedder, store, settings.top_k, settings.min_score, model_pools=settings.model_pools
+    )
     return StageLogic(STAGE, Request, retriever.process)
 
 

@@ -18,6 +18,8 @@ from topics.catalog import (
     TOKENS,
     TopicSpec,
     by_name,
+    declared,
+    inference_topic,
 )
 from topics.provision import ProvisionReport, TopicAdmin, provision
 
@@ -38,5 +40,7 @@ __all__ = [
     "TopicAdmin",
     "TopicSpec",
     "by_name",
+    "declared",
+    "inference_topic",
     "provision",
 ]

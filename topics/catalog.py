@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from schemas import (
@@ -82,6 +84,28 @@ _PRIMARY = (
 )
 
 ALL: tuple[TopicSpec, ...] = _PRIMARY + tuple(t.dlq for t in _PRIMARY if t.has_dlq)
+
+
+_POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
+
+
+def inference_topic(pool: str = "") -> TopicSpec:
+    """The job topic of an inference pool: one per group of workers serving the same
+    models. The empty pool is the default topic; others are declared by configuration
+    (``KLLM_INFERENCE_POOLS``) and provisioned with the rest."""
+    if not pool:
+        return INFERENCE
+    if not _POOL_NAME.match(pool):
+        raise ValueError(f"pool name {pool!r}: use 1-48 of a-z, 0-9, '-', '_'")
+    return TopicSpec(
+        f"{INFERENCE.name}.{pool}", INFERENCE.partitions, INFERENCE.key, InferenceJob, has_dlq=True
+    )
+
+
+def declared(pools: Iterable[str] = ()) -> tuple[TopicSpec, ...]:
+    """Every topic to provision: the catalog plus each pool's job topic and its DLQ."""
+    extra = [inference_topic(p) for p in dict.fromkeys(pools) if p]
+    return ALL + tuple(extra) + tuple(t.dlq for t in extra)
 
 
 def by_name(name: str) -> TopicSpec:

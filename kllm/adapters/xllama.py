@@ -81,6 +81,11 @@ class XLlamaEngine:
         except Exception as exc:
             raise EngineError(f"cannot load {path}: {exc}") from exc
 
+    @property
+    def http_address(self) -> str:
+        """llama.cpp's own OpenAI-compatible server, which xllamacpp runs on loopback."""
+        return str(self._server.listening_address)
+
     def _body(self, messages: Sequence[ChatTurn], max_tokens: int) -> dict[str, Any]:
         return {
             "messages": [m.model_dump() for m in messages],

@@ -7,6 +7,8 @@ still joining goes away, which would leak from one test into the next.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kllm.broker import EmbeddedBroker
+from kllm.broker import EmbeddedBroker, free_port
 from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer
 from kllm.supervisor import Supervisor
 from schemas import (
@@ -30,7 +32,7 @@ from schemas import (
 )
 from schemas.messages import ChatTurn
 from tests.e2e.conftest import CONSUMER, FAST_GROUPS, Replies, collect
-from topics import ALL, GENERATIONS, INFERENCE, TOKENS, provision
+from topics import ALL, GENERATIONS, INFERENCE, TOKENS, declared, inference_topic, provision
 
 CAPACITY = 4
 WORKER_ENV = {
@@ -48,8 +50,15 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
         yield b
 
 
-def start_workers(broker: EmbeddedBroker, run_dir: Path, n: int) -> Supervisor:
-    env = {"KLLM_BOOTSTRAP_SERVERS": broker.bootstrap, "KLLM_RUN_DIR": str(run_dir), **WORKER_ENV}
+def start_workers(
+    broker: EmbeddedBroker, run_dir: Path, n: int, extra: dict[str, str] | None = None
+) -> Supervisor:
+    env = {
+        "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "KLLM_RUN_DIR": str(run_dir),
+        **WORKER_ENV,
+        **(extra or {}),
+    }
     sup = Supervisor(run_dir, env, replicas={"inference": n}, stages=("inference",))
     sup.start_all()
     sup.wait_ready(120, bootstrap=broker.bootstrap)
@@ -197,3 +206,92 @@ def test_deadlines_and_engine_errors(broker: EmbeddedBroker, tmp_path: Path) -> 
         "engine failed after 3 attempts"
     )
     assert got[ok.request.request_id].error is None
+
+
+def test_a_pool_has_its_own_topic_and_group(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    provision(ConfluentTopicAdmin(broker.bootstrap), declared(["alt"]))
+    env = {"KLLM_POOL": "alt", "KLLM_MODELS": '[{"name": "alt-model", "slots": 2}]'}
+    sup = start_workers(broker, tmp_path, 1, env)
+    jobs = Jobs(broker)
+    out = jobs.tail(GENERATIONS)
+    try:
+        j = job("Say hello.")
+        jobs.producer.produce(
+            inference_topic("alt").name, key=j.request.request_id, value=encode(j)
+        )
+        jobs.producer.flush(10)
+        got = generations(out, {j.request.request_id}, 120)
+    finally:
+        out.close()
+        sup.stop_all()
+    assert got[j.request.request_id].model == "alt-model"
+
+
+@pytest.fixture()
+def llama_server(tmp_path: Path) -> Iterator[str]:
+    """llama.cpp's own OpenAI-compatible HTTP server (what xllamacpp embeds), on loopback."""
+    code = (
+        "import time; from kllm.adapters.xllama import XLlamaEngine\n"
+        "e = XLlamaEngine(n_parallel=2)\n"
+        "print(e.http_address, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_http_engine_against_a_real_llama_cpp_server(
+    broker: EmbeddedBroker, tmp_path: Path, llama_server: str
+) -> None:
+    models = [
+        {
+            "name": "remote",
+            "engine": "openai",
+            "url": llama_server,
+            "slots": 2,
+            "input_price_per_mtok": 1.0,
+            "output_price_per_mtok": 2.0,
+        }
+    ]
+    sup = start_workers(broker, tmp_path, 1, {"KLLM_MODELS": orjson.dumps(models).decode()})
+    jobs = Jobs(broker)
+    out = jobs.tail(GENERATIONS)
+    try:
+        ids = jobs.send([job(f"Name a fruit, {i}.") for i in range(4)])
+        got = generations(out, ids, 120)
+    finally:
+        out.close()
+        sup.stop_all()
+    assert set(got) == ids
+    for g in got.values():
+        assert g.model == "remote" and g.text.strip() and g.error is None
+        expected = (g.usage.prompt_tokens * 1.0 + g.usage.completion_tokens * 2.0) / 1e6
+        assert g.cost_usd == pytest.approx(expected) and g.cost_usd > 0
+
+
+def test_fallback_when_the_named_model_fails(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    models = [{"name": "remote", "engine": "openai", "url": dead}, {"name": "local", "slots": 2}]
+    env = {
+        "KLLM_MODELS": orjson.dumps(models).decode(),
+        "KLLM_DEFAULT_MODEL": "remote",
+        "KLLM_FALLBACK_MODEL": "local",
+    }
+    sup = start_workers(broker, tmp_path, 1, env)
+    jobs = Jobs(broker)
+    out = jobs.tail(GENERATIONS)
+    try:
+        j = job("Say hello.")
+        got = generations(out, jobs.send([j]), 120)
+    finally:
+        out.close()
+        sup.stop_all()
+    g = got[j.request.request_id]
+    assert (g.model, g.error, g.attempts) == ("local", None, 4)  # 3 refused, then the fallback

@@ -18,7 +18,7 @@ from processors.retrieval import (
     index_documents,
 )
 from schemas import Chunk, InferenceJob, Request
-from topics import INFERENCE
+from topics import INFERENCE, declared, inference_topic
 
 MakeRequest = Callable[..., Request]
 
@@ -265,3 +265,26 @@ def test_retriever_min_score_can_leave_no_context(
     job = _job(retriever.process(req), req)
     assert job.context.chunks == []
     assert job.messages[1].content == SECRET_A
+
+
+def test_jobs_are_routed_to_the_pool_of_their_model(
+    embedder: Any, corpus: Any, make_request: MakeRequest
+) -> None:
+    retriever = Retriever(embedder, corpus, model_pools={"big": "gpu", "big-alias": "gpu"})
+    for model, topic in [
+        ("big", inference_topic("gpu")),
+        ("big-alias", inference_topic("gpu")),
+        ("other", INFERENCE),
+        (None, INFERENCE),
+    ]:
+        (emit,) = retriever.process(make_request(model=model))
+        assert emit.topic == topic, model
+    assert inference_topic("gpu").name == f"{INFERENCE.name}.gpu"
+
+
+def test_pool_topics_are_declared_with_their_dlq() -> None:
+    names = {t.name for t in declared(["gpu", "gpu", ""])}
+    assert {inference_topic("gpu").name, inference_topic("gpu").dlq.name} <= names
+    assert len(declared(["gpu"])) == len(declared()) + 2
+    with pytest.raises(ValueError, match="pool name"):
+        inference_topic("Bad Name!")
