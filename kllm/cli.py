@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 
 from kllm import logs
@@ -71,6 +72,22 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
     ask.add_argument("--json", action="store_true", help="print the raw response messages")
 
+    ingest = sub.add_parser("ingest", help="publish files (Markdown, text, PDF) to the live corpus")
+    ingest.add_argument("paths", nargs="+", type=Path, help="files or folders (walked)")
+    ingest.add_argument("--tenant", default="default", help="tenant owning the documents")
+    ingest.add_argument("--delete", action="store_true", help="remove these documents instead")
+    ingest.add_argument(
+        "--no-wait", action="store_true", help="do not wait for the indexer's receipts"
+    )
+    ingest.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait (default 300)"
+    )
+
+    search = sub.add_parser("search", help="show the chunks retrieval would use for a question")
+    search.add_argument("query", help="the question")
+    search.add_argument("--tenant", default="default", help="tenant whose chunks (and public ones)")
+    search.add_argument("--top-k", type=int, default=5, help="hits to show (default 5)")
+
     sub.add_parser("provision", help="create the declared topics that are missing (idempotent)")
     sub.add_parser("topics", help="list the declared topics: partitions, key, schema, DLQ")
     broker = sub.add_parser("broker", help="run only the embedded broker, in the foreground")
@@ -81,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = KafkaSettings()
-    logs.configure("WARNING" if args.command in {"ask", "topics"} else settings.log_level)
+    quiet = {"ask", "topics", "ingest", "search"}
+    logs.configure("WARNING" if args.command in quiet else settings.log_level)
     handlers = {
         "up": cmd_up,
         "ask": cmd_ask,
@@ -285,6 +303,92 @@ def _ask_and_print(
     if missing:
         print(f"no answer within {timeout_s:.0f}s for {len(missing)} question(s)", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace, settings: KafkaSettings) -> int:
+    from tqdm import tqdm
+
+    from kllm.documents import MAX_DOCUMENT_BYTES, document_for, find_files
+    from kllm.kafka import TailReader, make_producer
+    from schemas import DocumentIndexed, decode, encode
+    from topics import DOCUMENTS, DOCUMENTS_INDEXED
+
+    files = list(find_files(args.paths))
+    if not files:
+        raise PipelineError("no Markdown, text or PDF files under the given paths")
+    bootstrap = settings.bootstrap()
+    receipts = (
+        None
+        if args.no_wait
+        else TailReader(bootstrap, DOCUMENTS_INDEXED.name, settings.consumer_config())
+    )
+    producer = make_producer(bootstrap, settings.producer_config())
+    keys: set[str] = set()
+    skipped = 0
+    try:
+        for path, root in tqdm(files, desc="publishing", unit="doc"):
+            doc = document_for(path, root, args.tenant, delete=args.delete)
+            value = encode(doc)
+            if len(value) > MAX_DOCUMENT_BYTES:
+                tqdm.write(f"skipped {path}: {len(value)} bytes, limit {MAX_DOCUMENT_BYTES}")
+                skipped += 1
+                continue
+            key = f"{doc.tenant}/{doc.doc_id}"
+            producer.produce(DOCUMENTS.name, key=key, value=value)
+            producer.poll(0)
+            keys.add(key)
+        if producer.flush(30) > 0:
+            raise PipelineError("timed out publishing documents")
+        if receipts is None:
+            print(f"published {len(keys)} documents ({skipped} skipped)")
+            return 0 if not skipped else 1
+        chunks = 0
+        with tqdm(total=len(keys), desc="indexed", unit="doc") as bar:
+
+            def on_receipt(_key: str, value: bytes) -> None:
+                nonlocal chunks
+                r = decode(value, DocumentIndexed)
+                chunks += r.chunks
+                if r.op == "skipped":
+                    tqdm.write(f"{r.doc_id}: skipped ({r.reason})")
+                bar.update(1)
+
+            missing = receipts.wait_for(keys, args.timeout, on_receipt)
+    finally:
+        if receipts is not None:
+            receipts.close()
+    print(f"{len(keys) - len(missing)} documents indexed, {chunks} chunks, tenant {args.tenant}")
+    if missing:
+        print(
+            f"no receipt within {args.timeout:.0f}s for {len(missing)} documents "
+            "(is the retrieval stage running?)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0 if not skipped else 1
+
+
+def cmd_search(args: argparse.Namespace, _settings: KafkaSettings) -> int:
+    from kllm.adapters.embedder import SentenceTransformerEmbedder
+    from kllm.adapters.qdrant import QdrantStore, open_client
+    from processors.retrieval import PUBLIC_TENANT
+    from services.retrieval import Settings
+
+    rs = Settings()
+    store = QdrantStore(open_client(rs.qdrant_url, rs.qdrant_path), rs.collection)
+    try:
+        embedder = SentenceTransformerEmbedder(rs.embed_model or None)
+        (vector,) = embedder.embed([args.query])
+        hits = store.search(vector, [args.tenant, PUBLIC_TENANT], args.top_k, rs.min_score)
+    finally:
+        store.close()
+    if not hits:
+        print(f"no chunk scores above {rs.min_score} for tenant {args.tenant}")
+        return 1
+    for i, h in enumerate(hits, start=1):
+        text = " ".join(h.text.split())
+        print(f"[{i}] {h.score:.3f}  {h.doc_id}  ({h.source})\n    {text[:300]}")
     return 0
 
 

@@ -40,6 +40,22 @@ class ConfluentTopicAdmin:
                 raise BrokerError(f"cannot create topic {name}: {exc}") from exc
 
 
+def make_consumer(
+    bootstrap: str, group: str, extra: Mapping[str, str | int | bool] | None = None
+) -> Consumer:
+    """A group consumer that never commits on its own: callers commit after their output."""
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "range",
+            **(extra or {}),
+        }
+    )
+
+
 def make_producer(bootstrap: str, extra: Mapping[str, str | int | bool] | None = None) -> Producer:
     return Producer({"bootstrap.servers": bootstrap, **(extra or {})})
 

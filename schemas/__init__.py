@@ -9,6 +9,8 @@ from schemas.codec import SchemaError, decode, encode, peek_field, peek_request_
 from schemas.messages import (
     Chunk,
     DeadLetter,
+    Document,
+    DocumentIndexed,
     DriftAlert,
     Feedback,
     Generation,
@@ -25,6 +27,8 @@ from schemas.messages import (
 __all__ = [
     "Chunk",
     "DeadLetter",
+    "Document",
+    "DocumentIndexed",
     "DriftAlert",
     "Feedback",
     "Generation",

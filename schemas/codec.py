@@ -10,6 +10,8 @@ from pydantic import ValidationError
 from kllm.errors import PipelineError
 from schemas.messages import (
     DeadLetter,
+    Document,
+    DocumentIndexed,
     DriftAlert,
     Feedback,
     Generation,
@@ -35,6 +37,8 @@ _MODELS: tuple[type[Message], ...] = (
     DriftAlert,
     DeadLetter,
     TokenDelta,
+    Document,
+    DocumentIndexed,
 )
 
 registry: dict[tuple[str, int], type[Message]] = {(m.SCHEMA, m.VERSION): m for m in _MODELS}

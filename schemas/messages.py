@@ -172,6 +172,37 @@ class Feedback(Message):
     created_at: float = Field(default_factory=_now)
 
 
+class Document(Message):
+    """A change to the live corpus: upsert (replaces every chunk of the document) or delete."""
+
+    SCHEMA: ClassVar[str] = "llm.document"
+    VERSION: ClassVar[int] = 1
+
+    tenant: str = Field(min_length=1, max_length=64)
+    doc_id: str = Field(min_length=1, max_length=512)
+    op: Literal["upsert", "delete"] = "upsert"
+    text: str = ""
+    source: str = ""
+    version: int = Field(default=0, ge=0)
+    """Grows with each change of the document; an older version never replaces a newer one."""
+    metadata: dict[str, str] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=_now)
+
+
+class DocumentIndexed(Message):
+    """The indexer's receipt: the document is searchable (or gone) from now on."""
+
+    SCHEMA: ClassVar[str] = "llm.document_indexed"
+    VERSION: ClassVar[int] = 1
+
+    tenant: str
+    doc_id: str
+    version: int
+    op: Literal["upsert", "delete", "skipped"]
+    chunks: int = 0
+    reason: str = ""
+
+
 class DriftAlert(Message):
     SCHEMA: ClassVar[str] = "llm.drift_alert"
     VERSION: ClassVar[int] = 1

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from kllm import logs
 from kllm.errors import ConfigError, PipelineError
+from kllm.kafka import make_consumer, make_producer
 from kllm.settings import StageSettings, stage_group
 from processors.base import Emit
 from processors.dispatch import RecordRef, dead_letter, dead_letter_record
@@ -156,18 +157,11 @@ def make_handler(generator: Generator) -> Handler:
 
 def clients(settings: Settings) -> tuple[Consumer, Producer]:
     bootstrap = settings.bootstrap()
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": stage_group(STAGE, settings.pool),
-            "enable.auto.commit": False,  # offsets are committed only after outputs are acked
-            "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "range",
-            **settings.consumer_config(),
-        }
+    group = stage_group(STAGE, settings.pool)
+    return (
+        make_consumer(bootstrap, group, settings.consumer_config()),
+        make_producer(bootstrap, settings.producer_config()),
     )
-    producer = Producer({"bootstrap.servers": bootstrap, **settings.producer_config()})
-    return consumer, producer
 
 
 async def serve(settings: Settings, generator: Generator, capacity: int) -> None:

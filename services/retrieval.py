@@ -1,25 +1,38 @@
-"""Retrieval stage: llm.retrieval -> llm.inference, searching Qdrant for context.
+"""Retrieval stage: the live corpus in, questions with their context out.
 
-Owns the vector store: in embedded mode only one process may open it, so the
-seed corpus is indexed here at start-up (idempotent: chunk ids are deterministic).
+Two consumers in one process, because embedded Qdrant can be opened by one
+process only: the indexer (llm.documents -> Qdrant, receipts to
+llm.documents.indexed) and the query path (llm.retrieval -> llm.inference),
+both in micro-batches so the embedding model sees batches.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
+from typing import TypeVar
 
 from pydantic import Field
 
 from kllm import logs
-from kllm.settings import StageSettings
-from processors.dispatch import StageLogic
-from processors.retrieval import Embedder, Retriever, VectorStore, index_documents
-from schemas import Request
-from services.runtime import serve
-from topics import RETRIEVAL
+from kllm.errors import PipelineError
+from kllm.kafka import make_consumer, make_producer
+from kllm.settings import StageSettings, group_id
+from processors.base import Emit, Rejected
+from processors.dispatch import RecordRef, dead_letter
+from processors.indexing import Indexer
+from processors.retrieval import PUBLIC_TENANT, Embedder, Retriever, VectorStore
+from schemas import Document, Message, Request, decode
+from services.batch import BatchHandler, BatchRunner
+from services.inflight import ready_marker
+from topics import DOCUMENTS, RETRIEVAL
 
 STAGE = "retrieval"
+INDEXER = "indexer"
+M = TypeVar("M", bound=Message)
 log = logging.getLogger(__name__)
 
 
@@ -33,18 +46,31 @@ class Settings(StageSettings):
     min_score: float = 0.2
     model_pools: dict[str, str] = Field(default_factory=dict)
     """Model or alias -> inference pool, e.g. {"big": "gpu"}: jobs go to that pool's topic."""
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    """How long the query path waits for more questions to batch with the first."""
+    chunk_tokens: int = 200
+    chunk_overlap_tokens: int = 40
 
 
-def seed_documents(seed_dir: Path) -> list[tuple[str, str, str]]:
+def seed_documents(seed_dir: Path) -> list[Document]:
+    """The seed corpus as public documents; the file's mtime is its version."""
     files = sorted(p for p in seed_dir.glob("**/*") if p.suffix in {".md", ".txt"})
-    # The path relative to the folder is the id: two README.md in subfolders stay distinct.
-    ids = [p.relative_to(seed_dir).with_suffix("").as_posix() for p in files]
-    return [(i, p.name, p.read_text(encoding="utf-8")) for i, p in zip(ids, files, strict=True)]
+    return [
+        Document(
+            tenant=PUBLIC_TENANT,
+            doc_id=p.relative_to(seed_dir).with_suffix("").as_posix(),
+            text=p.read_text(encoding="utf-8"),
+            source=p.name,
+            version=p.stat().st_mtime_ns // 1_000_000,
+        )
+        for p in files
+    ]
 
 
 def build(
     settings: Settings, *, embedder: Embedder | None = None, store: VectorStore | None = None
-) -> StageLogic[Request]:
+) -> tuple[Retriever, Indexer]:
     if embedder is None:
         from kllm.adapters.embedder import SentenceTransformerEmbedder
 
@@ -52,23 +78,99 @@ def build(
     if store is None:
         from kllm.adapters.qdrant import QdrantStore, open_client
 
-        store = QdrantStore(
-            open_client(settings.qdrant_url, settings.qdrant_path), settings.collection
-        )
+        client = open_client(settings.qdrant_url, settings.qdrant_path)
+        store = QdrantStore(client, settings.collection)
     store.ensure_collection(embedder.dim)
+    indexer = Indexer(
+        embedder, store, embedder.count_tokens, settings.chunk_tokens, settings.chunk_overlap_tokens
+    )
     if settings.seed_dir.is_dir():
-        n = index_documents(seed_documents(settings.seed_dir), embedder, store)
-        log.info("seed corpus indexed", extra={"chunks": n, "seed_dir": str(settings.seed_dir)})
+        receipts = indexer.process_batch(seed_documents(settings.seed_dir))
+        log.info("seed corpus indexed", extra={"documents": len(receipts)})
     retriever = Retriever(
         embedder, store, settings.top_k, settings.min_score, model_pools=settings.model_pools
     )
-    return StageLogic(STAGE, Request, retriever.process)
+    return retriever, indexer
+
+
+def _decode_all(
+    stage: str, records: Sequence[tuple[RecordRef, bytes]], schema: type[M]
+) -> tuple[list[M], list[Emit]]:
+    """The readable messages of a batch, and DLQ records for the rest."""
+    good: list[M] = []
+    rejected: list[Emit] = []
+    for ref, value in records:
+        try:
+            msg = decode(value, schema)
+            if isinstance(msg, Document) and msg.op == "upsert" and not msg.text.strip():
+                raise Rejected("upsert of a document with no text (to remove it, send op=delete)")
+            good.append(msg)
+        except PipelineError as exc:
+            rejected.extend(dead_letter(stage, ref, value, f"{type(exc).__name__}: {exc}"))
+    return good, rejected
+
+
+def query_handler(retriever: Retriever) -> BatchHandler:
+    def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
+        requests, rejected = _decode_all(STAGE, records, Request)
+        return rejected + retriever.process_batch(requests)
+
+    return handle
+
+
+def document_handler(indexer: Indexer) -> BatchHandler:
+    def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
+        docs, rejected = _decode_all(INDEXER, records, Document)
+        return rejected + indexer.process_batch(docs)
+
+    return handle
+
+
+class _Stop:
+    requested = False
+
+    def __call__(self, _sig: int, _frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
+    bootstrap = settings.bootstrap()
+    producer = make_producer(bootstrap, settings.producer_config())
+    queries = BatchRunner(
+        make_consumer(bootstrap, group_id(STAGE), settings.consumer_config()),
+        producer,
+        RETRIEVAL,
+        query_handler(retriever),
+        settings.max_batch,
+        settings.max_wait_ms / 1000,
+    )
+    documents = BatchRunner(
+        make_consumer(bootstrap, group_id(INDEXER), settings.consumer_config()),
+        producer,
+        DOCUMENTS,
+        document_handler(indexer),
+        settings.max_batch,
+    )
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    ready_marker(settings.ready_file)()
+    log.info("stage running", extra={"stage": STAGE})
+    try:
+        while not stop.requested:
+            documents.step(wait_s=0)  # changes first: a fresh document is searchable next
+            queries.step()
+    finally:
+        queries.close()
+        documents.close()
+        producer.flush(10)
 
 
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
-    serve(settings, RETRIEVAL, build(settings))
+    retriever, indexer = build(settings)
+    serve(settings, retriever, indexer)
 
 
 if __name__ == "__main__":

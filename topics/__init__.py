@@ -6,6 +6,7 @@ Nothing outside this package spells a topic name; code refers to these specs.
 from topics.catalog import (
     ALL,
     DOCUMENTS,
+    DOCUMENTS_INDEXED,
     DRIFT_ALERTS,
     FEEDBACK,
     FEEDBACK_ENRICHED,
@@ -26,6 +27,7 @@ from topics.provision import ProvisionReport, TopicAdmin, provision
 __all__ = [
     "ALL",
     "DOCUMENTS",
+    "DOCUMENTS_INDEXED",
     "DRIFT_ALERTS",
     "FEEDBACK",
     "FEEDBACK_ENRICHED",

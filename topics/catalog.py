@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from schemas import (
     DeadLetter,
+    Document,
+    DocumentIndexed,
     DriftAlert,
     Feedback,
     Generation,
@@ -64,7 +66,10 @@ TOKENS = TopicSpec("llm.tokens", 4, "request id", TokenDelta, retention_ms=_DAY_
 GENERATIONS = TopicSpec("llm.generations", 4, "request id", Generation, has_dlq=True)
 RESPONSES = TopicSpec("llm.responses", 4, "request id", Response)
 MODERATION_EVENTS = TopicSpec("llm.moderation.events", 2, "request id", ModerationEvent)
-DOCUMENTS = TopicSpec("llm.documents", 2, "tenant/document id", None, has_dlq=True)
+DOCUMENTS = TopicSpec(
+    "llm.documents", 2, "tenant/document id", Document, has_dlq=True, retention_ms=30 * _DAY_MS
+)
+DOCUMENTS_INDEXED = TopicSpec("llm.documents.indexed", 2, "tenant/document id", DocumentIndexed)
 FEEDBACK = TopicSpec("llm.feedback", 2, "request id", Feedback, has_dlq=True)
 FEEDBACK_ENRICHED = TopicSpec("llm.feedback.enriched", 2, "request id", None)
 DRIFT_ALERTS = TopicSpec("llm.drift.alerts", 1, "tenant/model", DriftAlert)
@@ -78,6 +83,7 @@ _PRIMARY = (
     RESPONSES,
     MODERATION_EVENTS,
     DOCUMENTS,
+    DOCUMENTS_INDEXED,
     FEEDBACK,
     FEEDBACK_ENRICHED,
     DRIFT_ALERTS,

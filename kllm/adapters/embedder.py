@@ -29,6 +29,9 @@ class SentenceTransformerEmbedder:
             raise ConfigError("the embedding model does not declare its dimension")
         self.dim = int(dim)
 
+    def count_tokens(self, text: str) -> int:
+        return len(self._model.tokenizer.tokenize(text))
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         vectors = self._model.encode(
             list(texts), batch_size=self.batch_size, normalize_embeddings=True

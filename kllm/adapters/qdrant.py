@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from processors.retrieval import StoredChunk
 from schemas import Chunk
 
 COLLECTION_SCHEMA_VERSION = 1
+_TOMBSTONES = uuid.UUID("0b5e3a52-7c1d-4f0e-8a4b-6c2d9e1f3a70")
 
 
 def open_client(url: str | None, path: Path) -> QdrantClient:
@@ -23,7 +25,15 @@ def open_client(url: str | None, path: Path) -> QdrantClient:
         return QdrantClient(path=str(path))
     except (RuntimeError, ValueError) as exc:
         # Embedded mode locks the folder: a second process opening it lands here.
-        raise StoreError(f"cannot open Qdrant ({url or path}): {exc}") from exc
+        hint = (
+            ""
+            if url
+            else (
+                " (embedded Qdrant is open in one process at a time: stop the retrieval "
+                "stage, or point KLLM_QDRANT_URL at a Qdrant server)"
+            )
+        )
+        raise StoreError(f"cannot open Qdrant ({url or path}): {exc}{hint}") from exc
 
 
 class QdrantStore:
@@ -31,6 +41,7 @@ class QdrantStore:
         self.client = client
         # The version is part of the name: a schema change builds a new collection.
         self.collection = f"{collection}_v{COLLECTION_SCHEMA_VERSION}"
+        self.tombstones = f"{self.collection}_deleted"
 
     def ensure_collection(self, dim: int) -> None:
         try:
@@ -39,8 +50,14 @@ class QdrantStore:
                     self.collection,
                     vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
                 )
-                self.client.create_payload_index(
-                    self.collection, "tenant", models.PayloadSchemaType.KEYWORD
+                for field in ("tenant", "doc_id"):
+                    self.client.create_payload_index(
+                        self.collection, field, models.PayloadSchemaType.KEYWORD
+                    )
+            if not self.client.collection_exists(self.tombstones):
+                self.client.create_collection(
+                    self.tombstones,
+                    vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT),
                 )
         except Exception as exc:
             raise StoreError(f"cannot create collection {self.collection}: {exc}") from exc
@@ -55,6 +72,7 @@ class QdrantStore:
                     "doc_id": c.doc_id,
                     "text": c.text,
                     "source": c.source,
+                    "version": c.version,
                 },
             )
             for c in chunks
@@ -91,6 +109,60 @@ class QdrantStore:
             )
             for h in hits
         ]
+
+    @staticmethod
+    def _doc_filter(tenant: str, doc_id: str) -> models.Filter:
+        return models.Filter(
+            must=[
+                models.FieldCondition(key="tenant", match=models.MatchValue(value=tenant)),
+                models.FieldCondition(key="doc_id", match=models.MatchValue(value=doc_id)),
+            ]
+        )
+
+    @staticmethod
+    def _tombstone_id(tenant: str, doc_id: str) -> str:
+        return str(uuid.uuid5(_TOMBSTONES, f"{len(tenant)}:{tenant}/{doc_id}"))
+
+    def delete_doc(self, tenant: str, doc_id: str, deleted_version: int | None = None) -> None:
+        selector = models.FilterSelector(filter=self._doc_filter(tenant, doc_id))
+        try:
+            self.client.delete(self.collection, points_selector=selector, wait=True)
+            if deleted_version is not None:
+                # Tombstones live in a one-dimensional side collection, never searched.
+                tomb = models.PointStruct(
+                    id=self._tombstone_id(tenant, doc_id),
+                    vector=[1.0],
+                    payload={"tenant": tenant, "doc_id": doc_id, "version": deleted_version},
+                )
+                self.client.upsert(self.tombstones, points=[tomb], wait=True)
+        except Exception as exc:
+            raise StoreError(f"delete of {tenant}/{doc_id} failed: {exc}") from exc
+
+    def doc_version(self, tenant: str, doc_id: str) -> int | None:
+        try:
+            points, _next = self.client.scroll(
+                self.collection,
+                scroll_filter=self._doc_filter(tenant, doc_id),
+                limit=1,
+                with_payload=["version"],
+            )
+            tombs = self.client.retrieve(
+                self.tombstones, [self._tombstone_id(tenant, doc_id)], with_payload=["version"]
+            )
+        except Exception as exc:
+            raise StoreError(f"reading {tenant}/{doc_id} failed: {exc}") from exc
+        versions = [int((p.payload or {}).get("version", 0)) for p in [*points, *tombs]]
+        return max(versions) if versions else None
+
+    def count(self, tenant: str | None = None, doc_id: str | None = None) -> int:
+        """Points stored, optionally for one tenant and/or document (for checks and tests)."""
+        must = [
+            models.FieldCondition(key=k, match=models.MatchValue(value=v))
+            for k, v in (("tenant", tenant), ("doc_id", doc_id))
+            if v is not None
+        ]
+        flt = models.Filter(must=must) if must else None  # type: ignore[arg-type]
+        return int(self.client.count(self.collection, count_filter=flt, exact=True).count)
 
     def close(self) -> None:
         self.client.close()

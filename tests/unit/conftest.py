@@ -21,8 +21,17 @@ from schemas import Chunk, Generation, InferenceJob, Request, RetrievalContext, 
 from schemas.messages import ChatTurn
 
 
+def count_words(text: str) -> int:
+    """The fakes' tokenizer: one token per whitespace-separated word."""
+    return len(text.split())
+
+
 class FakeEmbedder:
-    """dim 4; deterministic bag-of-words vectors (crc32 of each word picks a dimension)."""
+    """dim 4; deterministic bag-of-words vectors (crc32 of each word picks a dimension).
+
+    Records every ``embed`` call (the texts of each call) in ``calls``; counts tokens
+    as whitespace words.
+    """
 
     dim = 4
 
@@ -41,6 +50,9 @@ class FakeEmbedder:
         self.calls.append(list(texts))
         return [self.vector(t) for t in texts]
 
+    def count_tokens(self, text: str) -> int:
+        return count_words(text)
+
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=True))
@@ -50,12 +62,14 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 class FakeVectorStore:
-    """Point id -> chunk; cosine search restricted to the given tenants."""
+    """Point id -> chunk (with its version); cosine search restricted to the given tenants."""
 
     def __init__(self) -> None:
         self.points: dict[str, StoredChunk] = {}
         self.dim: int | None = None
         self.searches: list[tuple[list[str], int, float]] = []
+        self.deletes: list[tuple[str, str]] = []
+        self.tombstones: dict[tuple[str, str], int] = {}
 
     def ensure_collection(self, dim: int) -> None:
         self.dim = dim
@@ -79,6 +93,24 @@ class FakeVectorStore:
             Chunk(chunk_id=c.point_id, doc_id=c.doc_id, text=c.text, score=s, source=c.source)
             for s, c in scored[:top_k]
         ]
+
+    def delete_doc(self, tenant: str, doc_id: str, deleted_version: int | None = None) -> None:
+        self.deletes.append((tenant, doc_id))
+        for pid in [p for p, c in self.points.items() if (c.tenant, c.doc_id) == (tenant, doc_id)]:
+            del self.points[pid]
+        if deleted_version is not None:
+            self.tombstones[(tenant, doc_id)] = deleted_version
+
+    def doc_version(self, tenant: str, doc_id: str) -> int | None:
+        versions = [c.version for c in self.doc_chunks(tenant, doc_id)]
+        if (tenant, doc_id) in self.tombstones:
+            versions.append(self.tombstones[(tenant, doc_id)])
+        return max(versions) if versions else None
+
+    # --- helpers for assertions, not part of the protocol ---
+
+    def doc_chunks(self, tenant: str, doc_id: str) -> list[StoredChunk]:
+        return [c for c in self.points.values() if (c.tenant, c.doc_id) == (tenant, doc_id)]
 
     def tenant_of(self, chunk_id: str) -> str:
         return self.points[chunk_id].tenant

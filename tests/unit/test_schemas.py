@@ -10,6 +10,8 @@ from kllm.errors import PipelineError
 from schemas import (
     Chunk,
     DeadLetter,
+    Document,
+    DocumentIndexed,
     DriftAlert,
     Feedback,
     Generation,
@@ -104,6 +106,19 @@ SAMPLES: dict[type[Message], Message] = {
         request_id="r-1",
         payload_b64="AAE=",
         failed_at=9.0,
+    ),
+    Document: Document(
+        tenant="acme",
+        doc_id="guides/kafka",
+        op="upsert",
+        text="Kafka is a log. Topics have partitions.",
+        source="kafka.md",
+        version=3,
+        metadata={"lang": "en"},
+        created_at=11.0,
+    ),
+    DocumentIndexed: DocumentIndexed(
+        tenant="acme", doc_id="guides/kafka", version=3, op="skipped", chunks=0, reason="older"
     ),
 }
 
