@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up test test-unit test-e2e check clean bench bench-inference
+.PHONY: install run up test test-unit test-e2e check clean bench bench-inference bench-retrieval
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,3 +46,6 @@ bench: install  ## pipeline latency: end-to-end vs engine time, overhead percent
 
 bench-inference: install  ## inference worker tokens/s through Kafka vs the engine's own, one run
 	$(BIN)/python loadtest/inference_throughput.py
+
+bench-retrieval: install  ## retrieval stage vs raw embedding throughput; search latency at 100k chunks
+	$(BIN)/python loadtest/retrieval_throughput.py

@@ -24,7 +24,10 @@ class SentenceTransformerEmbedder:
 
         self._model = SentenceTransformer(model_path or packaged_minilm_path(), device="cpu")
         self.batch_size = batch_size
-        dim = self._model.get_sentence_embedding_dimension()
+        dimension = getattr(self._model, "get_embedding_dimension", None) or (
+            self._model.get_sentence_embedding_dimension  # before sentence-transformers 6
+        )
+        dim = dimension()
         if dim is None:
             raise ConfigError("the embedding model does not declare its dimension")
         self.dim = int(dim)

@@ -1,0 +1,150 @@
+"""Retrieval throughput versus raw embedding throughput, and search latency at scale.
+
+1. raw: sentence-transformers all-MiniLM-L6-v2 embedding the questions at batch 64.
+2. through Kafka: the embedded broker and the retrieval process; the same
+   questions published to llm.retrieval at once, jobs read from llm.inference.
+3. search latency of the vector store at --chunks chunks (random unit vectors,
+   10 tenants), with the tenant filter the stage uses.
+
+The ratio of (2) to (1) is what the stage costs around the model (target >= 0.8).
+
+    python loadtest/retrieval_throughput.py --questions 1024 --chunks 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from kllm.adapters.embedder import SentenceTransformerEmbedder
+from kllm.adapters.qdrant import QdrantStore, open_client
+from kllm.broker import EmbeddedBroker
+from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer
+from kllm.supervisor import Supervisor
+from processors.retrieval import StoredChunk
+from schemas import Request, encode
+from topics import ALL, INFERENCE, RETRIEVAL, provision
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = ("offsets", "partitions", "moderation", "tenants", "deadlines", "retries", "the DLQ")
+
+
+def questions(n: int) -> list[str]:
+    return [
+        f"Question {i}: how does the pipeline handle {TOPICS[i % len(TOPICS)]}?" for i in range(n)
+    ]
+
+
+def raw(texts: list[str]) -> float:
+    embedder = SentenceTransformerEmbedder(batch_size=64)
+    embedder.embed(texts[:64])  # warm-up
+    t0 = time.perf_counter()
+    embedder.embed(texts)
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def through_kafka(texts: list[str]) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+        run_dir = Path(tmp)
+        provision(ConfluentTopicAdmin(broker.bootstrap), ALL)
+        env = {
+            "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "KLLM_RUN_DIR": str(run_dir),
+            "KLLM_QDRANT_PATH": str(run_dir / "qdrant"),
+            "KLLM_SEED_DIR": str(REPO / "docs"),
+            "KLLM_LOG_LEVEL": "WARNING",
+        }
+        sup = Supervisor(run_dir, env, stages=("retrieval",))
+        sup.start_all()
+        try:
+            sup.wait_ready(180, bootstrap=broker.bootstrap)
+            reader = TailReader(broker.bootstrap, INFERENCE.name, {"fetch.wait.max.ms": 10})
+            producer = make_producer(broker.bootstrap)
+            reqs = [Request(request_id=f"r-{uuid.uuid4()}", prompt=t) for t in texts]
+            warm = Request(request_id="warm-up", prompt=texts[0])
+            producer.produce(RETRIEVAL.name, key=warm.request_id, value=encode(warm))
+            producer.flush(10)
+            reader.wait_for({warm.request_id}, 60, lambda _k, _v: None)
+            t0 = time.perf_counter()
+            for r in reqs:
+                producer.produce(RETRIEVAL.name, key=r.request_id, value=encode(r))
+                producer.poll(0)
+            producer.flush(10)
+            missing = reader.wait_for({r.request_id for r in reqs}, 600, lambda _k, _v: None)
+            rate = (len(reqs) - len(missing)) / (time.perf_counter() - t0)
+            reader.close()
+        finally:
+            sup.stop_all()
+    return rate, len(missing)
+
+
+def search_latency(n_chunks: int, queries: int = 100, dim: int = 384) -> tuple[float, float, float]:
+    rng = np.random.default_rng(7)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = QdrantStore(open_client(None, Path(tmp) / "qdrant"), "bench")
+        store.ensure_collection(dim)
+        t0 = time.perf_counter()
+        for start in range(0, n_chunks, 2000):
+            n = min(2000, n_chunks - start)
+            vecs = rng.standard_normal((n, dim)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            store.upsert(
+                [
+                    StoredChunk(
+                        str(uuid.UUID(int=start + i)),
+                        f"t{(start + i) % 10}",
+                        f"d{(start + i) // 5}",
+                        "x",
+                        "",
+                        vecs[i].tolist(),
+                    )
+                    for i in range(n)
+                ]
+            )
+            print(f"\r  loading {start + n}/{n_chunks} chunks", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        load_s = time.perf_counter() - t0
+        lat = []
+        for _ in range(queries):
+            q = rng.standard_normal(dim)
+            q /= np.linalg.norm(q)
+            t1 = time.perf_counter()
+            store.search(q.tolist(), ["t3", "public"], 3, 0.0)
+            lat.append((time.perf_counter() - t1) * 1000)
+        store.close()
+    lat.sort()
+    return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))], load_s
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--questions", type=int, default=1024, help="questions per run (default 1024)")
+    p.add_argument(
+        "--chunks", type=int, default=100_000, help="chunks for the latency run; 0 skips"
+    )
+    args = p.parse_args()
+    texts = questions(args.questions)
+    raw_rate = raw(texts)
+    print(f"raw embedding (batch 64):  {raw_rate:.0f} questions/s", flush=True)
+    stage_rate, lost = through_kafka(texts)
+    print(f"retrieval through Kafka:   {stage_rate:.0f} questions/s ({lost} lost)", flush=True)
+    print(f"ratio stage / raw: {stage_rate / raw_rate:.3f} (target >= 0.8)", flush=True)
+    if args.chunks:
+        p50, p99, load_s = search_latency(args.chunks)
+        print(
+            f"search at {args.chunks} chunks (embedded Qdrant, tenant filter, top 3): "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (loaded in {load_s:.0f}s)"
+        )
+    return 0 if lost == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
