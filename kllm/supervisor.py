@@ -26,6 +26,12 @@ STAGES = ("ingestion", "retrieval", "inference", "moderation")
 _PR_SET_PDEATHSIG = 1
 
 
+def mark_ready(path: str) -> None:
+    """In a stage: tell the supervisor (which passed ``path``) that it is about to consume."""
+    if path:
+        Path(path).write_text(str(os.getpid()))
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM if the supervisor dies, even by SIGKILL (no orphans)."""
     with contextlib.suppress(OSError, AttributeError):

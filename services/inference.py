@@ -20,11 +20,12 @@ from kllm import logs
 from kllm.errors import ConfigError, PipelineError
 from kllm.kafka import make_consumer, make_producer
 from kllm.settings import StageSettings, stage_group
+from kllm.supervisor import mark_ready
 from processors.base import Emit
 from processors.dispatch import RecordRef, dead_letter, dead_letter_record
 from processors.inference import Engine, Generator, Price, Router
 from schemas import InferenceJob, decode
-from services.inflight import Handler, InflightRunner, ready_marker
+from services.inflight import Handler, InflightRunner
 from topics import TOKENS, inference_topic
 
 STAGE = "inference"
@@ -178,7 +179,7 @@ async def serve(settings: Settings, generator: Generator, capacity: int) -> None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await runner.run(stop, on_ready=ready_marker(settings.ready_file))
+    await runner.run(stop, on_ready=lambda: mark_ready(settings.ready_file))
 
 
 def main() -> None:

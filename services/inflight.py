@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -238,12 +237,3 @@ class InflightRunner:
             await asyncio.sleep(0.01)
         for task in self.tasks.values():
             task.cancel()
-
-
-def ready_marker(path: str) -> Callable[[], None]:
-    def mark() -> None:
-        if path:
-            with open(path, "w") as fh:
-                fh.write(str(os.getpid()))
-
-    return mark

@@ -21,13 +21,13 @@ from kllm import logs
 from kllm.errors import PipelineError
 from kllm.kafka import make_consumer, make_producer
 from kllm.settings import StageSettings, group_id
+from kllm.supervisor import mark_ready
 from processors.base import Emit, Rejected
 from processors.dispatch import RecordRef, dead_letter
 from processors.indexing import Indexer
 from processors.retrieval import PUBLIC_TENANT, Embedder, Retriever, VectorStore
 from schemas import Document, Message, Request, decode
 from services.batch import BatchHandler, BatchRunner
-from services.inflight import ready_marker
 from topics import DOCUMENTS, RETRIEVAL
 
 STAGE = "retrieval"
@@ -154,7 +154,7 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    ready_marker(settings.ready_file)()
+    mark_ready(settings.ready_file)
     log.info("stage running", extra={"stage": STAGE})
     try:
         while not stop.requested:

@@ -15,6 +15,7 @@ from quixstreams import Application, message_context
 from quixstreams.models.serializers import Serializer
 
 from kllm.settings import StageSettings, group_id
+from kllm.supervisor import mark_ready
 from processors.base import Emit
 from processors.dispatch import RecordRef, StageLogic, dispatch
 from schemas import Message, encode
@@ -61,14 +62,8 @@ def serve(settings: StageSettings, source: TopicSpec, logic: StageLogic[M]) -> N
 
     sdf = sdf.apply(handle, expand=True, metadata=True)
     sdf.to_topic(lambda value, _key, _ts, _headers: sink[value.topic.name], key=lambda e: e.key)
-    _mark_ready(settings.ready_file)
+    mark_ready(settings.ready_file)
     log.info(
         "stage running", extra={"stage": logic.name, "source": source.name, "pid": os.getpid()}
     )
     app.run()
-
-
-def _mark_ready(path: str) -> None:
-    if path:
-        with open(path, "w") as fh:
-            fh.write(str(os.getpid()))
