@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kllm.errors import BrokerError
 from topics import TopicSpec
+
+log = logging.getLogger(__name__)
 
 
 class ConfluentTopicAdmin:
@@ -38,6 +41,18 @@ class ConfluentTopicAdmin:
                 if exc.args and exc.args[0].name() == "TOPIC_ALREADY_EXISTS":
                     continue  # a concurrent provisioner won the race: fine
                 raise BrokerError(f"cannot create topic {name}: {exc}") from exc
+
+
+def records_only(msgs: Sequence[Message]) -> list[Message]:
+    """The records among what consume() returned; error events are logged, not returned."""
+    out = []
+    for msg in msgs:
+        err = msg.error()
+        if err is None:
+            out.append(msg)
+        elif err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error", extra={"error": str(err)})
+    return out
 
 
 def make_consumer(

@@ -17,19 +17,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
+
+from harness import running
 
 from kllm.adapters.xllama import XLlamaEngine
-from kllm.broker import EmbeddedBroker
-from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer
-from kllm.supervisor import Supervisor
+from kllm.kafka import TailReader, make_producer
 from processors.inference import Finish
 from schemas import Generation, InferenceJob, Request, RetrievalContext, decode, encode
 from schemas.messages import ChatTurn
-from topics import ALL, GENERATIONS, INFERENCE, provision
+from topics import GENERATIONS, INFERENCE
 
 PROMPTS = (
     "Explain what a message queue is.",
@@ -77,38 +75,26 @@ async def engine_direct(jobs: list[InferenceJob], concurrency: int) -> tuple[int
 
 
 def through_kafka(jobs: list[InferenceJob], concurrency: int) -> tuple[int, float, int]:
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
-        run_dir = Path(tmp)
-        provision(ConfluentTopicAdmin(broker.bootstrap), ALL)
-        env = {
-            "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
-            "KLLM_RUN_DIR": str(run_dir),
-            "KLLM_MAX_IN_FLIGHT": str(concurrency),
-            "KLLM_MODELS": f'[{{"name": "smollm2-135m", "slots": {concurrency}}}]',
-            "KLLM_LOG_LEVEL": "WARNING",
-            "KLLM_SESSION_TIMEOUT_MS": "6000",
-        }
-        sup = Supervisor(run_dir, env, stages=("inference",))
-        sup.start_all()
-        try:
-            sup.wait_ready(180, bootstrap=broker.bootstrap)
-            reader = TailReader(broker.bootstrap, GENERATIONS.name, {"fetch.wait.max.ms": 10})
-            producer = make_producer(broker.bootstrap)
-            warm = make_jobs(1, jobs[0].request.max_tokens or 32)[0]
-            producer.produce(INFERENCE.name, key=warm.request.request_id, value=encode(warm))
-            producer.flush(10)
-            reader.wait_for({warm.request.request_id}, 60, lambda _k, _v: None)
-            wanted = {j.request.request_id for j in jobs}
-            got: dict[str, Generation] = {}
-            t0 = time.perf_counter()
-            for j in jobs:
-                producer.produce(INFERENCE.name, key=j.request.request_id, value=encode(j))
-            producer.flush(10)
-            reader.wait_for(wanted, 600, lambda k, v: got.__setitem__(k, decode(v, Generation)))
-            elapsed = time.perf_counter() - t0
-            reader.close()
-        finally:
-            sup.stop_all()
+    env = {
+        "KLLM_MAX_IN_FLIGHT": str(concurrency),
+        "KLLM_MODELS": f'[{{"name": "smollm2-135m", "slots": {concurrency}}}]',
+    }
+    with running(("inference",), env) as bootstrap:
+        reader = TailReader(bootstrap, GENERATIONS.name, {"fetch.wait.max.ms": 10})
+        producer = make_producer(bootstrap)
+        warm = make_jobs(1, jobs[0].request.max_tokens or 32)[0]
+        producer.produce(INFERENCE.name, key=warm.request.request_id, value=encode(warm))
+        producer.flush(10)
+        reader.wait_for({warm.request.request_id}, 60, lambda _k, _v: None)
+        wanted = {j.request.request_id for j in jobs}
+        got: dict[str, Generation] = {}
+        t0 = time.perf_counter()
+        for j in jobs:
+            producer.produce(INFERENCE.name, key=j.request.request_id, value=encode(j))
+        producer.flush(10)
+        reader.wait_for(wanted, 600, lambda k, v: got.__setitem__(k, decode(v, Generation)))
+        elapsed = time.perf_counter() - t0
+        reader.close()
     tokens = sum(g.usage.completion_tokens for g in got.values())
     return tokens, elapsed, len(jobs) - len(got)
 

@@ -12,23 +12,19 @@ percentiles, all measured in one run.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
-from kllm.broker import EmbeddedBroker
-from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer
+from harness import running
+
+from kllm.kafka import TailReader, make_producer
 from kllm.settings import KafkaSettings
-from kllm.supervisor import Supervisor
 from schemas import Request, Response, decode, encode
-from topics import ALL, REQUESTS, RESPONSES, provision
+from topics import REQUESTS, RESPONSES
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = (
     "What is Kafka used for in this pipeline?",
     "What happens to a malformed request?",
@@ -112,27 +108,8 @@ def main() -> int:
     args = p.parse_args()
     if args.external:
         return run(KafkaSettings().bootstrap(), args.requests, args.rate, args.max_tokens)
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
-        run_dir = Path(tmp)
-        provision(ConfluentTopicAdmin(broker.bootstrap), ALL)
-        sup = Supervisor(
-            run_dir,
-            {
-                "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
-                "KLLM_RUN_DIR": str(run_dir),
-                "KLLM_QDRANT_PATH": str(run_dir / "qdrant"),
-                "KLLM_SEED_DIR": str(REPO / "docs"),
-                "KLLM_LOG_LEVEL": os.environ.get("KLLM_LOG_LEVEL", "WARNING"),
-            },
-        )
-        sup.start_all()
-        try:
-            t = time.monotonic()
-            sup.wait_ready(240, bootstrap=broker.bootstrap)
-            print(f"pipeline ready in {time.monotonic() - t:.1f}s", file=sys.stderr)
-            return run(broker.bootstrap, args.requests, args.rate, args.max_tokens)
-        finally:
-            sup.stop_all()
+    with running() as bootstrap:
+        return run(bootstrap, args.requests, args.rate, args.max_tokens)
 
 
 if __name__ == "__main__":

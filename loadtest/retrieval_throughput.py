@@ -21,17 +21,15 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from harness import running
 
 from kllm.adapters.embedder import SentenceTransformerEmbedder
 from kllm.adapters.qdrant import QdrantStore, open_client
-from kllm.broker import EmbeddedBroker
-from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer
-from kllm.supervisor import Supervisor
+from kllm.kafka import TailReader, make_producer
 from processors.retrieval import StoredChunk
 from schemas import Request, encode
-from topics import ALL, INFERENCE, RETRIEVAL, provision
+from topics import INFERENCE, RETRIEVAL
 
-REPO = Path(__file__).resolve().parents[1]
 TOPICS = ("offsets", "partitions", "moderation", "tenants", "deadlines", "retries", "the DLQ")
 
 
@@ -50,37 +48,22 @@ def raw(texts: list[str]) -> float:
 
 
 def through_kafka(texts: list[str]) -> tuple[float, int]:
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
-        run_dir = Path(tmp)
-        provision(ConfluentTopicAdmin(broker.bootstrap), ALL)
-        env = {
-            "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
-            "KLLM_RUN_DIR": str(run_dir),
-            "KLLM_QDRANT_PATH": str(run_dir / "qdrant"),
-            "KLLM_SEED_DIR": str(REPO / "docs"),
-            "KLLM_LOG_LEVEL": "WARNING",
-        }
-        sup = Supervisor(run_dir, env, stages=("retrieval",))
-        sup.start_all()
-        try:
-            sup.wait_ready(180, bootstrap=broker.bootstrap)
-            reader = TailReader(broker.bootstrap, INFERENCE.name, {"fetch.wait.max.ms": 10})
-            producer = make_producer(broker.bootstrap)
-            reqs = [Request(request_id=f"r-{uuid.uuid4()}", prompt=t) for t in texts]
-            warm = Request(request_id="warm-up", prompt=texts[0])
-            producer.produce(RETRIEVAL.name, key=warm.request_id, value=encode(warm))
-            producer.flush(10)
-            reader.wait_for({warm.request_id}, 60, lambda _k, _v: None)
-            t0 = time.perf_counter()
-            for r in reqs:
-                producer.produce(RETRIEVAL.name, key=r.request_id, value=encode(r))
-                producer.poll(0)
-            producer.flush(10)
-            missing = reader.wait_for({r.request_id for r in reqs}, 600, lambda _k, _v: None)
-            rate = (len(reqs) - len(missing)) / (time.perf_counter() - t0)
-            reader.close()
-        finally:
-            sup.stop_all()
+    with running(("retrieval",)) as bootstrap:
+        reader = TailReader(bootstrap, INFERENCE.name, {"fetch.wait.max.ms": 10})
+        producer = make_producer(bootstrap)
+        reqs = [Request(request_id=f"r-{uuid.uuid4()}", prompt=t) for t in texts]
+        warm = Request(request_id="warm-up", prompt=texts[0])
+        producer.produce(RETRIEVAL.name, key=warm.request_id, value=encode(warm))
+        producer.flush(10)
+        reader.wait_for({warm.request_id}, 60, lambda _k, _v: None)
+        t0 = time.perf_counter()
+        for r in reqs:
+            producer.produce(RETRIEVAL.name, key=r.request_id, value=encode(r))
+            producer.poll(0)
+        producer.flush(10)
+        missing = reader.wait_for({r.request_id for r in reqs}, 600, lambda _k, _v: None)
+        rate = (len(reqs) - len(missing)) / (time.perf_counter() - t0)
+        reader.close()
     return rate, len(missing)
 
 

@@ -13,9 +13,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from kllm.errors import BrokerError
+from kllm.kafka import records_only
 from processors.base import Emit
 from processors.dispatch import RecordRef
 from schemas import encode
@@ -49,12 +50,7 @@ class BatchRunner:
         wait = self.max_wait_s if wait_s is None else wait_s
         msgs = self.consumer.consume(num_messages=self.max_batch, timeout=wait)
         records = []
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error", extra={"error": str(err)})
-                continue
+        for msg in records_only(msgs):
             key = msg.key()
             ref = RecordRef(
                 self.source, msg.partition(), msg.offset(), key.decode() if key else None

@@ -24,9 +24,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from kllm.errors import BrokerError
+from kllm.kafka import records_only
 from processors.base import Emit
 from processors.dispatch import RecordRef
 from processors.offsets import OffsetTracker
@@ -104,12 +105,7 @@ class InflightRunner:
         else:
             self._resume()
             msgs = self.consumer.consume(num_messages=room, timeout=0)
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error", extra={"error": str(err)})
-                continue
+        for msg in records_only(msgs):
             # Tracked from now on: the commit cannot pass a record still waiting here.
             self.offsets.start((self.source.name, msg.partition()), msg.offset())
             self.buffer.append(msg)

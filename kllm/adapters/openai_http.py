@@ -8,10 +8,9 @@ from typing import Any
 import httpx
 import orjson
 
-from kllm.adapters.xllama import usage_of
+from kllm.adapters.chat_chunks import ChunkReader
 from kllm.errors import EngineError
-from processors.inference import Delta, EngineEvent, Finish
-from schemas import Usage
+from processors.inference import EngineEvent
 from schemas.messages import ChatTurn
 
 
@@ -49,7 +48,7 @@ class OpenAIHttpEngine:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        finish_reason, usage = "stop", Usage()
+        reader = ChunkReader()
         try:
             async with self._client.stream("POST", "/v1/chat/completions", json=body) as resp:
                 if resp.status_code != 200:
@@ -59,18 +58,13 @@ class OpenAIHttpEngine:
                     chunk = _sse_data(line)
                     if chunk is None:
                         continue
-                    usage = usage_of(chunk) or usage
-                    for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            yield Delta(text)
-                        if choice.get("finish_reason"):
-                            finish_reason = str(choice["finish_reason"])
+                    for delta in reader.deltas(chunk):
+                        yield delta
         except httpx.HTTPError as exc:
             raise EngineError(
                 f"{type(exc).__name__} talking to {self._client.base_url}: {exc}"
             ) from exc
-        yield Finish(finish_reason, usage)
+        yield reader.finish()
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -87,6 +81,4 @@ def _sse_data(line: str) -> dict[str, Any] | None:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise EngineError(f"unreadable stream chunk: {data[:200]}") from exc
-    if isinstance(chunk, dict) and "error" in chunk:
-        raise EngineError(f"server error: {chunk['error']}")
     return chunk if isinstance(chunk, dict) else None

