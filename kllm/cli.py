@@ -106,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "provision": cmd_provision,
         "topics": cmd_topics,
         "broker": cmd_broker,
+        "ingest": cmd_ingest,
+        "search": cmd_search,
     }
     try:
         return handlers[args.command](args, settings)

@@ -104,6 +104,22 @@ def test_up_then_ask_from_another_shell_then_sigint_stops_everything(tmp_path: P
         )
         assert ask.returncode == 0, ask.stdout + ask.stderr
         assert "A: " in ask.stdout and ask.stdout.split("A: ", 1)[1].strip()
+        # A user's own files: ingested, receipts awaited, then cited in an answer.
+        (tmp_path / "notes").mkdir()
+        (tmp_path / "notes" / "badges.md").write_text(
+            "# Badges\n\nVisitors to the Orion lab must wear a green badge. Staff wear blue.\n"
+        )
+        ingest = kllm(env, "ingest", str(tmp_path / "notes"), "--tenant", "orion")
+        assert ingest.returncode == 0, ingest.stdout + ingest.stderr
+        assert "1 documents indexed" in ingest.stdout
+        cited = kllm(
+            env, "ask", "--tenant", "orion", "What badge do visitors to the Orion lab wear?"
+        )
+        assert cited.returncode == 0, cited.stdout + cited.stderr
+        assert re.search(r"sources: .*\bbadges\b", cited.stdout), cited.stdout
+        # The embedded store is the retrieval process's while it runs: a clear refusal.
+        busy = kllm(env, "search", "badge", "--tenant", "orion")
+        assert busy.returncode == 2 and "one process at a time" in busy.stderr, busy.stderr
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=60)
     finally:
@@ -115,3 +131,18 @@ def test_up_then_ask_from_another_shell_then_sigint_stops_everything(tmp_path: P
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
     assert len(pids) == 5, out
     assert not [p for p in pids if _alive(p)], f"processes left behind: {out}"
+
+    # Stopped: the store is free, and search shows the ingested chunk.
+    hits = kllm(env, "search", "visitor badge colour", "--tenant", "orion")
+    assert hits.returncode == 0 and "(badges.md)" in hits.stdout, hits.stdout + hits.stderr
+
+
+def kllm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kllm.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
