@@ -18,6 +18,7 @@ from typing import TypeVar
 from pydantic import Field
 
 from kllm import logs
+from kllm.documents import document_for
 from kllm.errors import PipelineError
 from kllm.kafka import make_consumer, make_producer
 from kllm.settings import StageSettings, group_id
@@ -54,18 +55,10 @@ class Settings(StageSettings):
 
 
 def seed_documents(seed_dir: Path) -> list[Document]:
-    """The seed corpus as public documents; the file's mtime is its version."""
+    """The seed corpus (Markdown and text files) as public documents, read as `kllm ingest`
+    reads files: the relative path is the id, the mtime the version."""
     files = sorted(p for p in seed_dir.glob("**/*") if p.suffix in {".md", ".txt"})
-    return [
-        Document(
-            tenant=PUBLIC_TENANT,
-            doc_id=p.relative_to(seed_dir).with_suffix("").as_posix(),
-            text=p.read_text(encoding="utf-8"),
-            source=p.name,
-            version=p.stat().st_mtime_ns // 1_000_000,
-        )
-        for p in files
-    ]
+    return [document_for(p, seed_dir, PUBLIC_TENANT) for p in files]
 
 
 def build(
