@@ -373,14 +373,15 @@ def cmd_ingest(args: argparse.Namespace, settings: KafkaSettings) -> int:
 
 def cmd_search(args: argparse.Namespace, _settings: KafkaSettings) -> int:
     from kllm.adapters.embedder import SentenceTransformerEmbedder
-    from kllm.adapters.qdrant import QdrantStore, open_client
+    from kllm.adapters.qdrant import open_store
     from processors.retrieval import PUBLIC_TENANT
     from services.retrieval import Settings
 
     rs = Settings()
-    store = QdrantStore(open_client(rs.qdrant_url, rs.qdrant_path), rs.collection)
+    store = open_store(rs.qdrant_url, rs.qdrant_path, rs.collection)
     try:
         embedder = SentenceTransformerEmbedder(rs.embed_model or None)
+        store.ensure_collection(embedder.dim)
         (vector,) = embedder.embed([args.query])
         hits = store.search(vector, [args.tenant, PUBLIC_TENANT], args.top_k, rs.min_score)
     finally:

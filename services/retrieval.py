@@ -69,10 +69,9 @@ def build(
 
         embedder = SentenceTransformerEmbedder(settings.embed_model or None)
     if store is None:
-        from kllm.adapters.qdrant import QdrantStore, open_client
+        from kllm.adapters.qdrant import open_store
 
-        client = open_client(settings.qdrant_url, settings.qdrant_path)
-        store = QdrantStore(client, settings.collection)
+        store = open_store(settings.qdrant_url, settings.qdrant_path, settings.collection)
     store.ensure_collection(embedder.dim)
     indexer = Indexer(
         embedder, store, embedder.count_tokens, settings.chunk_tokens, settings.chunk_overlap_tokens

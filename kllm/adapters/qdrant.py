@@ -1,10 +1,16 @@
-"""Qdrant behind the retrieval VectorStore protocol: embedded (local path) or a server URL."""
+"""Qdrant behind the retrieval VectorStore protocol.
+
+``QdrantStore`` speaks to a Qdrant server through qdrant-client (its local mode
+also works, for tests); ``open_store`` picks it for a URL and Qdrant Edge, the
+embedded engine, for a local path.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qdrant_client import QdrantClient, models
 
@@ -12,8 +18,30 @@ from kllm.errors import StoreError
 from processors.retrieval import StoredChunk
 from schemas import Chunk
 
+if TYPE_CHECKING:
+    from kllm.adapters.qdrant_edge import EdgeStore
+
 COLLECTION_SCHEMA_VERSION = 1
+BUSY_HINT = (
+    " (embedded Qdrant is open in one process at a time: stop the retrieval stage, "
+    "or point KLLM_QDRANT_URL at a Qdrant server)"
+)
 _TOMBSTONES = uuid.UUID("0b5e3a52-7c1d-4f0e-8a4b-6c2d9e1f3a70")
+
+
+def tombstone_id(tenant: str, doc_id: str) -> str:
+    """One stable point id per (tenant, document) for its deletion record."""
+    return str(uuid.uuid5(_TOMBSTONES, f"{len(tenant)}:{tenant}/{doc_id}"))
+
+
+def open_store(url: str | None, path: Path, collection: str) -> QdrantStore | EdgeStore:
+    """The Qdrant server at ``url`` when set, else embedded Qdrant (Qdrant Edge) under
+    ``path``, owned by this process. Call ``ensure_collection`` before use."""
+    if url:
+        return QdrantStore(open_client(url, path), collection)
+    from kllm.adapters.qdrant_edge import EdgeStore
+
+    return EdgeStore(path / "edge", collection)
 
 
 def open_client(url: str | None, path: Path) -> QdrantClient:
@@ -25,14 +53,7 @@ def open_client(url: str | None, path: Path) -> QdrantClient:
         return QdrantClient(path=str(path))
     except (RuntimeError, ValueError) as exc:
         # Embedded mode locks the folder: a second process opening it lands here.
-        hint = (
-            ""
-            if url
-            else (
-                " (embedded Qdrant is open in one process at a time: stop the retrieval "
-                "stage, or point KLLM_QDRANT_URL at a Qdrant server)"
-            )
-        )
+        hint = "" if url else BUSY_HINT
         raise StoreError(f"cannot open Qdrant ({url or path}): {exc}{hint}") from exc
 
 
@@ -119,10 +140,6 @@ class QdrantStore:
             ]
         )
 
-    @staticmethod
-    def _tombstone_id(tenant: str, doc_id: str) -> str:
-        return str(uuid.uuid5(_TOMBSTONES, f"{len(tenant)}:{tenant}/{doc_id}"))
-
     def delete_doc(self, tenant: str, doc_id: str, deleted_version: int | None = None) -> None:
         selector = models.FilterSelector(filter=self._doc_filter(tenant, doc_id))
         try:
@@ -130,7 +147,7 @@ class QdrantStore:
             if deleted_version is not None:
                 # Tombstones live in a one-dimensional side collection, never searched.
                 tomb = models.PointStruct(
-                    id=self._tombstone_id(tenant, doc_id),
+                    id=tombstone_id(tenant, doc_id),
                     vector=[1.0],
                     payload={"tenant": tenant, "doc_id": doc_id, "version": deleted_version},
                 )
@@ -147,7 +164,7 @@ class QdrantStore:
                 with_payload=["version"],
             )
             tombs = self.client.retrieve(
-                self.tombstones, [self._tombstone_id(tenant, doc_id)], with_payload=["version"]
+                self.tombstones, [tombstone_id(tenant, doc_id)], with_payload=["version"]
             )
         except Exception as exc:
             raise StoreError(f"reading {tenant}/{doc_id} failed: {exc}") from exc
