@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from kllm import logs
+from kllm import cli_keys, logs
 from kllm.errors import PipelineError
 from kllm.settings import STATE_FILE, KafkaSettings, write_state
 from topics import ProvisionReport
@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--tenant", default="default", help="tenant whose chunks (and public ones)")
     search.add_argument("--top-k", type=int, default=5, help="hits to show (default 5)")
 
+    cli_keys.add_parser(sub)
     sub.add_parser("provision", help="create the declared topics that are missing (idempotent)")
     sub.add_parser("topics", help="list the declared topics: partitions, key, schema, DLQ")
     broker = sub.add_parser("broker", help="run only the embedded broker, in the foreground")
@@ -98,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = KafkaSettings()
-    quiet = {"ask", "topics", "ingest", "search"}
+    quiet = {"ask", "topics", "ingest", "search", "keys"}
     logs.configure("WARNING" if args.command in quiet else settings.log_level)
     handlers = {
         "up": cmd_up,
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "broker": cmd_broker,
         "ingest": cmd_ingest,
         "search": cmd_search,
+        "keys": cli_keys.cmd_keys,
     }
     try:
         return handlers[args.command](args, settings)
@@ -231,6 +233,7 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
                 bootstrap=bootstrap,
             )
             print(f"pipeline ready in {time.monotonic() - t0:.1f}s", flush=True)
+            print(_gateway_banner(), flush=True)
             if args.demo:
                 questions = args.question or list(SAMPLE_QUESTIONS)
                 return _ask_and_print(bootstrap, settings, questions, "default", None, 120.0, False)
@@ -247,6 +250,20 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             broker.stop()
             (settings.run_dir / STATE_FILE).unlink(missing_ok=True)
         print("stopped", flush=True)
+
+
+def _gateway_banner() -> str:
+    """Where the gateway listens; on first start, a key to call it with."""
+    from kllm.keys import KeyStore
+    from services.gateway import Settings as GatewaySettings
+
+    gs = GatewaySettings()
+    line = f"gateway (OpenAI API): http://{gs.gateway_host}:{gs.gateway_port}/v1"
+    store = KeyStore(gs.keys_path())
+    if not any(r.revoked_at is None for r in store.records()):
+        _record, secret = store.create("default", "created by kllm up")
+        line += f"\n  API key for tenant default (shown once): {secret}"
+    return line + "\n  keys: kllm keys create --tenant T | kllm keys list | kllm keys revoke ID"
 
 
 def cmd_ask(args: argparse.Namespace, settings: KafkaSettings) -> int:

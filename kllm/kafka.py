@@ -90,6 +90,27 @@ def produce_sync(producer: Producer, topic: str, key: str | None, value: bytes) 
         raise BrokerError(f"publishing to {topic} failed: {errors[0]}")
 
 
+def end_offsets(consumer: Consumer, topic: str) -> list[TopicPartition]:
+    """Every partition of ``topic`` at its current end, to assign a group-less reader."""
+    try:
+        meta = consumer.list_topics(topic, timeout=10.0)
+    except KafkaException as exc:
+        raise BrokerError(f"cannot read metadata of {topic}: {exc}") from exc
+    partitions = meta.topics[topic].partitions
+    if not partitions:
+        raise BrokerError(f"topic {topic} does not exist; run `kllm provision`")
+    # Start at each partition's current end. (Tansu reports an end that can
+    # lie inside the last batch: older records replay, none are skipped.)
+    starts = []
+    for p in partitions:
+        try:
+            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10.0)
+        except KafkaException as exc:
+            raise BrokerError(f"cannot read the end offset of {topic}[{p}]: {exc}") from exc
+        starts.append(TopicPartition(topic, p, high))
+    return starts
+
+
 class TailReader:
     """Reads a topic from its current end, without a consumer group.
 
@@ -107,25 +128,7 @@ class TailReader:
                 **{k: v for k, v in extra.items() if k == "fetch.wait.max.ms"},
             }
         )
-        try:
-            meta = self._consumer.list_topics(topic, timeout=10.0)
-        except KafkaException as exc:
-            raise BrokerError(f"cannot read metadata of {topic}: {exc}") from exc
-        partitions = meta.topics[topic].partitions
-        if not partitions:
-            raise BrokerError(f"topic {topic} does not exist; run `kllm provision`")
-        # Start at each partition's current end. (Tansu reports an end that can
-        # lie inside the last batch: older records replay, none are skipped.)
-        starts = []
-        for p in partitions:
-            try:
-                _low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=10.0
-                )
-            except KafkaException as exc:
-                raise BrokerError(f"cannot read the end offset of {topic}[{p}]: {exc}") from exc
-            starts.append(TopicPartition(topic, p, high))
-        self._consumer.assign(starts)
+        self._consumer.assign(end_offsets(self._consumer, topic))
 
     def records(self, timeout_s: float) -> Iterator[tuple[str | None, bytes]]:
         deadline = time.monotonic() + timeout_s

@@ -22,7 +22,9 @@ from kllm.settings import stage_group
 
 log = logging.getLogger(__name__)
 
-STAGES = ("ingestion", "retrieval", "inference", "moderation")
+STAGES = ("ingestion", "retrieval", "inference", "moderation", "gateway")
+GROUPLESS = frozenset({"gateway"})
+"""Stages with no consumer group (the gateway reads replies from every partition)."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -144,7 +146,12 @@ class Supervisor:
             if len(reported) == len(self.procs) and (
                 admin is None
                 or groups_stable(
-                    admin, {stage_group(s, self.env.get("KLLM_POOL", "")) for s in self.stages}
+                    admin,
+                    {
+                        stage_group(s, self.env.get("KLLM_POOL", ""))
+                        for s in self.stages
+                        if s not in GROUPLESS
+                    },
                 )
             ):
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -18,6 +19,12 @@ from topics import ALL, provision
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextmanager
 def running(stages: Sequence[str] = STAGES, env: Mapping[str, str] | None = None) -> Iterator[str]:
     """Yield the bootstrap address once ``stages`` consume; stop everything after."""
@@ -30,6 +37,9 @@ def running(stages: Sequence[str] = STAGES, env: Mapping[str, str] | None = None
             "KLLM_QDRANT_PATH": str(run_dir / "qdrant"),
             "KLLM_SEED_DIR": str(REPO / "docs"),
             "KLLM_LOG_LEVEL": os.environ.get("KLLM_LOG_LEVEL", "WARNING"),
+            "KLLM_GATEWAY_PORT": str(free_port()),
+            # Benchmarks measure the pipeline, not the response cache, unless they say so.
+            "KLLM_CACHE": "false",
         }
         sup = Supervisor(run_dir, base | dict(env or {}), stages=stages)
         sup.start_all()

@@ -19,8 +19,23 @@ class Emit:
 
 
 class Rejected(PipelineError):
-    """The input is well-formed but not acceptable; ``reason`` is sent to the DLQ."""
+    """The input is well-formed but not acceptable; ``reason`` is sent to the DLQ.
 
-    def __init__(self, reason: str) -> None:
+    ``code`` tells callers what kind of refusal it is (the gateway maps it to an
+    HTTP status); ``retry_after_s`` says when trying again can succeed; ``notify``
+    False sends no error response, for duplicates whose original gets the answer.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        code: str = "invalid_request",
+        retry_after_s: float | None = None,
+        notify: bool = True,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
+        self.retry_after_s = retry_after_s
+        self.notify = notify

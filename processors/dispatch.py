@@ -17,7 +17,8 @@ from typing import Generic, TypeVar
 
 from kllm.errors import PipelineError
 from kllm.logs import where
-from processors.base import Emit
+from processors.admission import KeyedState
+from processors.base import Emit, Rejected
 from schemas import DeadLetter, Message, Response, decode, peek_field, peek_request_id
 from topics import RESPONSES, TopicSpec
 
@@ -41,14 +42,22 @@ class RecordRef:
 
 @dataclass(frozen=True)
 class StageLogic(Generic[M]):
-    """A stage: its name, the schema it reads, and its processor."""
+    """A stage: its name, the schema it reads, and its processor. A stage that keeps
+    state per record key gives ``process_keyed``; the runtime then hands it the state."""
 
     name: str
     schema: type[M]
     process: Callable[[M], list[Emit]]
+    process_keyed: Callable[[M, KeyedState], list[Emit]] | None = None
 
 
-def error_response(request_id: str, tenant: str, reason: str) -> Response:
+def error_response(
+    request_id: str,
+    tenant: str,
+    reason: str,
+    code: str = "invalid_request",
+    retry_after_s: float | None = None,
+) -> Response:
     return Response(
         request_id=request_id,
         tenant=tenant,
@@ -58,6 +67,8 @@ def error_response(request_id: str, tenant: str, reason: str) -> Response:
         model="",
         finish_reason="error",
         error=reason,
+        error_code=code,
+        retry_after_s=retry_after_s,
     )
 
 
@@ -77,28 +88,39 @@ def dead_letter_record(stage: str, ref: RecordRef, value: bytes, reason: str) ->
     return Emit(ref.topic.dlq, request_id or ref.key or "", letter)
 
 
-def dead_letter(stage: str, ref: RecordRef, value: bytes, reason: str) -> list[Emit]:
+def dead_letter(
+    stage: str, ref: RecordRef, value: bytes, reason: str, exc: PipelineError | None = None
+) -> list[Emit]:
     """DLQ record, plus an error response when the caller can be identified."""
     out = [dead_letter_record(stage, ref, value, reason)]
     request_id = peek_request_id(value)
-    if request_id is not None:
+    rejected = exc if isinstance(exc, Rejected) else None
+    if request_id is not None and (rejected is None or rejected.notify):
         tenant = peek_field(value, "tenant") or "unknown"
-        out.append(Emit(RESPONSES, request_id, error_response(request_id, tenant, reason)))
+        code = rejected.code if rejected else "invalid_request"
+        retry = rejected.retry_after_s if rejected else None
+        response = error_response(request_id, tenant, reason, code, retry)
+        out.append(Emit(RESPONSES, request_id, response))
     return out
 
 
-def dispatch(stage: StageLogic[M], ref: RecordRef, value: bytes) -> list[Emit]:
+def dispatch(
+    stage: StageLogic[M], ref: RecordRef, value: bytes, state: KeyedState | None = None
+) -> list[Emit]:
     t0 = time.perf_counter()
     try:
         message = decode(value, stage.schema)
-        out = stage.process(message)
+        if stage.process_keyed is not None and state is not None:
+            out = stage.process_keyed(message, state)
+        else:
+            out = stage.process(message)
     except PipelineError as exc:
         reason = f"{type(exc).__name__}: {exc}"
         log.warning(
             "dead-lettered",
             extra={"request_id": peek_request_id(value), "record": str(ref), "reason": reason},
         )
-        return dead_letter(stage.name, ref, value, reason)
+        return dead_letter(stage.name, ref, value, reason, exc)
     log.info(
         "processed",
         extra={

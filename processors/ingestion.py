@@ -1,13 +1,24 @@
-"""Ingestion: the one place where requests are checked before they cost anything."""
+"""Ingestion: the one place where requests are checked before they cost anything.
+
+In order, cheapest first: shape and size limits, then admission (a request id
+is answered once; the tenant's quota), then the guardrails (prompt-injection
+screen on the prompt as written, PII redaction), then the prompt template
+variant. Only the redacted prompt leaves this stage.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
+from processors.admission import Admission, KeyedState
 from processors.base import Emit, Rejected
+from processors.guardrails import Guardrails
+from processors.templates import TemplateCatalog
 from schemas import Request
 from topics import RETRIEVAL
+
+TEMPLATE = "rag"
 
 
 @dataclass(frozen=True)
@@ -20,10 +31,51 @@ class IngestionPolicy:
 class Ingestion:
     """Validates a decoded request and forwards it, normalised, to retrieval."""
 
-    def __init__(self, policy: IngestionPolicy | None = None) -> None:
+    def __init__(
+        self,
+        policy: IngestionPolicy | None = None,
+        *,
+        admission: Admission | None = None,
+        guardrails: Guardrails | None = None,
+        templates: TemplateCatalog | None = None,
+    ) -> None:
         self.policy = policy or IngestionPolicy()
+        self.admission = admission
+        self.guardrails = guardrails
+        self.templates = templates
 
-    def process(self, request: Request, *, now: float | None = None) -> list[Emit]:
+    def process(
+        self, request: Request, state: KeyedState | None = None, *, now: float | None = None
+    ) -> list[Emit]:
+        now = time.time() if now is None else now
+        prompt = self._check_shape(request, now)
+        if self.admission is not None and state is not None:
+            self.admission.admit(request, state, now)
+        update: dict[str, object] = {
+            "prompt": prompt,
+            "max_tokens": request.max_tokens or self.policy.default_max_tokens,
+        }
+        if self.guardrails is not None:
+            screened = self.guardrails.screen(request.tenant, prompt)
+            if screened.verdict == "block":
+                raise Rejected(
+                    f"prompt blocked as a likely injection attempt "
+                    f"(score {screened.injection_score:.2f})",
+                    code="prompt_blocked",
+                )
+            update |= {
+                "prompt": screened.prompt,
+                "pii": list(screened.pii),
+                "injection_score": round(screened.injection_score, 4),
+                "flagged": screened.verdict == "flag",
+            }
+        if self.templates is not None:
+            update["template"] = self.templates.assign(TEMPLATE, request.request_id).tag
+        if self.admission is not None and state is not None:
+            self.admission.accepted(request, state, now)
+        return [Emit(RETRIEVAL, request.request_id, request.model_copy(update=update))]
+
+    def _check_shape(self, request: Request, now: float) -> str:
         p = self.policy
         prompt = request.prompt.strip()
         if not prompt:
@@ -32,10 +84,9 @@ class Ingestion:
             raise Rejected(f"prompt has {len(prompt)} characters, limit is {p.max_prompt_chars}")
         if request.max_tokens is not None and request.max_tokens > p.max_tokens_cap:
             raise Rejected(f"max_tokens {request.max_tokens} exceeds the cap of {p.max_tokens_cap}")
-        now = time.time() if now is None else now
         if request.deadline_at is not None and request.deadline_at <= now:
-            raise Rejected(f"deadline passed {now - request.deadline_at:.3f}s before ingestion")
-        normalised = request.model_copy(
-            update={"prompt": prompt, "max_tokens": request.max_tokens or p.default_max_tokens}
-        )
-        return [Emit(RETRIEVAL, request.request_id, normalised)]
+            raise Rejected(
+                f"deadline passed {now - request.deadline_at:.3f}s before ingestion",
+                code="deadline_exceeded",
+            )
+        return prompt

@@ -59,6 +59,8 @@ class Moderator:
             cost_usd=generation.cost_usd,
             pipeline_ms=max(0.0, (now - request.created_at) * 1000),
             error=generation.error,
+            error_code="engine_error" if generation.error else None,
+            template=request.template,
         )
         event = ModerationEvent(
             request_id=request.request_id,

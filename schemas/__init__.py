@@ -7,7 +7,9 @@ so a consumer answers bad input with a precise reason instead of crashing.
 
 from schemas.codec import SchemaError, decode, encode, peek_field, peek_request_id, registry
 from schemas.messages import (
+    ChatTurn,
     Chunk,
+    Citation,
     DeadLetter,
     Document,
     DocumentIndexed,
@@ -25,7 +27,9 @@ from schemas.messages import (
 )
 
 __all__ = [
+    "ChatTurn",
     "Chunk",
+    "Citation",
     "DeadLetter",
     "Document",
     "DocumentIndexed",

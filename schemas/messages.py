@@ -47,6 +47,12 @@ class Request(Message):
     created_at: float = Field(default_factory=_now)
     deadline_at: float | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    # Set by ingestion's guardrails: which template variant builds the prompt, what
+    # kinds of PII were redacted from it, and how likely it is an injection attempt.
+    template: str | None = None
+    pii: list[str] = Field(default_factory=list)
+    injection_score: float | None = None
+    flagged: bool = False
 
 
 class Chunk(_Model):
@@ -147,6 +153,11 @@ class Response(Message):
     cost_usd: float = 0.0
     pipeline_ms: float = 0.0
     error: str | None = None
+    error_code: str | None = None
+    """Machine-readable kind of error, e.g. quota_exceeded, prompt_blocked, invalid_request."""
+    retry_after_s: float | None = None
+    template: str | None = None
+    cached: bool = False
 
 
 class ModerationEvent(Message):

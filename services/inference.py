@@ -148,7 +148,7 @@ def make_handler(generator: Generator) -> Handler:
                 job, on_delta=lambda d: publish(Emit(TOKENS, d.request_id, d))
             )
         except PipelineError as exc:  # unreadable job, or a model nobody here serves
-            return dead_letter(STAGE, ref, value, f"{type(exc).__name__}: {exc}")
+            return dead_letter(STAGE, ref, value, f"{type(exc).__name__}: {exc}", exc)
         if outcome.failure is None:
             return outcome.emits
         return [*outcome.emits, dead_letter_record(STAGE, ref, value, outcome.failure)]

@@ -1,15 +1,17 @@
 """Retrieval stage: the live corpus in, questions with their context out.
 
-Two consumers in one process, because embedded Qdrant can be opened by one
-process only: the indexer (llm.documents -> Qdrant, receipts to
-llm.documents.indexed) and the query path (llm.retrieval -> llm.inference),
-both in micro-batches so the embedding model sees batches.
+Three consumers in one process, because embedded Qdrant can be opened by one
+process only: the indexer (documents -> Qdrant, receipts out), the query path
+(questions -> inference jobs, or cached answers straight to the responses),
+and the cache filler (answers coming back). All in micro-batches so the
+embedding model sees batches.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -24,15 +26,18 @@ from kllm.kafka import make_consumer, make_producer
 from kllm.settings import StageSettings, group_id
 from kllm.supervisor import mark_ready
 from processors.base import Emit, Rejected
+from processors.cache import ResponseCache
 from processors.dispatch import RecordRef, dead_letter
 from processors.indexing import Indexer
 from processors.retrieval import PUBLIC_TENANT, Embedder, Retriever, VectorStore
-from schemas import Document, Message, Request, decode
+from processors.templates import load_templates
+from schemas import Document, Message, Request, Response, decode
 from services.batch import BatchHandler, BatchRunner
-from topics import DOCUMENTS, RETRIEVAL
+from topics import DOCUMENTS, RESPONSES, RETRIEVAL
 
 STAGE = "retrieval"
 INDEXER = "indexer"
+CACHE = "cache"
 M = TypeVar("M", bound=Message)
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,13 @@ class Settings(StageSettings):
     """How long the query path waits for more questions to batch with the first."""
     chunk_tokens: int = 200
     chunk_overlap_tokens: int = 40
+    templates_dir: Path = Path("prompts")
+    """Versioned prompt templates; requests name the variant ingestion assigned them."""
+    cache: bool = True
+    cache_similarity: float = Field(default=0.95, gt=0.0, le=1.0)
+    """Cosine similarity at or above which an earlier answer is reused."""
+    cache_ttl_s: float = Field(default=3600.0, gt=0.0)
+    cache_max_per_tenant: int = Field(default=1000, ge=1)
 
 
 def seed_documents(seed_dir: Path) -> list[Document]:
@@ -79,8 +91,21 @@ def build(
     if settings.seed_dir.is_dir():
         receipts = indexer.process_batch(seed_documents(settings.seed_dir))
         log.info("seed corpus indexed", extra={"documents": len(receipts)})
+    cache = (
+        ResponseCache(
+            settings.cache_similarity, settings.cache_ttl_s, settings.cache_max_per_tenant
+        )
+        if settings.cache
+        else None
+    )
     retriever = Retriever(
-        embedder, store, settings.top_k, settings.min_score, model_pools=settings.model_pools
+        embedder,
+        store,
+        settings.top_k,
+        settings.min_score,
+        model_pools=settings.model_pools,
+        cache=cache,
+        templates=load_templates(settings.templates_dir),
     )
     return retriever, indexer
 
@@ -98,7 +123,7 @@ def _decode_all(
                 raise Rejected("upsert of a document with no text (to remove it, send op=delete)")
             good.append(msg)
         except PipelineError as exc:
-            rejected.extend(dead_letter(stage, ref, value, f"{type(exc).__name__}: {exc}"))
+            rejected.extend(dead_letter(stage, ref, value, f"{type(exc).__name__}: {exc}", exc))
     return good, rejected
 
 
@@ -106,6 +131,20 @@ def query_handler(retriever: Retriever) -> BatchHandler:
     def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
         requests, rejected = _decode_all(STAGE, records, Request)
         return rejected + retriever.process_batch(requests)
+
+    return handle
+
+
+def cache_fill_handler(cache: ResponseCache) -> BatchHandler:
+    """Answers coming back fill the cache for the questions this process embedded."""
+
+    def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
+        responses, _unreadable = _decode_all(CACHE, records, Response)
+        now = time.time()
+        stored = sum(cache.learn_one(r, now) for r in responses)
+        if stored:
+            log.info("cache filled", extra={"stored": stored, "entries": len(cache)})
+        return []  # a response this stage cannot read is the moderation stage's to report
 
     return handle
 
@@ -143,6 +182,17 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
         document_handler(indexer),
         settings.max_batch,
     )
+    fills = (
+        BatchRunner(
+            make_consumer(bootstrap, group_id(CACHE), settings.consumer_config()),
+            producer,
+            RESPONSES,
+            cache_fill_handler(retriever.cache),
+            settings.max_batch,
+        )
+        if retriever.cache is not None
+        else None
+    )
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -151,8 +201,12 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
     try:
         while not stop.requested:
             documents.step(wait_s=0)  # changes first: a fresh document is searchable next
+            if fills is not None:
+                fills.step(wait_s=0)
             queries.step()
     finally:
+        if fills is not None:
+            fills.close()
         queries.close()
         documents.close()
         producer.flush(10)

@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any, TypeVar
 
-from quixstreams import Application, message_context
+from quixstreams import Application, State, message_context
 from quixstreams.models.serializers import Serializer
 
 from kllm.settings import StageSettings, group_id
@@ -60,7 +60,16 @@ def serve(settings: StageSettings, source: TopicSpec, logic: StageLogic[M]) -> N
         ctx = message_context()
         return dispatch(logic, RecordRef(source, ctx.partition, ctx.offset, key), value)
 
-    sdf = sdf.apply(handle, expand=True, metadata=True)
+    def handle_keyed(
+        value: bytes, key: str | None, _ts: int, _headers: Any, state: State[Any, Any]
+    ) -> list[Emit]:
+        ctx = message_context()
+        return dispatch(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, state)
+
+    if logic.process_keyed is not None:
+        sdf = sdf.apply(handle_keyed, expand=True, metadata=True, stateful=True)
+    else:
+        sdf = sdf.apply(handle, expand=True, metadata=True)
     sdf.to_topic(lambda value, _key, _ts, _headers: sink[value.topic.name], key=lambda e: e.key)
     mark_ready(settings.ready_file)
     log.info(

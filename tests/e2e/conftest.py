@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -46,6 +47,10 @@ def pipeline(
 ) -> Iterator[Supervisor]:
     run_dir = tmp_path_factory.mktemp("run")
     env = {
+        "KLLM_GATEWAY_PORT": str(free_port()),
+        # For the gateway tests: a tenant with a small quota, few callers per replica.
+        "KLLM_QUOTAS": '{"quota-tenant": {"rpm": 3}}',
+        "KLLM_GATEWAY_MAX_WAITING": "4",
         "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
         "KLLM_RUN_DIR": str(run_dir),
         "KLLM_QDRANT_PATH": str(run_dir / "qdrant"),
@@ -61,6 +66,12 @@ def pipeline(
         yield sup
     finally:
         sup.stop_all()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class Client:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import FAST_GROUPS, REPO
+from tests.e2e.conftest import FAST_GROUPS, REPO, free_port
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -24,6 +24,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
             "KLLM_QDRANT_PATH": str(tmp_path / "run" / "qdrant"),
             "KLLM_SEED_DIR": str(REPO / "docs"),
             "KLLM_DEFAULT_MAX_TOKENS": "16",
+            "KLLM_GATEWAY_PORT": str(free_port()),
         }
     )
     env.pop("KLLM_BOOTSTRAP_SERVERS", None)

@@ -1,0 +1,157 @@
+"""Response cache per tenant: exact (same prompt) and semantic (a close embedding).
+
+It lives in the retrieval stage because that stage already embeds every
+question. A miss is remembered (``expect``) with its embedding; when the
+moderated response comes back on the responses topic, ``learn_one`` stores it.
+Only clean answers are kept: allowed or redacted, finished, no error. Entries
+are scoped by tenant, model and prompt template, so a cached answer never
+crosses tenants or A/B variants. The state is plain data: it pickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas import Citation, Request, Response
+
+Scope = tuple[str, str, str]  # tenant, model, template
+Kind = Literal["exact", "semantic"]
+CACHEABLE_FINISH = frozenset({"stop", "length"})
+
+
+def scope_of(request: Request) -> Scope:
+    return (request.tenant, request.model or "", request.template or "")
+
+
+def prompt_digest(prompt: str) -> str:
+    """Exact-match key: case and runs of whitespace do not make a new question."""
+    return hashlib.sha256(" ".join(prompt.lower().split()).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    text: str
+    model: str
+    verdict: Literal["allowed", "redacted"]
+    finish_reason: str
+    citations: tuple[Citation, ...]
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Hit:
+    answer: CachedAnswer
+    kind: Kind
+    similarity: float
+
+
+@dataclass
+class _Pending:
+    scope: Scope
+    digest: str
+    vector: npt.NDArray[np.float32]
+    at: float
+
+
+@dataclass
+class _Shelf:
+    """One scope's entries: digest -> answer, and the embeddings in insertion order."""
+
+    exact: OrderedDict[str, CachedAnswer] = field(default_factory=OrderedDict)
+    vectors: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+
+
+class ResponseCache:
+    def __init__(
+        self,
+        similarity: float = 0.95,
+        ttl_s: float = 3600.0,
+        max_per_scope: int = 1000,
+        max_pending: int = 10_000,
+    ) -> None:
+        self.similarity = similarity
+        self.ttl_s = ttl_s
+        self.max_per_scope = max_per_scope
+        self.max_pending = max_pending
+        self._shelves: dict[Scope, _Shelf] = {}
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+
+    def lookup_exact(self, request: Request, now: float) -> Hit | None:
+        shelf = self._shelves.get(scope_of(request))
+        answer = shelf.exact.get(prompt_digest(request.prompt)) if shelf else None
+        if answer is None or answer.expires_at <= now:
+            return None
+        return Hit(answer, "exact", 1.0)
+
+    def lookup_similar(self, request: Request, vector: npt.ArrayLike, now: float) -> Hit | None:
+        shelf = self._shelves.get(scope_of(request))
+        if not shelf or not shelf.vectors:
+            return None
+        digests = [d for d, a in shelf.exact.items() if a.expires_at > now]
+        if not digests:
+            return None
+        matrix = np.stack([shelf.vectors[d] for d in digests])
+        scores = matrix @ _unit(vector)
+        best = int(np.argmax(scores))
+        if float(scores[best]) < self.similarity:
+            return None
+        return Hit(shelf.exact[digests[best]], "semantic", float(scores[best]))
+
+    def expect(self, request: Request, vector: npt.ArrayLike, now: float) -> None:
+        """Remember a miss, so its answer can be stored when it comes back."""
+        self._pending[request.request_id] = _Pending(
+            scope_of(request), prompt_digest(request.prompt), _unit(vector), now
+        )
+        while len(self._pending) > self.max_pending:
+            self._pending.popitem(last=False)
+
+    def learn_one(self, response: Response, now: float) -> bool:
+        """Store the answer to an expected request; True when it was stored."""
+        pending = self._pending.pop(response.request_id, None)
+        if pending is None or not _cacheable(response):
+            return False
+        shelf = self._shelves.setdefault(pending.scope, _Shelf())
+        shelf.exact[pending.digest] = CachedAnswer(
+            text=response.text,
+            model=response.model,
+            verdict="redacted" if response.verdict == "redacted" else "allowed",
+            finish_reason=response.finish_reason,
+            citations=tuple(response.citations),
+            expires_at=now + self.ttl_s,
+        )
+        shelf.exact.move_to_end(pending.digest)
+        shelf.vectors[pending.digest] = pending.vector
+        self._evict(shelf, now)
+        return True
+
+    def _evict(self, shelf: _Shelf, now: float) -> None:
+        for digest in [d for d, a in shelf.exact.items() if a.expires_at <= now]:
+            del shelf.exact[digest], shelf.vectors[digest]
+        while len(shelf.exact) > self.max_per_scope:
+            digest, _ = shelf.exact.popitem(last=False)
+            del shelf.vectors[digest]
+
+    def __len__(self) -> int:
+        return sum(len(s.exact) for s in self._shelves.values())
+
+
+def _cacheable(response: Response) -> bool:
+    return (
+        response.error is None
+        and not response.cached
+        and response.verdict in ("allowed", "redacted")
+        and response.finish_reason in CACHEABLE_FINISH
+        and bool(response.text.strip())
+    )
+
+
+def _unit(vector: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    v = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 0 else v

@@ -1,0 +1,237 @@
+"""The OpenAI chat completions wire format, mapped onto the pipeline's messages.
+
+Pure: a parsed body becomes a ``Request``; a ``Response`` becomes a completion,
+its stream chunks, or an error body with the HTTP status the error's code means.
+The system prompt is the pipeline's own (a versioned template), so a client's
+system messages are not forwarded; the last user message is the question.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+
+from processors.base import Rejected
+from schemas import Request, Response
+
+STATUS_BY_CODE = {
+    "invalid_request": 400,
+    "prompt_blocked": 400,
+    "unauthorized": 401,
+    "model_not_found": 404,
+    "duplicate_request": 409,
+    "quota_exceeded": 429,
+    "overloaded": 429,
+    "engine_error": 502,
+    "unavailable": 503,
+    "deadline_exceeded": 504,
+    "timeout": 504,
+}
+ERROR_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    429: "rate_limit_error",
+}
+MAX_TOKENS = 4096  # the request schema's own bound; ingestion applies its (lower) cap
+# OpenAI's finish reasons; the pipeline's own (timeout, error) are reported in the extension.
+FINISH_REASONS = {"stop", "length", "content_filter"}
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields this gateway honours; others (temperature, top_p, ...) are accepted and
+    ignored, as the engines run with the pool's settings."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=128)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    user: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, str] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _has_user_turn(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role == "user" and m.text().strip() for m in messages):
+            raise ValueError("messages must contain a user message with text")
+        return messages
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    """The body, validated; Rejected with a readable reason otherwise."""
+    if not isinstance(body, dict):
+        raise Rejected("the body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise Rejected(f"{where}: {first['msg']}") from exc
+
+
+def to_request(
+    chat: ChatCompletionRequest,
+    *,
+    request_id: str,
+    tenant: str,
+    model: str | None,
+    timeout_s: float,
+    now: float | None = None,
+) -> Request:
+    now = time.time() if now is None else now
+    question = next(
+        m.text() for m in reversed(chat.messages) if m.role == "user" and m.text().strip()
+    )
+    try:
+        return _request(chat, question, request_id, tenant, model, timeout_s, now)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise Rejected(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
+
+
+def _request(
+    chat: ChatCompletionRequest,
+    question: str,
+    request_id: str,
+    tenant: str,
+    model: str | None,
+    timeout_s: float,
+    now: float,
+) -> Request:
+    return Request(
+        request_id=request_id,
+        tenant=tenant,
+        prompt=question,
+        model=model,
+        max_tokens=chat.max_completion_tokens or chat.max_tokens,
+        stream=chat.stream,
+        created_at=now,
+        deadline_at=now + timeout_s,
+        metadata=dict(chat.metadata or {}),
+    )
+
+
+def status_for(response: Response) -> int:
+    if response.error is None:
+        return 200
+    return STATUS_BY_CODE.get(response.error_code or "", 500)
+
+
+def error_body(message: str, code: str, status: int) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPE_BY_STATUS.get(status, "server_error"),
+            "code": code,
+            "param": None,
+        }
+    }
+
+
+def _finish(response: Response) -> str:
+    return response.finish_reason if response.finish_reason in FINISH_REASONS else "stop"
+
+
+def _usage(response: Response) -> dict[str, int]:
+    u = response.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    }
+
+
+def extension(response: Response) -> dict[str, Any]:
+    """What the pipeline knows beyond OpenAI's fields, under the ``kllm`` key."""
+    return {
+        "request_id": response.request_id,
+        "verdict": response.verdict,
+        "finish_reason": response.finish_reason,
+        "citations": [c.model_dump() for c in response.citations],
+        "template": response.template,
+        "cached": response.cached,
+        "cost_usd": response.cost_usd,
+        "pipeline_ms": response.pipeline_ms,
+    }
+
+
+def completion(response: Response, created: int) -> dict[str, Any]:
+    return {
+        "id": response.request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": response.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": response.text},
+                "finish_reason": _finish(response),
+            }
+        ],
+        "usage": _usage(response),
+        "kllm": extension(response),
+    }
+
+
+def chunk(
+    request_id: str,
+    model: str,
+    created: int,
+    delta: dict[str, str],
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+def closing_chunks(
+    response: Response, created: int, include_usage: bool
+) -> Sequence[dict[str, Any]]:
+    """The last chunk (finish reason and the pipeline's extension), then usage if asked."""
+    last = chunk(response.request_id, response.model, created, {}, _finish(response))
+    last["kllm"] = extension(response)
+    if not include_usage:
+        return [last]
+    usage = {
+        "id": response.request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": response.model,
+        "choices": [],
+        "usage": _usage(response),
+    }
+    return [last, usage]

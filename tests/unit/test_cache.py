@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any
+
+import pytest
+
+from processors.cache import ResponseCache
+from schemas import Citation, Request, Response, Usage
+
+NOW = 1000.0
+E1 = [1.0, 0.0, 0.0, 0.0]
+E2 = [0.0, 1.0, 0.0, 0.0]
+
+
+def at_angle(cos: float) -> list[float]:
+    """A unit vector whose cosine with E1 is ``cos``."""
+    return [cos, math.sqrt(1.0 - cos * cos), 0.0, 0.0]
+
+
+def req(**kw: Any) -> Request:
+    base: dict[str, Any] = {
+        "request_id": "r1",
+        "tenant": "acme",
+        "prompt": "What is Kafka?",
+        "model": "m1",
+        "template": "rag@v2/a",
+    }
+    base.update(kw)
+    return Request(**base)
+
+
+def resp(**kw: Any) -> Response:
+    base: dict[str, Any] = {
+        "request_id": "r1",
+        "tenant": "acme",
+        "text": "Kafka is a distributed log [1].",
+        "verdict": "allowed",
+        "model": "m1",
+        "finish_reason": "stop",
+        "usage": Usage(prompt_tokens=10, completion_tokens=5),
+        "citations": [Citation(chunk_id="c1", doc_id="d1", score=0.9)],
+    }
+    base.update(kw)
+    return Response(**base)
+
+
+def learned(
+    cache: ResponseCache, request: Request, vector: list[float] = E1, now: float = NOW, **kw: Any
+) -> bool:
+    cache.expect(request, vector, now)
+    return cache.learn_one(resp(request_id=request.request_id, **kw), now)
+
+
+# --- exact ----------------------------------------------------------------------------------
+
+
+def test_miss_then_learn_then_exact_hit() -> None:
+    cache = ResponseCache()
+    r = req()
+    assert cache.lookup_exact(r, NOW) is None
+    assert cache.lookup_similar(r, E1, NOW) is None
+    cache.expect(r, E1, NOW)
+    assert cache.lookup_exact(r, NOW) is None  # expected, not yet answered
+    assert cache.learn_one(resp(), NOW + 1) is True
+    assert len(cache) == 1
+    hit = cache.lookup_exact(req(request_id="r2"), NOW + 2)
+    assert hit is not None
+    assert hit.kind == "exact"
+    assert hit.similarity == 1.0
+    assert hit.answer.text == "Kafka is a distributed log [1]."
+    assert hit.answer.model == "m1"
+    assert hit.answer.verdict == "allowed"
+    assert hit.answer.finish_reason == "stop"
+    assert hit.answer.citations == (Citation(chunk_id="c1", doc_id="d1", score=0.9),)
+
+
+def test_exact_hit_ignores_case_and_whitespace() -> None:
+    cache = ResponseCache()
+    assert learned(cache, req(prompt="What is Kafka?"))
+    hit = cache.lookup_exact(req(request_id="r2", prompt="  what   IS\nkafka? "), NOW)
+    assert hit is not None and hit.kind == "exact"
+    assert cache.lookup_exact(req(request_id="r3", prompt="What is Kafka!"), NOW) is None
+
+
+def test_redacted_answer_is_kept_with_its_verdict() -> None:
+    cache = ResponseCache()
+    assert learned(cache, req(), verdict="redacted")
+    hit = cache.lookup_exact(req(), NOW)
+    assert hit is not None and hit.answer.verdict == "redacted"
+
+
+def test_length_finish_is_cacheable() -> None:
+    cache = ResponseCache()
+    assert learned(cache, req(), finish_reason="length")
+
+
+# --- semantic -------------------------------------------------------------------------------
+
+
+def test_semantic_hit_above_threshold() -> None:
+    cache = ResponseCache(similarity=0.9)
+    assert learned(cache, req(), E1)
+    other = req(request_id="r2", prompt="Tell me what Kafka is")
+    assert cache.lookup_exact(other, NOW) is None
+    hit = cache.lookup_similar(other, at_angle(0.95), NOW)
+    assert hit is not None
+    assert hit.kind == "semantic"
+    assert hit.similarity == pytest.approx(0.95, abs=1e-5)
+    assert hit.answer.text == "Kafka is a distributed log [1]."
+
+
+def test_semantic_miss_below_threshold() -> None:
+    cache = ResponseCache(similarity=0.9)
+    assert learned(cache, req(), E1)
+    assert cache.lookup_similar(req(request_id="r2", prompt="x"), at_angle(0.85), NOW) is None
+    assert cache.lookup_similar(req(request_id="r2", prompt="x"), E2, NOW) is None
+
+
+def test_semantic_vectors_are_normalised() -> None:
+    cache = ResponseCache(similarity=0.9)
+    assert learned(cache, req(), [5.0, 0.0, 0.0, 0.0])
+    hit = cache.lookup_similar(
+        req(request_id="r2", prompt="x"), [c * 7 for c in at_angle(0.95)], NOW
+    )
+    assert hit is not None
+    assert hit.similarity == pytest.approx(0.95, abs=1e-5)
+
+
+def test_semantic_picks_the_closest_entry() -> None:
+    cache = ResponseCache(similarity=0.5)
+    assert learned(cache, req(request_id="a", prompt="first"), E1, text="about E1")
+    assert learned(cache, req(request_id="b", prompt="second"), E2, text="about E2")
+    hit = cache.lookup_similar(req(request_id="q", prompt="q"), [0.2, 0.98, 0.0, 0.0], NOW)
+    assert hit is not None and hit.answer.text == "about E2"
+
+
+# --- scoping --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change", [{"tenant": "other"}, {"model": "m2"}, {"model": None}, {"template": "rag@v2/b"}]
+)
+def test_entries_are_scoped(change: dict[str, Any]) -> None:
+    cache = ResponseCache(similarity=0.5)
+    assert learned(cache, req(), E1)
+    other = req(request_id="r2", **change)
+    assert cache.lookup_exact(other, NOW) is None
+    assert cache.lookup_similar(other, E1, NOW) is None
+    assert cache.lookup_exact(req(request_id="r3"), NOW) is not None  # same scope still hits
+
+
+# --- expiry ---------------------------------------------------------------------------------
+
+
+def test_ttl_expiry() -> None:
+    cache = ResponseCache(ttl_s=60.0)
+    assert learned(cache, req(), E1, now=NOW)
+    assert cache.lookup_exact(req(), NOW + 59.9) is not None
+    assert cache.lookup_similar(req(), E1, NOW + 59.9) is not None
+    assert cache.lookup_exact(req(), NOW + 60.0) is None
+    assert cache.lookup_similar(req(), E1, NOW + 60.0) is None
+
+
+def test_expired_entries_are_dropped_on_learn() -> None:
+    cache = ResponseCache(ttl_s=60.0)
+    assert learned(cache, req(request_id="a", prompt="one"), now=NOW)
+    assert learned(cache, req(request_id="b", prompt="two"), now=NOW + 100)
+    assert len(cache) == 1
+
+
+# --- what is stored -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"error": "engine failed", "error_code": "engine_error"},
+        {"verdict": "blocked"},
+        {"finish_reason": "timeout"},
+        {"finish_reason": "error"},
+        {"cached": True},
+        {"text": ""},
+        {"text": "   \n"},
+    ],
+)
+def test_only_clean_answers_are_stored(bad: dict[str, Any]) -> None:
+    cache = ResponseCache()
+    assert learned(cache, req(), E1, **bad) is False
+    assert len(cache) == 0
+    assert cache.lookup_exact(req(), NOW) is None
+    assert cache.lookup_similar(req(), E1, NOW) is None
+
+
+def test_learn_of_unexpected_request_stores_nothing() -> None:
+    cache = ResponseCache()
+    cache.expect(req(request_id="expected"), E1, NOW)
+    assert cache.learn_one(resp(request_id="surprise"), NOW) is False
+    assert len(cache) == 0
+    assert cache.lookup_exact(req(), NOW) is None
+
+
+def test_learn_one_consumes_the_pending_entry() -> None:
+    cache = ResponseCache()
+    cache.expect(req(), E1, NOW)
+    assert cache.learn_one(resp(text="first"), NOW) is True
+    assert cache.learn_one(resp(text="second"), NOW) is False
+    hit = cache.lookup_exact(req(), NOW)
+    assert hit is not None and hit.answer.text == "first"
+
+
+# --- bounds ---------------------------------------------------------------------------------
+
+
+def test_max_per_scope_evicts_oldest() -> None:
+    cache = ResponseCache(max_per_scope=2, similarity=0.99)
+    vectors = [E1, E2, [0.0, 0.0, 1.0, 0.0]]
+    for i, v in enumerate(vectors):
+        assert learned(cache, req(request_id=f"r{i}", prompt=f"question {i}"), v, text=f"a{i}")
+    assert len(cache) == 2
+    assert cache.lookup_exact(req(request_id="q", prompt="question 0"), NOW) is None
+    assert cache.lookup_similar(req(request_id="q", prompt="q"), E1, NOW) is None
+    for i in (1, 2):
+        hit = cache.lookup_exact(req(request_id="q", prompt=f"question {i}"), NOW)
+        assert hit is not None and hit.answer.text == f"a{i}"
+    # another scope has its own budget
+    assert learned(cache, req(request_id="t", tenant="other", prompt="question 0"))
+    assert len(cache) == 3
+
+
+def test_max_pending_bounds_the_pending_map() -> None:
+    cache = ResponseCache(max_pending=2)
+    for i in range(3):
+        cache.expect(req(request_id=f"r{i}", prompt=f"question {i}"), E1, NOW + i)
+    assert cache.learn_one(resp(request_id="r0"), NOW) is False  # oldest was dropped
+    assert cache.learn_one(resp(request_id="r1"), NOW) is True
+    assert cache.learn_one(resp(request_id="r2"), NOW) is True
+
+
+# --- persistence ----------------------------------------------------------------------------
+
+
+def test_pickle_round_trip_keeps_entries_and_pending() -> None:
+    cache = ResponseCache(similarity=0.9, ttl_s=60.0)
+    assert learned(cache, req(), E1)
+    cache.expect(req(request_id="waiting", prompt="another"), E2, NOW)
+    copy = pickle.loads(pickle.dumps(cache))
+    assert len(copy) == 1
+    hit = copy.lookup_exact(req(request_id="r9"), NOW + 1)
+    assert hit is not None and hit.answer.text == "Kafka is a distributed log [1]."
+    similar = copy.lookup_similar(req(request_id="r9", prompt="x"), at_angle(0.95), NOW + 1)
+    assert similar is not None and similar.kind == "semantic"
+    assert copy.learn_one(resp(request_id="waiting", text="later"), NOW + 2) is True
+    assert copy.lookup_exact(req(prompt="ANOTHER"), NOW + 2) is not None
+    assert copy.lookup_exact(req(), NOW + 61) is None  # its ttl survived too

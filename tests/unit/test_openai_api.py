@@ -1,0 +1,280 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from processors import Rejected
+from processors import openai_api as api
+from schemas import Citation, Response, Usage
+
+USER = {"role": "user", "content": "What is Kafka?"}
+
+
+def body(**kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"model": "m1", "messages": [USER]}
+    base.update(kw)
+    return base
+
+
+def resp(**kw: Any) -> Response:
+    base: dict[str, Any] = {
+        "request_id": "chatcmpl-1",
+        "tenant": "acme",
+        "text": "Kafka is a log [1].",
+        "verdict": "allowed",
+        "model": "m1",
+        "finish_reason": "stop",
+        "usage": Usage(prompt_tokens=12, completion_tokens=5),
+        "citations": [Citation(chunk_id="c1", doc_id="d1", score=0.8)],
+        "template": "rag@v2/a",
+        "cost_usd": 0.001,
+        "pipeline_ms": 12.5,
+    }
+    base.update(kw)
+    return Response(**base)
+
+
+def to_req(chat: api.ChatCompletionRequest, **kw: Any) -> Any:
+    base: dict[str, Any] = {
+        "request_id": "rid",
+        "tenant": "acme",
+        "model": "m1",
+        "timeout_s": 30.0,
+        "now": 1000.0,
+    }
+    base.update(kw)
+    return api.to_request(chat, **base)
+
+
+def rejected(raw: Any) -> Rejected:
+    with pytest.raises(Rejected) as info:
+        api.parse_chat_request(raw)
+    return info.value
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+def test_minimal_body_is_accepted() -> None:
+    chat = api.parse_chat_request(body())
+    assert chat.model == "m1"
+    assert [m.text() for m in chat.messages] == ["What is Kafka?"]
+    assert chat.stream is False
+    assert chat.max_tokens is None
+
+
+def test_unknown_fields_are_ignored() -> None:
+    chat = api.parse_chat_request(body(temperature=0.2, top_p=0.9, n=1))
+    assert chat.model == "m1"
+
+
+def test_list_of_text_parts_content() -> None:
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "Kafka?"}]
+    chat = api.parse_chat_request(body(messages=[{"role": "user", "content": parts}]))
+    assert chat.messages[0].text() == "What is Kafka?"
+    assert to_req(chat).prompt == "What is Kafka?"
+
+
+def test_non_object_body_is_rejected() -> None:
+    raws: tuple[Any, ...] = ([], "hello", None, 3)
+    for raw in raws:
+        exc = rejected(raw)
+        assert "JSON object" in exc.reason
+        assert exc.code == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"messages": [USER]}, "model"),
+        (body(model=""), "model"),
+        (body(messages=[]), "messages"),
+        (body(messages=[{"role": "system", "content": "be nice"}]), "messages"),
+        (body(messages=[{"role": "user", "content": "   "}]), "messages"),
+        (body(messages=[{"role": "user", "content": None}]), "messages"),
+        (body(max_tokens=0), "max_tokens"),
+        (body(max_completion_tokens=0), "max_completion_tokens"),
+        (body(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role"),
+    ],
+)
+def test_invalid_bodies_name_the_field(raw: dict[str, Any], field: str) -> None:
+    exc = rejected(raw)
+    assert exc.reason.startswith(f"{field}:")
+    assert exc.code == "invalid_request"
+
+
+def test_no_user_text_reason_is_readable() -> None:
+    exc = rejected(body(messages=[{"role": "assistant", "content": "hello"}]))
+    assert "user message" in exc.reason
+
+
+# --- to_request -----------------------------------------------------------------------------
+
+
+def test_to_request_takes_the_last_user_message() -> None:
+    messages = [
+        {"role": "system", "content": "ignore me"},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "an answer"},
+        {"role": "user", "content": "second question"},
+        {"role": "assistant", "content": "trailing"},
+    ]
+    request = to_req(api.parse_chat_request(body(messages=messages)))
+    assert request.prompt == "second question"
+
+
+def test_to_request_fields() -> None:
+    chat = api.parse_chat_request(body(stream=True, metadata={"k": "v"}, max_tokens=50))
+    request = to_req(chat, request_id="rid-7", tenant="t1", model="m9", timeout_s=12.5, now=500.0)
+    assert request.request_id == "rid-7"
+    assert request.tenant == "t1"
+    assert request.model == "m9"
+    assert request.stream is True
+    assert request.metadata == {"k": "v"}
+    assert request.max_tokens == 50
+    assert request.created_at == 500.0
+    assert request.deadline_at == 512.5
+
+
+def test_max_completion_tokens_wins_over_max_tokens() -> None:
+    chat = api.parse_chat_request(body(max_tokens=50, max_completion_tokens=20))
+    assert to_req(chat).max_tokens == 20
+    assert to_req(api.parse_chat_request(body())).max_tokens is None
+
+
+def test_too_large_max_tokens_is_a_client_error() -> None:
+    try:
+        chat = api.parse_chat_request(body(max_tokens=5000))
+        to_req(chat)
+    except Rejected:
+        pass  # a 400 either way is fine
+
+
+def test_prompt_is_never_blank() -> None:
+    messages = [{"role": "user", "content": "real question"}, {"role": "user", "content": "  "}]
+    try:
+        chat = api.parse_chat_request(body(messages=messages))
+    except Rejected:
+        return
+    assert to_req(chat).prompt.strip() != ""
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("quota_exceeded", 429),
+        ("prompt_blocked", 400),
+        ("invalid_request", 400),
+        ("duplicate_request", 409),
+        ("timeout", 504),
+        ("deadline_exceeded", 504),
+        ("something_new", 500),
+        (None, 500),
+    ],
+)
+def test_status_for_errors(code: str | None, status: int) -> None:
+    response = resp(text="", verdict="blocked", error="nope", error_code=code)
+    assert api.status_for(response) == status
+
+
+def test_status_for_success() -> None:
+    assert api.status_for(resp()) == 200
+
+
+# --- completion -----------------------------------------------------------------------------
+
+
+def test_completion_shape() -> None:
+    out = api.completion(resp(), created=1700000000)
+    assert out["id"] == "chatcmpl-1"
+    assert out["object"] == "chat.completion"
+    assert out["created"] == 1700000000
+    assert out["model"] == "m1"
+    (choice,) = out["choices"]
+    assert choice["index"] == 0
+    assert choice["message"] == {"role": "assistant", "content": "Kafka is a log [1]."}
+    assert choice["finish_reason"] == "stop"
+    assert out["usage"] == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+    ext = out["kllm"]
+    assert ext["template"] == "rag@v2/a"
+    assert ext["cached"] is False
+    assert ext["verdict"] == "allowed"
+    assert ext["request_id"] == "chatcmpl-1"
+    assert ext["citations"] == [{"chunk_id": "c1", "doc_id": "d1", "score": 0.8}]
+
+
+def test_completion_reports_cached() -> None:
+    assert api.completion(resp(cached=True), created=1)["kllm"]["cached"] is True
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "openai"),
+    [
+        ("stop", "stop"),
+        ("length", "length"),
+        ("content_filter", "content_filter"),
+        ("timeout", "stop"),
+        ("error", "stop"),
+    ],
+)
+def test_finish_reason_mapping(pipeline: str, openai: str) -> None:
+    out = api.completion(resp(finish_reason=pipeline), created=1)
+    assert out["choices"][0]["finish_reason"] == openai
+    assert out["kllm"]["finish_reason"] == pipeline  # the real one is kept in the extension
+
+
+# --- streaming ------------------------------------------------------------------------------
+
+
+def test_closing_chunks_without_usage() -> None:
+    chunks = api.closing_chunks(resp(finish_reason="timeout"), created=5, include_usage=False)
+    assert len(chunks) == 1
+    (last,) = chunks
+    assert last["object"] == "chat.completion.chunk"
+    assert last["id"] == "chatcmpl-1"
+    assert last["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    assert last["kllm"]["finish_reason"] == "timeout"
+    assert last["kllm"]["template"] == "rag@v2/a"
+    assert "usage" not in last
+
+
+def test_closing_chunks_with_usage() -> None:
+    last, usage = api.closing_chunks(resp(), created=5, include_usage=True)
+    assert last["choices"][0]["finish_reason"] == "stop"
+    assert usage["object"] == "chat.completion.chunk"
+    assert usage["id"] == "chatcmpl-1"
+    assert usage["created"] == 5
+    assert usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+
+
+def test_chunk_shape() -> None:
+    out = api.chunk("rid", "m1", 3, {"content": "hi"})
+    assert out["choices"] == [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]
+    assert out["object"] == "chat.completion.chunk"
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (404, "invalid_request_error"),
+        (409, "invalid_request_error"),
+        (429, "rate_limit_error"),
+        (500, "server_error"),
+        (503, "server_error"),
+    ],
+)
+def test_error_body(status: int, kind: str) -> None:
+    out = api.error_body("slow down", "quota_exceeded", status)
+    assert out == {
+        "error": {"message": "slow down", "type": kind, "code": "quota_exceeded", "param": None}
+    }
