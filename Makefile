@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up test test-unit test-e2e check clean bench bench-inference bench-retrieval
+.PHONY: install run up test test-unit test-e2e check clean bench bench-inference bench-retrieval bench-gateway
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,3 +49,6 @@ bench-inference: install  ## inference worker tokens/s through Kafka vs the engi
 
 bench-retrieval: install  ## retrieval stage vs raw embedding throughput; search latency at 100k chunks
 	$(BIN)/python loadtest/retrieval_throughput.py
+
+bench-gateway: install  ## gateway overhead p50/p99 at 50 and 200 requests/s, answers from the cache
+	$(BIN)/python loadtest/gateway_overhead.py

@@ -236,7 +236,8 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             print(_gateway_banner(), flush=True)
             if args.demo:
                 questions = args.question or list(SAMPLE_QUESTIONS)
-                return _ask_and_print(bootstrap, settings, questions, "default", None, 120.0, False)
+                code = _ask_and_print(bootstrap, settings, questions, "default", None, 120.0, False)
+                return code or _gateway_demo(questions[0])
             print('Ctrl-C stops everything. In another shell: kllm ask "your question"', flush=True)
             _wait_for_stop_signal(lambda: True, tick=sup.restart_crashed)
             return 0
@@ -264,6 +265,40 @@ def _gateway_banner() -> str:
         _record, secret = store.create("default", "created by kllm up")
         line += f"\n  API key for tenant default (shown once): {secret}"
     return line + "\n  keys: kllm keys create --tenant T | kllm keys list | kllm keys revoke ID"
+
+
+def _gateway_demo(question: str) -> int:
+    """The same question through the OpenAI-compatible gateway, with a key made for it."""
+    import httpx
+
+    from kllm.keys import KeyStore
+    from services.gateway import Settings as GatewaySettings
+
+    gs = GatewaySettings()
+    store = KeyStore(gs.keys_path())
+    record, secret = store.create("default", "kllm up --demo")
+    url = f"http://{gs.gateway_host}:{gs.gateway_port}/v1/chat/completions"
+    body = {"model": gs.gateway_models[0], "messages": [{"role": "user", "content": question}]}
+    try:
+        r = httpx.post(url, json=body, headers={"authorization": f"Bearer {secret}"}, timeout=120)
+    except httpx.HTTPError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.revoke(record.id)
+    if r.status_code != 200:
+        print(f"gateway: HTTP {r.status_code}: {r.text}", file=sys.stderr)
+        return 1
+    answer = r.json()
+    ext = answer["kllm"]
+    print(f"via the gateway (POST {url}):\nQ: {question}")
+    print(f"A: {answer['choices'][0]['message']['content'].strip()}")
+    print(
+        f"   [{ext['verdict']} · template {ext['template']} · cached {ext['cached']} · "
+        f"pipeline {float(r.headers['x-kllm-pipeline-ms']):.0f} ms · "
+        f"gateway {float(r.headers['x-kllm-gateway-ms']):.1f} ms]\n"
+    )
+    return 0
 
 
 def cmd_ask(args: argparse.Namespace, settings: KafkaSettings) -> int:

@@ -56,9 +56,11 @@ def test_up_demo_answers_and_leaves_no_process_behind(tmp_path: Path) -> None:
     assert "Q: What does the moderation stage do?" in out
     answer = out.split("A:", 1)[1].split("\n", 1)[0]
     assert answer.strip()
+    gateway = out.split("via the gateway", 1)[1]  # the same question over the OpenAI API
+    assert gateway.split("A:", 1)[1].split("\n", 1)[0].strip()
     assert "stopped" in out
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
-    assert len(pids) == 5, out  # the broker and four stages
+    assert len(pids) == 6, out  # the broker and five stages
     assert not [p for p in pids if _alive(p)], f"processes left behind: {out}"
     assert not (tmp_path / "run" / "state.json").exists()
 
@@ -130,7 +132,7 @@ def test_up_then_ask_from_another_shell_then_sigint_stops_everything(tmp_path: P
     assert up.returncode == 0, out
     assert "stopped" in out
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
-    assert len(pids) == 5, out
+    assert len(pids) == 6, out
     assert not [p for p in pids if _alive(p)], f"processes left behind: {out}"
 
     # Stopped: the store is free, and search shows the ingested chunk.

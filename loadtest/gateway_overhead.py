@@ -1,0 +1,152 @@
+"""Gateway overhead at a target request rate, answered from the response cache.
+
+The whole pipeline runs (embedded broker, every stage a process, guardrail
+models); a few questions are asked once so their answers are cached, then an
+open-loop generator sends those questions at each rate. For every answer the
+gateway reports, in headers, the pipeline time (publish to reply) and its own
+time around it (parsing, auth, routing, serialising). Overhead is the second.
+
+    python loadtest/gateway_overhead.py --rates 50 200 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from harness import free_port, running
+
+from kllm.keys import KeyStore
+
+QUESTIONS = [
+    "What does the moderation stage check?",
+    "How are offsets committed?",
+    "What is a consumer group?",
+    "How does retrieval pick chunks?",
+    "What happens to malformed requests?",
+    "How do inference pools work?",
+    "What does the indexer do?",
+    "How are tenants kept apart?",
+]
+
+
+@dataclass
+class Run:
+    rate: float
+    overhead_ms: list[float] = field(default_factory=list)
+    pipeline_ms: list[float] = field(default_factory=list)
+    client_ms: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    cached: int = 0
+    elapsed_s: float = 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def body(question: str) -> dict[str, object]:
+    return {"model": "smollm2-135m", "messages": [{"role": "user", "content": question}]}
+
+
+async def warm(http: httpx.AsyncClient, url: str) -> None:
+    """Ask each question until its answer comes from the cache."""
+    for q in QUESTIONS:
+        for _ in range(100):
+            r = await http.post(url, json=body(q))
+            r.raise_for_status()
+            if r.json()["kllm"]["cached"]:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise RuntimeError(f"{q!r} never came from the cache")
+
+
+async def one(http: httpx.AsyncClient, url: str, question: str, run: Run) -> None:
+    t0 = time.perf_counter()
+    r = await http.post(url, json=body(question))
+    run.client_ms.append((time.perf_counter() - t0) * 1000)
+    run.statuses[r.status_code] = run.statuses.get(r.status_code, 0) + 1
+    if r.status_code == 200:
+        run.overhead_ms.append(float(r.headers["x-kllm-gateway-ms"]))
+        run.pipeline_ms.append(float(r.headers["x-kllm-pipeline-ms"]))
+        run.cached += bool(r.json()["kllm"]["cached"])
+
+
+async def load(http: httpx.AsyncClient, url: str, rate: float, seconds: float) -> Run:
+    """Open loop: request i starts at i / rate, whether or not earlier ones finished."""
+    run = Run(rate)
+    n = int(rate * seconds)
+    t0 = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(http, url, QUESTIONS[i % len(QUESTIONS)], run)))
+    await asyncio.gather(*tasks)
+    run.elapsed_s = time.perf_counter() - t0
+    return run
+
+
+def report(run: Run) -> str:
+    ok = len(run.overhead_ms)
+    total = sum(run.statuses.values())
+    return (
+        f"{run.rate:>5.0f} req/s offered, {total / run.elapsed_s:6.1f} sent/s: "
+        f"{ok}/{total} answered ({run.cached} from cache), statuses {run.statuses}\n"
+        f"    gateway overhead  p50 {pct(run.overhead_ms, 0.5):6.2f} ms  "
+        f"p99 {pct(run.overhead_ms, 0.99):6.2f} ms  (target p50 < 5, p99 < 20)\n"
+        f"    pipeline          p50 {pct(run.pipeline_ms, 0.5):6.2f} ms  "
+        f"p99 {pct(run.pipeline_ms, 0.99):6.2f} ms\n"
+        f"    client end to end p50 {pct(run.client_ms, 0.5):6.2f} ms  "
+        f"p99 {pct(run.client_ms, 0.99):6.2f} ms  mean {statistics.fmean(run.client_ms):.2f}"
+    )
+
+
+async def bench(port: int, key: str, rates: list[float], seconds: float) -> list[Run]:
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+    headers = {"authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60) as http:
+        await warm(http, url)
+        await load(http, url, 20, 2)  # connections and code paths warm
+        return [await load(http, url, rate, seconds) for rate in rates]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--rates", type=float, nargs="+", default=[50, 200], help="requests/s")
+    p.add_argument("--seconds", type=float, default=10, help="seconds per rate (default 10)")
+    args = p.parse_args()
+    port = free_port()
+    keys = Path(tempfile.mkdtemp()) / "keys.json"
+    key = KeyStore(keys).create("bench")[1]
+    env = {
+        "KLLM_GATEWAY_KEYS_FILE": str(keys),
+        "KLLM_GATEWAY_PORT": str(port),
+        "KLLM_CACHE": "true",
+        "KLLM_GATEWAY_MAX_WAITING": "2000",
+        "KLLM_LOG_LEVEL": "WARNING",
+    }
+    with running(env=env):
+        runs = asyncio.run(bench(port, key, args.rates, args.seconds))
+    for run in runs:
+        print(report(run), flush=True)
+    return 0 if all(run.statuses.keys() == {200} for run in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
