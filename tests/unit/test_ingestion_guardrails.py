@@ -345,3 +345,22 @@ def test_dispatch_blocked_prompt_notifies_with_its_code(
     assert isinstance(response, Response)
     assert response.error_code == "prompt_blocked"
     assert response.retry_after_s is None
+
+
+def test_ab_split_through_ingestion_follows_the_configured_weights() -> None:
+    """1,000 requests through the ingestion processor: rag v2's variants in 0.8 / 0.2."""
+    templates = load_templates(Path("prompts"))
+    ingestion = Ingestion(templates=templates)
+    tags = [
+        ingestion.process(Request(request_id=f"ab-{i}", tenant="t", prompt="What is a DLQ?"))[
+            0
+        ].message.template  # type: ignore[attr-defined]
+        for i in range(1000)
+    ]
+    latest = templates.latest("rag")
+    weights = {v.id: v.weight for v in latest.variants}
+    total = sum(weights.values())
+    for variant, weight in weights.items():
+        share = tags.count(f"rag@v{latest.version}/{variant}") / len(tags)
+        assert abs(share - weight / total) <= 0.05, (variant, share)
+    assert len(set(tags)) == len(weights)
