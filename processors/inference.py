@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from kllm.errors import EngineError
 from processors.base import Emit, Rejected
@@ -140,6 +140,16 @@ class Outcome:
 DeltaSink = Callable[[TokenDelta], None]
 
 
+def stream_context(request: Request, *, first: bool) -> dict[str, Any]:
+    """What moderation needs on each delta to judge a stream without the request."""
+    return {
+        "tenant": request.tenant,
+        "template": request.template,
+        "injection_flagged": request.flagged,
+        "prompt": request.prompt if first and request.flagged else None,
+    }
+
+
 class Generator:
     def __init__(
         self,
@@ -160,7 +170,35 @@ class Generator:
         self.clock = clock
 
     async def run(self, job: InferenceJob, on_delta: DeltaSink | None = None) -> Outcome:
-        """Generate for ``job``; raises :class:`Rejected` for a model nobody serves."""
+        """Generate for ``job``; raises :class:`Rejected` for a model nobody serves.
+        A streamed request's deltas end with a final one carrying the finish reason,
+        however the generation ended, so moderation can close the caller's stream."""
+        if on_delta is None or not job.request.stream:
+            return await self._run(job, None)
+        count = [0]
+
+        def counted(delta: TokenDelta) -> None:
+            count[0] += 1
+            on_delta(delta)
+
+        outcome = await self._run(job, counted)
+        generation = next(
+            (e.message for e in outcome.emits if isinstance(e.message, Generation)), None
+        )
+        on_delta(
+            TokenDelta(
+                request_id=job.request.request_id,
+                index=count[0],
+                text="",
+                model=generation.model if generation else "",
+                final=True,
+                finish_reason=generation.finish_reason if generation else "error",
+                **stream_context(job.request, first=count[0] == 0),
+            )
+        )
+        return outcome
+
+    async def _run(self, job: InferenceJob, on_delta: DeltaSink | None) -> Outcome:
         request = job.request
         plan = self.router.plan(request.model)
         errors: list[str] = []
@@ -236,6 +274,7 @@ class Generator:
                                 index=sent[0],
                                 text=event.text,
                                 model=engine.model,
+                                **stream_context(request, first=sent[0] == 0),
                             )
                         )
                         sent[0] += 1

@@ -1,17 +1,37 @@
-"""Moderation: score the generated text and decide what the caller may read."""
+"""Output moderation: what the caller may read of an answer, whole or streamed.
+
+Four checks, each a finding with an action:
+- toxicity: a text classifier's score at or above a threshold blocks;
+- pii: personal data leaking into the answer is redacted;
+- policy: per-tenant rules (denied topics and block patterns block; redact
+  patterns and a length cap redact);
+- echo: an answer repeating a run of words from the system prompt, or from a
+  prompt that ingestion flagged as a likely injection, is blocked.
+Any block withholds the text; otherwise any redaction makes it "redacted".
+
+Streaming answers are moderated in windows (sentences, or at most
+``max_window_chars``) before any of it reaches the caller: see ``StreamModerator``.
+"""
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 from processors.base import Emit
-from schemas import Generation, ModerationEvent, Response
-from schemas.messages import Citation, Verdict
+from processors.guardrails import Redactor
+from processors.policies import Policy, PolicyBook
+from schemas import Citation, Generation, ModerationEvent, Request, Response
 from topics import MODERATION_EVENTS, RESPONSES
 
 BLOCKED_TEXT = "This answer was withheld by output moderation."
+REDACTED = "[REDACTED]"
+CHECKS = ("toxicity", "pii", "policy", "echo")
+Verdict = Literal["allowed", "redacted", "blocked"]
+_WORD = re.compile(r"\w+")
 
 
 class TextClassifier(Protocol):
@@ -22,33 +42,146 @@ class TextClassifier(Protocol):
     def score(self, texts: Sequence[str]) -> list[float]: ...
 
 
-class Moderator:
-    def __init__(self, classifier: TextClassifier, block_threshold: float = 0.8) -> None:
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    action: Literal["redact", "block"]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Moderated:
+    text: str
+    verdict: Verdict
+    findings: tuple[Finding, ...] = ()
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{f.check}: {f.reason}" for f in self.findings]
+
+    def flagged(self, check: str) -> bool:
+        return any(f.check == check for f in self.findings)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What moderation knows about the request an answer belongs to."""
+
+    tenant: str
+    system_prompt: str | None = None
+    prompt: str | None = None
+    injection_flagged: bool = False
+
+
+def shared_run(text: str, source: str, min_words: int) -> bool:
+    """True when ``text`` repeats ``min_words`` consecutive words of ``source``."""
+    src = [w.lower() for w in _WORD.findall(source)]
+    grams = {tuple(src[i : i + min_words]) for i in range(len(src) - min_words + 1)}
+    words = [w.lower() for w in _WORD.findall(text)]
+    return any(tuple(words[i : i + min_words]) in grams for i in range(len(words) - min_words + 1))
+
+
+class OutputModerator:
+    def __init__(
+        self,
+        classifier: TextClassifier,
+        redactor: Redactor | None,
+        policies: PolicyBook,
+        toxicity_block_at: float = 0.8,
+        echo_min_words: int = 8,
+    ) -> None:
         self.classifier = classifier
-        self.block_threshold = block_threshold
+        self.redactor = redactor
+        self.policies = policies
+        self.toxicity_block_at = toxicity_block_at
+        self.echo_min_words = echo_min_words
+
+    def moderate(self, text: str, ctx: Context, preceding: str = "") -> Moderated:
+        """``preceding``: the end of what was already published of the same answer (a
+        stream's earlier windows), so an echo running across a window boundary counts."""
+        policy = self.policies.for_tenant(ctx.tenant)
+        if not text.strip():
+            return Moderated(text, "allowed")
+        (toxicity,) = self.classifier.score([text])
+        scores = {self.classifier.name: round(toxicity, 4)}
+        blocks = self._blocks(text, toxicity, policy, ctx, preceding)
+        if blocks:
+            return Moderated(BLOCKED_TEXT, "blocked", tuple(blocks), scores)
+        text, redactions = self._redact(text, policy)
+        return Moderated(text, "redacted" if redactions else "allowed", tuple(redactions), scores)
+
+    def _blocks(
+        self, text: str, toxicity: float, policy: Policy, ctx: Context, preceding: str
+    ) -> list[Finding]:
+        found = []
+        if toxicity >= self.toxicity_block_at:
+            reason = f"{self.classifier.name} score {toxicity:.2f} >= {self.toxicity_block_at}"
+            found.append(Finding("toxicity", "block", reason))
+        lowered = text.lower()
+        for topic, phrases in policy.deny_topics.items():
+            if any(p in lowered for p in phrases):
+                found.append(Finding("policy", "block", f"denied topic {topic!r}"))
+        for pattern in policy.block_patterns:
+            if pattern.search(text):
+                found.append(Finding("policy", "block", f"matches /{pattern.pattern}/"))
+        n = self.echo_min_words
+        span = f"{preceding} {text}" if preceding else text
+        if ctx.system_prompt and shared_run(span, ctx.system_prompt, n):
+            found.append(Finding("echo", "block", f"repeats {n}+ words of the system prompt"))
+        if ctx.injection_flagged and ctx.prompt and shared_run(span, ctx.prompt, n):
+            reason = f"repeats {n}+ words of a prompt flagged as injection"
+            found.append(Finding("echo", "block", reason))
+        return found
+
+    def _redact(self, text: str, policy: Policy) -> tuple[str, list[Finding]]:
+        found = []
+        if self.redactor is not None:
+            redaction = self.redactor.redact(text)
+            if redaction.entities:
+                text = redaction.text
+                kinds = ", ".join(sorted(set(redaction.entities)))
+                found.append(Finding("pii", "redact", kinds))
+        for pattern in policy.redact_patterns:
+            text, n = pattern.subn(REDACTED, text)
+            if n:
+                found.append(Finding("policy", "redact", f"{n} match(es) of /{pattern.pattern}/"))
+        if policy.max_chars is not None and len(text) > policy.max_chars:
+            text = text[: policy.max_chars]
+            found.append(Finding("policy", "redact", f"cut to {policy.max_chars} characters"))
+        return text, found
+
+
+class Moderator:
+    """The moderation stage's whole-answer path: a generation becomes the caller's
+    response and a moderation event."""
+
+    def __init__(
+        self, checks: OutputModerator, system_prompt_for: Callable[[str], str] | None = None
+    ) -> None:
+        self.checks = checks
+        self.system_prompt_for = system_prompt_for
+
+    def context(self, request: Request) -> Context:
+        system = None
+        if self.system_prompt_for is not None and request.template:
+            system = self.system_prompt_for(request.template)
+        return Context(request.tenant, system, request.prompt, request.flagged)
 
     def process(self, generation: Generation, *, now: float | None = None) -> list[Emit]:
         request = generation.request
-        scores: dict[str, float] = {}
-        reasons: list[str] = []
-        verdict: Verdict = "allowed"
-        if generation.text:
-            (score,) = self.classifier.score([generation.text])
-            scores[self.classifier.name] = score
-            if score >= self.block_threshold:
-                verdict = "blocked"
-                reasons.append(
-                    f"{self.classifier.name} score {score:.2f} >= {self.block_threshold}"
-                )
+        policy = self.checks.policies.for_tenant(request.tenant).tag
+        result = self.checks.moderate(generation.text, self.context(request))
+        blocked = result.verdict == "blocked"
         now = time.time() if now is None else now
         response = Response(
             request_id=request.request_id,
             tenant=request.tenant,
-            text=BLOCKED_TEXT if verdict == "blocked" else generation.text,
-            verdict=verdict,
-            reasons=reasons,
+            text=result.text,
+            verdict=result.verdict,
+            reasons=result.reasons,
             model=generation.model,
-            finish_reason="content_filter" if verdict == "blocked" else generation.finish_reason,
+            finish_reason="content_filter" if blocked else generation.finish_reason,
             usage=generation.usage,
             citations=[
                 Citation(chunk_id=c.chunk_id, doc_id=c.doc_id, score=c.score)
@@ -61,15 +194,28 @@ class Moderator:
             error=generation.error,
             error_code="engine_error" if generation.error else None,
             template=request.template,
-        )
-        event = ModerationEvent(
-            request_id=request.request_id,
-            tenant=request.tenant,
-            verdict=verdict,
-            scores=scores,
-            reasons=reasons,
+            policy=policy,
         )
         return [
             Emit(RESPONSES, request.request_id, response),
-            Emit(MODERATION_EVENTS, request.request_id, event),
+            Emit(
+                MODERATION_EVENTS,
+                request.request_id,
+                event(request.request_id, request.tenant, result, policy),
+            ),
         ]
+
+
+def event(
+    request_id: str, tenant: str, result: Moderated, policy: str, window: int | None = None
+) -> ModerationEvent:
+    return ModerationEvent(
+        request_id=request_id,
+        tenant=tenant,
+        verdict=result.verdict,
+        scores=result.scores,
+        reasons=result.reasons,
+        checks=sorted({f.check for f in result.findings}),
+        policy=policy,
+        window=window,
+    )

@@ -178,6 +178,7 @@ def extension(response: Response) -> dict[str, Any]:
         "finish_reason": response.finish_reason,
         "citations": [c.model_dump() for c in response.citations],
         "template": response.template,
+        "policy": response.policy,
         "cached": response.cached,
         "cost_usd": response.cost_usd,
         "pipeline_ms": response.pipeline_ms,

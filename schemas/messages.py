@@ -116,7 +116,9 @@ class Generation(Message):
 
 
 class TokenDelta(Message):
-    """One streamed piece of an answer, unmoderated: for the moderation stage only."""
+    """One streamed piece of an answer. On llm.tokens: straight from the engine, for the
+    moderation stage only. On llm.tokens.moderated: a moderated window, for callers.
+    The last one of a stream has ``final`` set and its finish reason."""
 
     SCHEMA: ClassVar[str] = "llm.token_delta"
     VERSION: ClassVar[int] = 1
@@ -125,6 +127,17 @@ class TokenDelta(Message):
     index: int = Field(ge=0)
     text: str
     model: str
+    final: bool = False
+    finish_reason: str | None = None
+    # What moderation needs to judge the stream (set by inference on llm.tokens).
+    tenant: str = "default"
+    template: str | None = None
+    injection_flagged: bool = False
+    prompt: str | None = None
+    """The request's prompt, on the first delta only, when ingestion flagged it."""
+    # Set by moderation on llm.tokens.moderated.
+    verdict: Verdict | None = None
+    reasons: list[str] = Field(default_factory=list)
 
 
 class Citation(_Model):
@@ -157,6 +170,8 @@ class Response(Message):
     """Machine-readable kind of error, e.g. quota_exceeded, prompt_blocked, invalid_request."""
     retry_after_s: float | None = None
     template: str | None = None
+    policy: str | None = None
+    """The moderation policy version the answer was judged under."""
     cached: bool = False
 
 
@@ -169,6 +184,11 @@ class ModerationEvent(Message):
     verdict: Verdict
     scores: dict[str, float] = Field(default_factory=dict)
     reasons: list[str] = Field(default_factory=list)
+    checks: list[str] = Field(default_factory=list)
+    """The checks that found something: toxicity, pii, policy, echo."""
+    policy: str | None = None
+    window: int | None = None
+    """For a streamed answer: which moderated window; None for the whole answer."""
 
 
 class Feedback(Message):

@@ -37,12 +37,13 @@ from starlette.routing import Route
 from kllm import logs
 from kllm.errors import ConfigError, PipelineError
 from kllm.keys import KeyStore
+from kllm.live import LiveStream, data
 from kllm.metrics import GatewayMetrics
 from kllm.replies import Reply, ReplyRouter
 from kllm.settings import StageSettings
 from processors import openai_api as api
 from schemas import DeadLetter, Request, Response, encode
-from topics import REQUESTS, RESPONSES
+from topics import MODERATED_TOKENS, REQUESTS, RESPONSES
 
 STAGE = "gateway"
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     waiting: dict[str, asyncio.Future[Outcome]] = field(default_factory=dict)
     replays: OrderedDict[str, tuple[float, Outcome]] = field(default_factory=OrderedDict)
+    streams: int = 0
 
     def tenant(self, http: HttpRequest) -> str:
         scheme, _, secret = http.headers.get("authorization", "").partition(" ")
@@ -130,14 +132,7 @@ class Gateway:
             return kept[1]
         if rid in self.waiting:
             return await asyncio.shield(self.waiting[rid])
-        if len(self.waiting) >= self.settings.gateway_max_waiting:
-            self.metrics.shed.inc()
-            raise HttpError(
-                429,
-                "overloaded",
-                f"{len(self.waiting)} requests are already waiting here; retry shortly",
-                retry_after=self.settings.gateway_retry_after_s,
-            )
+        self._admit()
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.waiting[rid] = future
         try:
@@ -152,13 +147,73 @@ class Gateway:
         self._keep(rid, outcome)
         return outcome
 
+    def fresh(self, rid: str) -> bool:
+        """Neither waited for nor answered lately: a stream of its own, not a replay."""
+        return rid not in self.waiting and rid not in self.replays
+
+    def _admit(self) -> None:
+        busy = len(self.waiting) + self.streams
+        if busy >= self.settings.gateway_max_waiting:
+            self.metrics.shed.inc()
+            raise HttpError(
+                429,
+                "overloaded",
+                f"{busy} requests are already waiting here; retry shortly",
+                retry_after=self.settings.gateway_retry_after_s,
+            )
+
+    async def stream(self, request: Request, include_usage: bool, t0: float) -> HttpResponse:
+        """Publish, wait for the first reply, then stream moderated windows as SSE. An
+        error reply before any window is an HTTP error, as for a non-streamed call."""
+        self._admit()
+        rid = request.request_id
+        queue = self.router.subscribe(rid)
+        self.streams += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.streams -= 1
+                self.router.unsubscribe(rid, queue)
+
+        live = LiveStream(
+            queue,
+            release,
+            rid,
+            request.model or "",
+            request.deadline_at or time.time(),
+            include_usage,
+        )
+        try:
+            await self._publish(request)
+            first = await live.next_reply()
+        except TimeoutError as exc:
+            release()
+            raise HttpError(504, "timeout", "no answer before the request's deadline") from exc
+        except BaseException:
+            release()
+            raise
+        if isinstance(first.message, Response) and first.message.error is not None:
+            release()
+            raise reply_error(first.message)
+        first_s = first.received_at - t0
+        self.metrics.observe_ok(first_s, 0.0, isinstance(first.message, Response))
+        headers = {"x-request-id": rid, "x-kllm-first-reply-ms": f"{first_s * 1000:.3f}"}
+        log.info("streaming", extra={"request_id": rid})
+        return StreamingResponse(
+            live.events(first), headers=headers, media_type="text/event-stream"
+        )
+
     async def _round_trip(self, request: Request) -> Outcome:
         queue = self.router.subscribe(request.request_id)
         try:
             t0 = time.perf_counter()
             await self._publish(request)
             reply = await self._reply(queue, request)
-            return Outcome(reply.message, reply.received_at - t0)  # type: ignore[arg-type]
+            assert isinstance(reply.message, Response)
+            return Outcome(reply.message, reply.received_at - t0)
         finally:
             self.router.unsubscribe(request.request_id, queue)
 
@@ -222,12 +277,11 @@ def reply_error(response: Response) -> HttpError:
     )
 
 
-async def sse(response: Response, created: int, include_usage: bool) -> AsyncIterator[bytes]:
+async def replayed(response: Response, created: int, include_usage: bool) -> AsyncIterator[bytes]:
     rid, model = response.request_id, response.model
-    first = api.chunk(rid, model, created, {"role": "assistant", "content": ""})
-    body = api.chunk(rid, model, created, {"content": response.text})
-    for event in (first, body, *api.closing_chunks(response, created, include_usage)):
-        yield b"data: " + orjson.dumps(event) + b"\n\n"
+    yield data(api.chunk(rid, model, created, {"role": "assistant", "content": response.text}))
+    for event in api.closing_chunks(response, created, include_usage):
+        yield data(event)
     yield b"data: [DONE]\n\n"
 
 
@@ -267,6 +321,11 @@ def make_app(gw: Gateway) -> Starlette:
                 model=chat_request.model,
                 timeout_s=gw.settings.gateway_timeout_s,
             )
+            if chat_request.stream and gw.fresh(request.request_id):
+                include_usage = bool(
+                    chat_request.stream_options and chat_request.stream_options.include_usage
+                )
+                return await gw.stream(request, include_usage, t0)
             outcome = await gw.answer(request)
             if outcome.response.error is not None:
                 raise reply_error(outcome.response)
@@ -284,10 +343,10 @@ def make_app(gw: Gateway) -> Starlette:
         }
         log.info("answered", extra={"request_id": response.request_id, "cached": response.cached})
         created = int(time.time())
-        if chat_request.stream:
+        if chat_request.stream:  # a replay of a streamed request: the answer in one piece
             usage = bool(chat_request.stream_options and chat_request.stream_options.include_usage)
             return StreamingResponse(
-                sse(response, created, usage), headers=headers, media_type="text/event-stream"
+                replayed(response, created, usage), headers=headers, media_type="text/event-stream"
             )
         body = orjson.dumps(api.completion(response, created))
         return HttpResponse(body, 200, headers, "application/json")
@@ -347,7 +406,8 @@ def build(settings: Settings) -> Gateway:
     bootstrap = settings.bootstrap()
     producer = Producer({"bootstrap.servers": bootstrap, **settings.producer_config()})
     fetch = {"fetch.wait.max.ms": settings.fetch_wait_max_ms}
-    router = ReplyRouter(bootstrap, [RESPONSES], fetch)
+    # Moderated windows only: the raw token topic never reaches a caller.
+    router = ReplyRouter(bootstrap, [RESPONSES, MODERATED_TOKENS], fetch)
     return Gateway(settings, KeyStore(settings.keys_path()), producer, router)
 
 

@@ -22,14 +22,9 @@ from services.runtime import serve
 from topics import REQUESTS
 
 STAGE = "ingestion"
-PII_ENTITIES = (
-    "EMAIL_ADDRESS",
-    "PHONE_NUMBER",
-    "CREDIT_CARD",
-    "IBAN_CODE",
-    "IP_ADDRESS",
-    "US_SSN",
-)
+# The pattern-based entities (kllm.adapters.pii.PATTERN_ENTITIES), without importing
+# presidio here: settings must load fast.
+PII_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN")
 
 
 class Settings(StageSettings):

@@ -1,37 +1,84 @@
-"""Moderation stage: llm.generations -> llm.responses + llm.moderation.events."""
+"""Moderation stage: whole answers (llm.generations -> llm.responses) and streamed
+ones, window by window (llm.tokens -> llm.tokens.moderated), plus moderation
+events for both. One consumer group reads both topics."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
 from kllm import logs
+from kllm.errors import ConfigError
 from kllm.settings import StageSettings
+from processors.base import Emit
 from processors.dispatch import StageLogic
-from processors.moderation import Moderator, TextClassifier
-from schemas import Generation
-from services.runtime import serve
-from topics import GENERATIONS
+from processors.guardrails import Redactor
+from processors.moderation import Moderator, OutputModerator, TextClassifier
+from processors.policies import load_policies
+from processors.streaming import StreamModerator
+from processors.templates import load_templates
+from schemas import Generation, TokenDelta
+from services.ingestion import PII_ENTITIES
+from services.runtime import serve_many
+from topics import GENERATIONS, TOKENS, TopicSpec
 
 STAGE = "moderation"
 
 
 class Settings(StageSettings):
     profanity_threshold: float = 0.8
+    """Toxicity: the classifier's score at or above which an answer is blocked."""
+    output_pii_entities: list[str] = Field(default_factory=lambda: list(PII_ENTITIES))
+    """Presidio entity types redacted from answers; empty: no PII check."""
+    policies_dir: Path = Path("policies/moderation")
+    """Versioned per-tenant policies (v<N>.toml); the newest is in force."""
+    templates_dir: Path = Path("prompts")
+    echo_min_words: int = Field(default=8, ge=3)
+    """An answer repeating this many consecutive words of the system prompt is blocked."""
+    max_window_chars: int = Field(default=240, ge=20)
+    """A streamed window is a sentence, or at most this many characters without one."""
+
+
+def _keyed_only(delta: TokenDelta) -> list[Emit]:
+    # The runtime always hands a keyed stage its state; getting here is a wiring bug.
+    raise ConfigError("stream moderation runs only with keyed state")
 
 
 def build(
-    settings: Settings, *, classifier: TextClassifier | None = None
-) -> StageLogic[Generation]:
+    settings: Settings,
+    *,
+    classifier: TextClassifier | None = None,
+    redactor: Redactor | None = None,
+) -> list[tuple[TopicSpec, StageLogic[Any]]]:
     if classifier is None:
         from kllm.adapters.profanity import ProfanityClassifier
 
         classifier = ProfanityClassifier()
-    moderator = Moderator(classifier, block_threshold=settings.profanity_threshold)
-    return StageLogic(STAGE, Generation, moderator.process)
+    if redactor is None and settings.output_pii_entities:
+        from kllm.adapters.pii import PresidioRedactor
+
+        redactor = PresidioRedactor(settings.output_pii_entities)
+    checks = OutputModerator(
+        classifier,
+        redactor,
+        load_policies(settings.policies_dir),
+        toxicity_block_at=settings.profanity_threshold,
+        echo_min_words=settings.echo_min_words,
+    )
+    moderator = Moderator(checks, load_templates(settings.templates_dir).render)
+    stream = StreamModerator(moderator, settings.max_window_chars)
+    return [
+        (GENERATIONS, StageLogic(STAGE, Generation, moderator.process)),
+        (TOKENS, StageLogic(STAGE, TokenDelta, _keyed_only, process_keyed=stream.process)),
+    ]
 
 
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
-    serve(settings, GENERATIONS, build(settings))
+    serve_many(settings, STAGE, build(settings))
 
 
 if __name__ == "__main__":

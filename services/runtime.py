@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from quixstreams import Application, State, message_context
+from quixstreams.dataframe import StreamingDataFrame
 from quixstreams.models.serializers import Serializer
 
 from kllm.settings import StageSettings, group_id
@@ -49,13 +51,31 @@ def build_app(settings: StageSettings, stage: str) -> Application:
 
 def serve(settings: StageSettings, source: TopicSpec, logic: StageLogic[M]) -> None:
     """Consume ``source``, dispatch each record, produce every output; runs until SIGTERM."""
-    app = build_app(settings, logic.name)
+    serve_many(settings, logic.name, [(source, logic)])
+
+
+def serve_many(
+    settings: StageSettings, stage: str, flows: Sequence[tuple[TopicSpec, StageLogic[Any]]]
+) -> None:
+    """One consumer group reading several topics, each with its own logic."""
+    app = build_app(settings, stage)
     sink = {
         spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
         for spec in ALL
     }
-    sdf = app.dataframe(app.topic(source.name, key_deserializer="str", value_deserializer="bytes"))
+    for source, logic in flows:
+        sdf = app.dataframe(
+            app.topic(source.name, key_deserializer="str", value_deserializer="bytes")
+        )
+        sdf = _apply(sdf, source, logic)
+        sdf.to_topic(lambda value, _k, _ts, _h: sink[value.topic.name], key=lambda e: e.key)
+    mark_ready(settings.ready_file)
+    sources = [source.name for source, _ in flows]
+    log.info("stage running", extra={"stage": stage, "source": sources, "pid": os.getpid()})
+    app.run()
 
+
+def _apply(sdf: StreamingDataFrame, source: TopicSpec, logic: StageLogic[Any]) -> Any:
     def handle(value: bytes, key: str | None, _ts: int, _headers: Any) -> list[Emit]:
         ctx = message_context()
         return dispatch(logic, RecordRef(source, ctx.partition, ctx.offset, key), value)
@@ -67,12 +87,5 @@ def serve(settings: StageSettings, source: TopicSpec, logic: StageLogic[M]) -> N
         return dispatch(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, state)
 
     if logic.process_keyed is not None:
-        sdf = sdf.apply(handle_keyed, expand=True, metadata=True, stateful=True)
-    else:
-        sdf = sdf.apply(handle, expand=True, metadata=True)
-    sdf.to_topic(lambda value, _key, _ts, _headers: sink[value.topic.name], key=lambda e: e.key)
-    mark_ready(settings.ready_file)
-    log.info(
-        "stage running", extra={"stage": logic.name, "source": source.name, "pid": os.getpid()}
-    )
-    app.run()
+        return sdf.apply(handle_keyed, expand=True, metadata=True, stateful=True)
+    return sdf.apply(handle, expand=True, metadata=True)

@@ -63,6 +63,9 @@ REQUESTS = TopicSpec("llm.requests", 4, "tenant", Request, has_dlq=True)
 RETRIEVAL = TopicSpec("llm.retrieval", 4, "request id", Request, has_dlq=True)
 INFERENCE = TopicSpec("llm.inference", 4, "request id", InferenceJob, has_dlq=True)
 TOKENS = TopicSpec("llm.tokens", 4, "request id", TokenDelta, retention_ms=_DAY_MS)
+MODERATED_TOKENS = TopicSpec(
+    "llm.tokens.moderated", 4, "request id", TokenDelta, retention_ms=_DAY_MS
+)
 GENERATIONS = TopicSpec("llm.generations", 4, "request id", Generation, has_dlq=True)
 RESPONSES = TopicSpec("llm.responses", 4, "request id", Response)
 MODERATION_EVENTS = TopicSpec("llm.moderation.events", 2, "request id", ModerationEvent)
@@ -79,6 +82,7 @@ _PRIMARY = (
     RETRIEVAL,
     INFERENCE,
     TOKENS,
+    MODERATED_TOKENS,
     GENERATIONS,
     RESPONSES,
     MODERATION_EVENTS,

@@ -31,6 +31,8 @@ DEFAULT_ENTITIES: tuple[str, ...] = (
     "PERSON",
     "LOCATION",
 )
+PATTERN_ENTITIES: tuple[str, ...] = DEFAULT_ENTITIES[:6]
+"""The entities found by patterns, not by the NER model: no false PERSON for "Kafka"."""
 # The small English pipeline's NER has its own tok2vec; the shared tok2vec, tagger and
 # parser only feed lemmas and syntax. Dropping them nearly doubles throughput; a lower-cased
 # token stands in for the lemma (see _lower_lemma), which is all presidio reads it for.

@@ -8,12 +8,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from kllm.broker import EmbeddedBroker
 from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer, produce_sync
 from kllm.supervisor import Supervisor
 from schemas import DeadLetter, Request, Response, decode, encode
+from tests.e2e.scripted_engine import scripted_engine
 from topics import ALL, REQUESTS, RESPONSES, TopicSpec, provision
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,11 +44,24 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 
 @pytest.fixture(scope="session")
+def script_url() -> Iterator[str]:
+    with scripted_engine() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def pipeline(
-    broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory
+    broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory, script_url: str
 ) -> Iterator[Supervisor]:
     run_dir = tmp_path_factory.mktemp("run")
+    models = [
+        {"name": "smollm2-135m"},
+        # Answers on demand (toxic, PII, echo) for the moderation tests; see scripted_engine.
+        {"name": "scripted", "engine": "openai", "url": script_url, "slots": 4},
+    ]
     env = {
+        "KLLM_MODELS": orjson.dumps(models).decode(),
+        "KLLM_GATEWAY_MODELS": '["smollm2-135m", "scripted"]',
         "KLLM_GATEWAY_PORT": str(free_port()),
         # For the gateway tests: a tenant with a small quota, few callers per replica.
         "KLLM_QUOTAS": '{"quota-tenant": {"rpm": 3}}',

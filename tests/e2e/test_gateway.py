@@ -57,7 +57,7 @@ def jobs(client: Client) -> Iterator[Replies]:
 
 def test_openai_client_gets_answers_with_and_without_streaming(gateway: Gateway) -> None:
     oai = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.key("oai"), timeout=TIMEOUT)
-    assert [m.id for m in oai.models.list()] == ["smollm2-135m"]
+    assert [m.id for m in oai.models.list()] == ["smollm2-135m", "scripted"]
 
     done = oai.chat.completions.create(
         model="smollm2-135m",

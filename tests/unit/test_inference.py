@@ -111,10 +111,14 @@ def test_deltas_streamed_when_requested(make_job: MakeJob, make_request: MakeReq
     deltas: list[TokenDelta] = []
     job = make_job(make_request(stream=True))
     g = _generation(_run(_generator(engine).run(job, deltas.append)), job)
-    assert [d.index for d in deltas] == [0, 1, 2, 3]
-    assert [d.text for d in deltas] == ["a", "b", "c", "d"]
+    assert [d.index for d in deltas] == [0, 1, 2, 3, 4]
+    assert [d.text for d in deltas] == ["a", "b", "c", "d", ""]
     assert all(d.request_id == "req-1" and d.model == "m" for d in deltas)
     assert "".join(d.text for d in deltas) == g.text
+    # The last one closes the stream, with the generation's finish reason.
+    assert [d.final for d in deltas] == [False] * 4 + [True]
+    assert deltas[-1].finish_reason == g.finish_reason
+    assert all(d.tenant == job.request.tenant for d in deltas)
 
 
 def test_no_deltas_when_not_streaming(make_job: MakeJob, make_request: MakeRequest) -> None:
@@ -172,7 +176,7 @@ def test_deadline_hit_mid_stream(make_job: MakeJob, make_request: MakeRequest) -
     assert g.attempts == 1
     assert g.error is not None and "deadline" in g.error
     assert len(engine.calls) == 1  # a timeout is not retried
-    assert deltas == []
+    assert [(d.text, d.final, d.finish_reason) for d in deltas] == [("", True, "timeout")]
     assert outcome.failure is None
 
 
@@ -226,7 +230,8 @@ def test_failure_after_a_streamed_delta_is_not_retried(
     outcome = _run(_generator(engine, max_attempts=3).run(job, deltas.append))
     g = _generation(outcome, job)
     assert len(engine.calls) == 1
-    assert [(d.index, d.text) for d in deltas] == [(0, "a")]
+    assert [(d.index, d.text, d.final) for d in deltas] == [(0, "a", False), (1, "", True)]
+    assert deltas[-1].finish_reason == "error"
     assert g.finish_reason == "error"
     assert g.attempts == 1
     assert outcome.failure is not None and "after 1 deltas" in outcome.failure
