@@ -99,7 +99,8 @@ class OutputModerator:
 
     def moderate(self, text: str, ctx: Context, preceding: str = "") -> Moderated:
         """``preceding``: the end of what was already published of the same answer (a
-        stream's earlier windows), so an echo running across a window boundary counts."""
+        stream's earlier windows), so a denied phrase, a block pattern or an echo running
+        across a window boundary counts."""
         policy = self.policies.for_tenant(ctx.tenant)
         if not text.strip():
             return Moderated(text, "allowed")
@@ -115,18 +116,19 @@ class OutputModerator:
         self, text: str, toxicity: float, policy: Policy, ctx: Context, preceding: str
     ) -> list[Finding]:
         found = []
-        if toxicity >= self.toxicity_block_at:
+        if not toxicity < self.toxicity_block_at:  # NaN too: no score, no pass
             reason = f"{self.classifier.name} score {toxicity:.2f} >= {self.toxicity_block_at}"
             found.append(Finding("toxicity", "block", reason))
-        lowered = text.lower()
+        # Phrases and patterns may straddle a stream's window boundary: look across it.
+        span = preceding + text  # exactly as the caller reads them, one after the other
+        lowered = span.lower()
         for topic, phrases in policy.deny_topics.items():
             if any(p in lowered for p in phrases):
                 found.append(Finding("policy", "block", f"denied topic {topic!r}"))
         for pattern in policy.block_patterns:
-            if pattern.search(text):
+            if pattern.search(span):
                 found.append(Finding("policy", "block", f"matches /{pattern.pattern}/"))
         n = self.echo_min_words
-        span = f"{preceding} {text}" if preceding else text
         if ctx.system_prompt and shared_run(span, ctx.system_prompt, n):
             found.append(Finding("echo", "block", f"repeats {n}+ words of the system prompt"))
         if ctx.injection_flagged and ctx.prompt and shared_run(span, ctx.prompt, n):

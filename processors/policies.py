@@ -61,6 +61,9 @@ def load_policies(folder: Path) -> PolicyBook:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    unknown = set(raw) - {"default", "tenants"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown tables {sorted(unknown)}; use [default], [tenants.<id>]")
     base = _table(raw.get("default", {}), path, "default")
     default = _policy(version, "default", base, path)
     tenants = {
@@ -85,19 +88,34 @@ def _policy(version: int, scope: str, spec: Mapping[str, Any], path: Path) -> Po
             f"{path}: [{scope}] unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}"
         )
     max_chars = spec.get("max_chars")
-    if max_chars is not None and (not isinstance(max_chars, int) or max_chars < 1):
+    if max_chars is not None and (
+        isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1
+    ):
         raise ConfigError(f"{path}: [{scope}] max_chars must be a positive integer")
     topics = _table(spec.get("deny_topics", {}), path, f"{scope}.deny_topics")
+    where = f"{path}: [{scope}]"
     try:
         return Policy(
             version=version,
             scope=scope,
             max_chars=max_chars,
             deny_topics={
-                t: tuple(str(p).lower() for p in phrases) for t, phrases in topics.items()
+                t: tuple(p.lower() for p in _strings(v, f"{where} deny_topics.{t}"))
+                for t, v in topics.items()
             },
-            block_patterns=tuple(re.compile(p) for p in spec.get("block_patterns", [])),
-            redact_patterns=tuple(re.compile(p) for p in spec.get("redact_patterns", [])),
+            block_patterns=tuple(
+                re.compile(p) for p in _strings(spec.get("block_patterns", []), where)
+            ),
+            redact_patterns=tuple(
+                re.compile(p) for p in _strings(spec.get("redact_patterns", []), where)
+            ),
         )
-    except (re.error, TypeError) as exc:
-        raise ConfigError(f"{path}: [{scope}] bad pattern or phrase list: {exc}") from exc
+    except re.error as exc:
+        raise ConfigError(f"{where} bad pattern: {exc}") from exc
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    # A bare string would iterate as characters: one-letter phrases matching everything.
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    return value

@@ -25,7 +25,7 @@ from topics import MODERATED_TOKENS, MODERATION_EVENTS
 
 _SENTENCE_END = re.compile(r"[.!?](?=\s)|\n")
 DONE_TTL = timedelta(hours=1)
-TAIL_WORDS = 32
+TAIL_CHARS = 400  # enough for any phrase, pattern or 8-word run across a boundary
 
 
 def cut_windows(buffer: str, max_chars: int) -> tuple[list[str], str]:
@@ -80,9 +80,11 @@ class StreamModerator:
         if result.verdict == "blocked":
             out.append(self._close(delta, state, "content_filter", "blocked", result.reasons))
             return out
+        text, over = self._within_cap(delta.tenant, result.text, state)
+        result = Moderated(text, "redacted" if over else result.verdict, result.findings)
         state.set("n", index + 1, ttl=DONE_TTL)
-        # The words an echo could have started with, for the next window's check.
-        tail = " ".join(f"{state.get('tail', '')} {result.text}".split()[-TAIL_WORDS:])
+        # The end of what was sent, for checks that look across the next boundary.
+        tail = (str(state.get("tail", "")) + result.text)[-TAIL_CHARS:]
         state.set("tail", tail, ttl=DONE_TTL)
         if result.verdict == "redacted":
             state.set("redacted", True, ttl=DONE_TTL)
@@ -96,7 +98,19 @@ class StreamModerator:
             reasons=result.reasons,
         )
         out.append(Emit(MODERATED_TOKENS, delta.request_id, window))
+        if over:
+            reason = "policy: answer cut at the policy's max_chars"
+            out.append(self._close(delta, state, "length", "redacted", [reason]))
         return out
+
+    def _within_cap(self, tenant: str, text: str, state: KeyedState) -> tuple[str, bool]:
+        """The window cut to what the policy's max_chars leaves of the whole answer."""
+        cap = self.moderator.checks.policies.for_tenant(tenant).max_chars
+        sent = int(state.get("chars", 0))
+        if cap is not None and sent + len(text) > cap:
+            return text[: max(0, cap - sent)], True
+        state.set("chars", sent + len(text), ttl=DONE_TTL)
+        return text, False
 
     def _moderate(self, delta: TokenDelta, text: str, state: KeyedState) -> Moderated:
         system = None

@@ -46,12 +46,12 @@ def _keyed_only(delta: TokenDelta) -> list[Emit]:
     raise ConfigError("stream moderation runs only with keyed state")
 
 
-def build(
+def build_checks(
     settings: Settings,
     *,
     classifier: TextClassifier | None = None,
     redactor: Redactor | None = None,
-) -> list[tuple[TopicSpec, StageLogic[Any]]]:
+) -> OutputModerator:
     if classifier is None:
         from kllm.adapters.profanity import ProfanityClassifier
 
@@ -60,13 +60,22 @@ def build(
         from kllm.adapters.pii import PresidioRedactor
 
         redactor = PresidioRedactor(settings.output_pii_entities)
-    checks = OutputModerator(
+    return OutputModerator(
         classifier,
         redactor,
         load_policies(settings.policies_dir),
         toxicity_block_at=settings.profanity_threshold,
         echo_min_words=settings.echo_min_words,
     )
+
+
+def build(
+    settings: Settings,
+    *,
+    classifier: TextClassifier | None = None,
+    redactor: Redactor | None = None,
+) -> list[tuple[TopicSpec, StageLogic[Any]]]:
+    checks = build_checks(settings, classifier=classifier, redactor=redactor)
     moderator = Moderator(checks, load_templates(settings.templates_dir).render)
     stream = StreamModerator(moderator, settings.max_window_chars)
     return [

@@ -147,14 +147,15 @@ def test_generation_is_priced_from_the_settings(make_job: MakeJob) -> None:
 def test_streaming_request_publishes_deltas(make_job: MakeJob, make_request: MakeRequest) -> None:
     engine = FakeEngine(model="fake", pieces=["a", "b", "c"])
     out, published = _handle(engine, encode(make_job(make_request(stream=True))))
-    assert [e.topic for e in published] == [TOKENS, TOKENS, TOKENS]
+    assert [e.topic for e in published] == [TOKENS, TOKENS, TOKENS, TOKENS]
     assert all(e.key == "req-1" for e in published)
     deltas = [e.message for e in published if isinstance(e.message, TokenDelta)]
     assert len(deltas) == len(published)
-    assert [(d.index, d.text, d.model) for d in deltas] == [
-        (0, "a", "fake"),
-        (1, "b", "fake"),
-        (2, "c", "fake"),
+    assert [(d.index, d.text, d.model, d.final) for d in deltas] == [
+        (0, "a", "fake", False),
+        (1, "b", "fake", False),
+        (2, "c", "fake", False),
+        (3, "", "fake", True),  # closes the stream for moderation
     ]
     # The generation itself is returned (published once acked), not published early.
     assert [e.topic for e in out] == [GENERATIONS]
