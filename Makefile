@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up test test-unit test-e2e check clean bench bench-inference bench-retrieval bench-gateway
+.PHONY: install run up test test-unit test-e2e check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,3 +52,9 @@ bench-retrieval: install  ## retrieval stage vs raw embedding throughput; search
 
 bench-gateway: install  ## gateway overhead p50/p99 at 50 and 200 requests/s, answers from the cache
 	$(BIN)/python loadtest/gateway_overhead.py
+
+bench-moderation: install  ## moderation stage: answers/s, added latency p50/p99, streamed windows
+	$(BIN)/python loadtest/moderation_throughput.py
+
+eval-moderation: install  ## output moderation precision/recall per check on eval/moderation.jsonl
+	$(BIN)/python eval/run_moderation.py
