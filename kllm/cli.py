@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from kllm import cli_keys, logs
+from kllm import cli_export, cli_keys, logs
 from kllm.errors import PipelineError
 from kllm.settings import STATE_FILE, KafkaSettings, write_state
 from topics import ProvisionReport
@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--top-k", type=int, default=5, help="hits to show (default 5)")
 
     cli_keys.add_parser(sub)
+    cli_export.add_parser(sub)
     sub.add_parser("provision", help="create the declared topics that are missing (idempotent)")
     sub.add_parser("topics", help="list the declared topics: partitions, key, schema, DLQ")
     broker = sub.add_parser("broker", help="run only the embedded broker, in the foreground")
@@ -99,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = KafkaSettings()
-    quiet = {"ask", "topics", "ingest", "search", "keys"}
+    quiet = {"ask", "topics", "ingest", "search", "keys", "export-dataset"}
     logs.configure("WARNING" if args.command in quiet else settings.log_level)
     handlers = {
         "up": cmd_up,
@@ -110,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ingest": cmd_ingest,
         "search": cmd_search,
         "keys": cli_keys.cmd_keys,
+        "export-dataset": cli_export.cmd_export,
     }
     try:
         return handlers[args.command](args, settings)

@@ -72,7 +72,12 @@ def make_consumer(
 
 
 def make_producer(bootstrap: str, extra: Mapping[str, str | int | bool] | None = None) -> Producer:
-    return Producer({"bootstrap.servers": bootstrap, **(extra or {})})
+    # murmur2, as quixstreams and the Java client partition: a key lands in the same
+    # partition whichever stage produced it, so topics keyed alike are co-partitioned
+    # (the feedback join depends on it). librdkafka's default would be CRC32.
+    return Producer(
+        {"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", **(extra or {})}
+    )
 
 
 def produce_sync(producer: Producer, topic: str, key: str | None, value: bytes) -> None:

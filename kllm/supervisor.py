@@ -22,7 +22,7 @@ from kllm.settings import stage_group
 
 log = logging.getLogger(__name__)
 
-STAGES = ("ingestion", "retrieval", "inference", "moderation", "gateway")
+STAGES = ("ingestion", "retrieval", "inference", "moderation", "feedback", "drift", "gateway")
 GROUPLESS = frozenset({"gateway"})
 """Stages with no consumer group (the gateway reads replies from every partition)."""
 _PR_SET_PDEATHSIG = 1

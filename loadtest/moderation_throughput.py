@@ -113,9 +113,7 @@ def streams(bootstrap: str, n: int) -> tuple[float, float, float]:
         rid, text = f"s-{uuid.uuid4()}", ANSWERS[i % len(ANSWERS)]
         pieces = [text[j : j + 6] for j in range(0, len(text), 6)]
         for j, piece in enumerate([*pieces, ""]):
-            d = TokenDelta(
-                request_id=rid, index=j, text=piece, model="m", final=j == len(pieces)
-            )
+            d = TokenDelta(request_id=rid, index=j, text=piece, model="m", final=j == len(pieces))
             producer.produce(TOKENS.name, key=rid, value=encode(d))
             producer.poll(0)
             total += 1

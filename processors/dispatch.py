@@ -92,6 +92,11 @@ def dead_letter(
     stage: str, ref: RecordRef, value: bytes, reason: str, exc: PipelineError | None = None
 ) -> list[Emit]:
     """DLQ record, plus an error response when the caller can be identified."""
+    if not ref.topic.has_dlq:
+        # A topic read by a side consumer (e.g. the feedback join reading responses): its
+        # producer answers for its records; skipping one here loses nothing of the caller's.
+        log.error("unprocessable record skipped", extra={"record": str(ref), "reason": reason})
+        return []
     out = [dead_letter_record(stage, ref, value, reason)]
     request_id = peek_request_id(value)
     rejected = exc if isinstance(exc, Rejected) else None

@@ -98,6 +98,28 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         raise Rejected(f"{where}: {first['msg']}") from exc
 
 
+class FeedbackBody(BaseModel):
+    """POST /v1/feedback: a rating of an answer, by the id the answer carried."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=128)
+    rating: int = Field(ge=1, le=5)
+    label: str | None = Field(default=None, max_length=64)
+    comment: str | None = Field(default=None, max_length=4000)
+
+
+def parse_feedback(body: Any) -> FeedbackBody:
+    if not isinstance(body, dict):
+        raise Rejected("the body must be a JSON object")
+    try:
+        return FeedbackBody.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise Rejected(f"{where}: {first['msg']}") from exc
+
+
 def to_request(
     chat: ChatCompletionRequest,
     *,

@@ -63,7 +63,9 @@ def load_policies(folder: Path) -> PolicyBook:
         raise ConfigError(f"{path}: {exc}") from exc
     unknown = set(raw) - {"default", "tenants"}
     if unknown:
-        raise ConfigError(f"{path}: unknown tables {sorted(unknown)}; use [default], [tenants.<id>]")
+        raise ConfigError(
+            f"{path}: unknown tables {sorted(unknown)}; use [default], [tenants.<id>]"
+        )
     base = _table(raw.get("default", {}), path, "default")
     default = _policy(version, "default", base, path)
     tenants = {

@@ -203,6 +203,43 @@ class Feedback(Message):
     created_at: float = Field(default_factory=_now)
 
 
+class FeedbackEnriched(Message):
+    """Feedback joined with what it rates: the (redacted) question, the retrieval, the
+    (moderated) answer and how it was served. Free of PII: the prompt was redacted at
+    ingestion, the answer by moderation, the comment by the join."""
+
+    SCHEMA: ClassVar[str] = "llm.feedback_enriched"
+    VERSION: ClassVar[int] = 1
+
+    request_id: RequestId
+    tenant: str
+    status: Literal["joined", "orphan"]
+    reason: str | None = None
+    """Why an orphan has nothing joined: unknown request id, or older than the join's TTL."""
+    rating: int
+    label: str | None = None
+    comment: str | None = None
+    feedback_at: float
+    model: str | None = None
+    prompt: str | None = None
+    answer: str | None = None
+    verdict: Verdict | None = None
+    finish_reason: str | None = None
+    template: str | None = None
+    policy: str | None = None
+    cached: bool = False
+    chunk_ids: list[str] = Field(default_factory=list)
+    top_score: float | None = None
+    prompt_pii: list[str] = Field(default_factory=list)
+    injection_score: float | None = None
+    requested_at: float | None = None
+    pipeline_ms: float | None = None
+    engine_ms: float | None = None
+    ttft_ms: float | None = None
+    usage: Usage | None = None
+    cost_usd: float | None = None
+
+
 class Document(Message):
     """A change to the live corpus: upsert (replaces every chunk of the document) or delete."""
 

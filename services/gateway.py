@@ -36,14 +36,16 @@ from starlette.routing import Route
 
 from kllm import logs
 from kllm.errors import ConfigError, PipelineError
+from kllm.httpapi import HttpError, error_response, replayed, reply_error, settle
+from kllm.kafka import make_producer
 from kllm.keys import KeyStore
-from kllm.live import LiveStream, data
+from kllm.live import LiveStream
 from kllm.metrics import GatewayMetrics
 from kllm.replies import Reply, ReplyRouter
 from kllm.settings import StageSettings
 from processors import openai_api as api
-from schemas import DeadLetter, Request, Response, encode
-from topics import MODERATED_TOKENS, REQUESTS, RESPONSES
+from schemas import DeadLetter, Feedback, Request, Response, encode
+from topics import FEEDBACK, MODERATED_TOKENS, REQUESTS, RESPONSES
 
 STAGE = "gateway"
 log = logging.getLogger(__name__)
@@ -67,12 +69,6 @@ class Settings(StageSettings):
 
     def keys_path(self) -> Path:
         return self.gateway_keys_file or self.run_dir / "keys.json"
-
-
-class HttpError(PipelineError):
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.code, self.retry_after = status, code, retry_after
 
 
 @dataclass
@@ -218,16 +214,18 @@ class Gateway:
             self.router.unsubscribe(request.request_id, queue)
 
     async def _publish(self, request: Request) -> None:
+        await self.publish(REQUESTS.name, request.tenant, encode(request))
+
+    async def publish(self, topic: str, key: str, value: bytes) -> None:
+        """Produce and wait for the broker's acknowledgement (503 if it fails)."""
         loop = asyncio.get_running_loop()
         acked: asyncio.Future[None] = loop.create_future()
 
         def on_delivery(err: object, _msg: object) -> None:
-            loop.call_soon_threadsafe(_settle, acked, err)
+            loop.call_soon_threadsafe(settle, acked, err)
 
         try:
-            self.producer.produce(
-                REQUESTS.name, key=request.tenant, value=encode(request), on_delivery=on_delivery
-            )
+            self.producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
         except (BufferError, KafkaException) as exc:
             raise HttpError(503, "unavailable", f"cannot publish the request: {exc}") from exc
         await acked
@@ -249,40 +247,6 @@ class Gateway:
         self.replays[rid] = (now + self.settings.gateway_replay_ttl_s, outcome)
         while self.replays and next(iter(self.replays.values()))[0] <= now:
             self.replays.popitem(last=False)
-
-
-def _settle(acked: asyncio.Future[None], err: object) -> None:
-    if acked.done():
-        return
-    if err is None:
-        acked.set_result(None)
-    else:
-        acked.set_exception(HttpError(503, "unavailable", f"cannot publish the request: {err}"))
-
-
-def error_response(exc: HttpError) -> HttpResponse:
-    headers = {"retry-after": str(exc.retry_after)} if exc.retry_after else None
-    body = api.error_body(str(exc), exc.code, exc.status)
-    return HttpResponse(orjson.dumps(body), exc.status, headers, "application/json")
-
-
-def reply_error(response: Response) -> HttpError:
-    status = api.status_for(response)
-    retry = response.retry_after_s
-    return HttpError(
-        status,
-        response.error_code or "error",
-        response.error or "failed",
-        retry_after=max(1, round(retry)) if retry is not None else None,
-    )
-
-
-async def replayed(response: Response, created: int, include_usage: bool) -> AsyncIterator[bytes]:
-    rid, model = response.request_id, response.model
-    yield data(api.chunk(rid, model, created, {"role": "assistant", "content": response.text}))
-    for event in api.closing_chunks(response, created, include_usage):
-        yield data(event)
-    yield b"data: [DONE]\n\n"
 
 
 async def parse(gw: Gateway, http: HttpRequest, tenant: str) -> api.ChatCompletionRequest:
@@ -351,6 +315,25 @@ def make_app(gw: Gateway) -> Starlette:
         body = orjson.dumps(api.completion(response, created))
         return HttpResponse(body, 200, headers, "application/json")
 
+    async def feedback(http: HttpRequest) -> HttpResponse:
+        try:
+            tenant = gw.tenant(http)
+            raw = await http.body()
+            try:
+                body = api.parse_feedback(orjson.loads(raw))
+            except (orjson.JSONDecodeError, PipelineError) as exc:
+                error = HttpError(400, "invalid_request", str(exc))
+                gw.dead_letter(tenant, raw, error)
+                raise error from exc
+            message = Feedback(tenant=tenant, **body.model_dump())
+            await gw.publish(FEEDBACK.name, message.request_id, encode(message))
+        except HttpError as exc:
+            gw.metrics.observe_error(exc.status, exc.code)
+            return error_response(exc)
+        log.info("feedback", extra={"request_id": message.request_id, "rating": message.rating})
+        accepted = {"status": "accepted", "request_id": message.request_id}
+        return HttpResponse(orjson.dumps(accepted), 202, None, "application/json")
+
     async def models(http: HttpRequest) -> HttpResponse:
         try:
             gw.tenant(http)
@@ -390,6 +373,7 @@ def make_app(gw: Gateway) -> Starlette:
     routes = [
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/feedback", feedback, methods=["POST"]),
         Route("/healthz", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
@@ -404,7 +388,7 @@ def _poll_producer(producer: Producer, stop: threading.Event) -> None:
 
 def build(settings: Settings) -> Gateway:
     bootstrap = settings.bootstrap()
-    producer = Producer({"bootstrap.servers": bootstrap, **settings.producer_config()})
+    producer = make_producer(bootstrap, settings.producer_config())
     fetch = {"fetch.wait.max.ms": settings.fetch_wait_max_ms}
     # Moderated windows only: the raw token topic never reaches a caller.
     router = ReplyRouter(bootstrap, [RESPONSES, MODERATED_TOKENS], fetch)

@@ -89,3 +89,36 @@ def _apply(sdf: StreamingDataFrame, source: TopicSpec, logic: StageLogic[Any]) -
     if logic.process_keyed is not None:
         return sdf.apply(handle_keyed, expand=True, metadata=True, stateful=True)
     return sdf.apply(handle, expand=True, metadata=True)
+
+
+def serve_join(
+    settings: StageSettings, stage: str, flows: Sequence[tuple[TopicSpec, StageLogic[Any]]]
+) -> None:
+    """Several topics with the same key and partition count, merged into one stream whose
+    keyed state all of them share (a join): each record goes to its topic's logic."""
+    app = build_app(settings, stage)
+    sink = {
+        spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
+        for spec in ALL
+    }
+    frames = [
+        app.dataframe(app.topic(source.name, key_deserializer="str", value_deserializer="bytes"))
+        for source, _ in flows
+    ]
+    merged = frames[0]
+    for frame in frames[1:]:
+        merged = merged.concat(frame)
+    by_topic = {source.name: (source, logic) for source, logic in flows}
+
+    def handle(
+        value: bytes, key: str | None, _ts: int, _headers: Any, state: State[Any, Any]
+    ) -> list[Emit]:
+        ctx = message_context()
+        source, logic = by_topic[ctx.topic]
+        return dispatch(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, state)
+
+    merged = merged.apply(handle, expand=True, metadata=True, stateful=True)
+    merged.to_topic(lambda value, _k, _ts, _h: sink[value.topic.name], key=lambda e: e.key)
+    mark_ready(settings.ready_file)
+    log.info("stage running", extra={"stage": stage, "source": list(by_topic), "pid": os.getpid()})
+    app.run()

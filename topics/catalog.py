@@ -12,6 +12,7 @@ from schemas import (
     DocumentIndexed,
     DriftAlert,
     Feedback,
+    FeedbackEnriched,
     Generation,
     InferenceJob,
     Message,
@@ -73,8 +74,11 @@ DOCUMENTS = TopicSpec(
     "llm.documents", 2, "tenant/document id", Document, has_dlq=True, retention_ms=30 * _DAY_MS
 )
 DOCUMENTS_INDEXED = TopicSpec("llm.documents.indexed", 2, "tenant/document id", DocumentIndexed)
-FEEDBACK = TopicSpec("llm.feedback", 2, "request id", Feedback, has_dlq=True)
-FEEDBACK_ENRICHED = TopicSpec("llm.feedback.enriched", 2, "request id", None)
+# As many partitions as the topics it is joined with (keyed alike): co-partitioned.
+FEEDBACK = TopicSpec("llm.feedback", 4, "request id", Feedback, has_dlq=True)
+FEEDBACK_ENRICHED = TopicSpec(
+    "llm.feedback.enriched", 4, "request id", FeedbackEnriched, retention_ms=90 * _DAY_MS
+)
 DRIFT_ALERTS = TopicSpec("llm.drift.alerts", 1, "tenant/model", DriftAlert)
 
 _PRIMARY = (
