@@ -11,10 +11,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from kllm import cli_export, cli_keys, logs
+from kllm import cli_export, cli_keys, cli_scale, logs
 from kllm.errors import PipelineError
 from kllm.settings import STATE_FILE, KafkaSettings, write_state
+
+if TYPE_CHECKING:
+    from kllm.supervisor import Supervisor
 from topics import ProvisionReport
 
 log = logging.getLogger(__name__)
@@ -90,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_keys.add_parser(sub)
     cli_export.add_parser(sub)
+    cli_scale.add_parser(sub)
     sub.add_parser("provision", help="create the declared topics that are missing (idempotent)")
     sub.add_parser("topics", help="list the declared topics: partitions, key, schema, DLQ")
     broker = sub.add_parser("broker", help="run only the embedded broker, in the foreground")
@@ -100,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = KafkaSettings()
-    quiet = {"ask", "topics", "ingest", "search", "keys", "export-dataset"}
+    quiet = {"ask", "topics", "ingest", "search", "keys", "export-dataset", "scale"}
     logs.configure("WARNING" if args.command in quiet else settings.log_level)
     handlers = {
         "up": cmd_up,
@@ -112,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "search": cmd_search,
         "keys": cli_keys.cmd_keys,
         "export-dataset": cli_export.cmd_export,
+        "scale": cli_scale.cmd_scale,
     }
     try:
         return handlers[args.command](args, settings)
@@ -241,11 +247,13 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
                 code = _ask_and_print(bootstrap, settings, questions, "default", None, 120.0, False)
                 return code or _gateway_demo(questions[0])
             print('Ctrl-C stops everything. In another shell: kllm ask "your question"', flush=True)
-            _wait_for_stop_signal(lambda: True, tick=sup.restart_crashed)
+            sup.write_status()
+            _wait_for_stop_signal(lambda: True, tick=lambda: _tick(sup))
             return 0
         finally:
             print("stopping stages...", flush=True)
             sup.stop_all()
+            (settings.run_dir / "status.json").unlink(missing_ok=True)
     except _Stop:
         return 0
     finally:
@@ -253,6 +261,11 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             broker.stop()
             (settings.run_dir / STATE_FILE).unlink(missing_ok=True)
         print("stopped", flush=True)
+
+
+def _tick(sup: Supervisor) -> None:
+    for change in sup.restart_crashed() + sup.apply_scale_requests():
+        print(f"  {change}", flush=True)
 
 
 def _gateway_banner() -> str:

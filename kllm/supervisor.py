@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
@@ -83,6 +84,7 @@ class Supervisor:
         self.max_restarts = max_restarts
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "ready").mkdir(parents=True, exist_ok=True)
+        (run_dir / "control").mkdir(parents=True, exist_ok=True)
         self.stages = tuple(stages)
         counts = {s: 1 for s in self.stages} | dict(replicas or {})
         self.procs = [
@@ -178,6 +180,59 @@ class Supervisor:
             self.start(sp)
             restarted.append(sp.name)
         return restarted
+
+    def scale(self, stage: str, replicas: int) -> list[str]:
+        """Run ``replicas`` processes of ``stage`` (in its consumer group): start the
+        missing ones, stop the highest-numbered extra ones. Returns what changed."""
+        if stage not in self.stages:
+            raise PipelineError(f"{stage!r} is not running here (stages: {', '.join(self.stages)})")
+        mine = sorted((sp for sp in self.procs if sp.stage == stage), key=lambda sp: sp.replica)
+        changed = []
+        for sp in mine[replicas:]:
+            if sp.proc is not None and sp.alive():
+                sp.proc.terminate()
+                sp.proc.wait(15)
+            sp.ready_file.unlink(missing_ok=True)
+            self.procs.remove(sp)
+            changed.append(f"stopped {sp.name}")
+        for i in range(len(mine), replicas):
+            sp = StageProcess(
+                stage=stage,
+                replica=i,
+                log_path=self.run_dir / "logs" / f"{stage}-{i}.log",
+                ready_file=self.run_dir / "ready" / f"{stage}-{i}",
+            )
+            self.procs.append(sp)
+            self.start(sp)
+            changed.append(f"started {sp.name}")
+        return changed
+
+    def apply_scale_requests(self) -> list[str]:
+        """Apply `kllm scale` requests left in the run folder, then report the replicas."""
+        changed = []
+        for request in sorted((self.run_dir / "control").glob("scale-*.json")):
+            try:
+                wanted = orjson.loads(request.read_bytes())
+                changed += self.scale(str(wanted["stage"]), int(wanted["replicas"]))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, PipelineError) as exc:
+                log.error("scale request refused", extra={"file": request.name, "reason": str(exc)})
+            request.unlink(missing_ok=True)
+        self.write_status()
+        return changed
+
+    def write_status(self) -> None:
+        status = {
+            sp.name: {
+                "stage": sp.stage,
+                "pid": sp.proc.pid if sp.proc else None,
+                "state": sp.state(),
+            }
+            for sp in self.procs
+        }
+        path = self.run_dir / "status.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(status))
+        os.replace(tmp, path)
 
     def kill(self, stage: str, replica: int = 0, sig: int = signal.SIGKILL) -> None:
         sp = self.find(stage, replica)

@@ -60,7 +60,7 @@ def test_up_demo_answers_and_leaves_no_process_behind(tmp_path: Path) -> None:
     assert gateway.split("A:", 1)[1].split("\n", 1)[0].strip()
     assert "stopped" in out
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
-    assert len(pids) == 6, out  # the broker and five stages
+    assert len(pids) == 8, out  # the broker and seven stages
     assert not [p for p in pids if _alive(p)], f"processes left behind: {out}"
     assert not (tmp_path / "run" / "state.json").exists()
 
@@ -107,6 +107,15 @@ def test_up_then_ask_from_another_shell_then_sigint_stops_everything(tmp_path: P
         )
         assert ask.returncode == 0, ask.stdout + ask.stderr
         assert "A: " in ask.stdout and ask.stdout.split("A: ", 1)[1].strip()
+        # Scaling a stage of the running pipeline, within its topic's partitions.
+        more = kllm(env, "scale", "inference", "2")
+        assert more.returncode == 0 and "inference: 2 ready" in more.stdout, more.stderr
+        extra_pid = int(re.findall(r"inference-1 pid (\d+)", more.stdout)[0])
+        too_many = kllm(env, "scale", "inference", "9")
+        assert too_many.returncode == 2 and "partitions" in too_many.stderr
+        back = kllm(env, "scale", "inference", "1")
+        assert back.returncode == 0 and "inference: 1 ready" in back.stdout, back.stderr
+        assert not _alive(extra_pid)
         # A user's own files: ingested, receipts awaited, then cited in an answer.
         (tmp_path / "notes").mkdir()
         (tmp_path / "notes" / "badges.md").write_text(
@@ -132,7 +141,7 @@ def test_up_then_ask_from_another_shell_then_sigint_stops_everything(tmp_path: P
     assert up.returncode == 0, out
     assert "stopped" in out
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
-    assert len(pids) == 6, out
+    assert len(pids) == 8, out
     assert not [p for p in pids if _alive(p)], f"processes left behind: {out}"
 
     # Stopped: the store is free, and search shows the ingested chunk.
