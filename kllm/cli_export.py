@@ -12,7 +12,7 @@ from kllm.settings import KafkaSettings
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "export-dataset",
-        help="write rated answers (llm.feedback.enriched) as JSONL or Parquet",
+        help="write rated answers (the enriched feedback topic) as JSONL or Parquet",
         description=(
             "Reads the enriched feedback topic from its start to its current end, keeps the "
             "latest rating per request, filters, and writes OUT: .jsonl gives chat-format rows "

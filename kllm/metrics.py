@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Milliseconds matter for gateway overhead; seconds for the pipeline.
@@ -58,3 +68,73 @@ class GatewayMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class StageMetrics:
+    """What every stage process reports: records in and out per topic, time per record,
+    dead letters, records in flight, tokens, cost and cache hits."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.records_in = Counter(
+            "kllm_records_in", "Records consumed", ["stage", "topic"], registry=r
+        )
+        self.records_out = Counter(
+            "kllm_records_out", "Records produced", ["stage", "topic"], registry=r
+        )
+        self.dead_letters = Counter(
+            "kllm_dead_letters", "Records sent to a DLQ", ["stage", "topic"], registry=r
+        )
+        self.seconds = Histogram(
+            "kllm_record_seconds",
+            "Processing time per record",
+            ["stage"],
+            buckets=FAST_BUCKETS + SLOW_BUCKETS[4:],
+            registry=r,
+        )
+        self.in_flight = Gauge("kllm_in_flight", "Records being processed", ["stage"], registry=r)
+        self.tokens = Counter(
+            "kllm_tokens", "Tokens generated and read", ["model", "kind"], registry=r
+        )
+        self.cost = Counter("kllm_cost_usd", "Cost of generations", ["model"], registry=r)
+        self.cache = Counter("kllm_cache_answers", "Answers served from the cache", registry=r)
+
+    def observe(self, source: str, records: int, outputs: Sequence[Any], seconds: float) -> None:
+        """One handled batch (or record) and what it produced."""
+        self.records_in.labels(self.stage, source).inc(records)
+        if records:
+            per_record = seconds / records
+            for _ in range(records):
+                self.seconds.labels(self.stage).observe(per_record)
+        for emit in outputs:
+            topic = emit.topic.name
+            self.records_out.labels(self.stage, topic).inc()
+            if topic.endswith(".dlq"):
+                self.dead_letters.labels(self.stage, topic).inc()
+            message = emit.message
+            usage = getattr(message, "usage", None)
+            if getattr(message, "SCHEMA", "") == "llm.generation" and usage is not None:
+                model = message.model
+                self.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
+                self.tokens.labels(model, "completion").inc(usage.completion_tokens)
+                self.cost.labels(model).inc(message.cost_usd)
+            if getattr(message, "cached", False):
+                self.cache.inc()
+
+    def serve(self, port: int) -> None:
+        """Expose /metrics on ``port`` (0: not at all)."""
+        if port:
+            start_http_server(port, registry=self.registry)
+
+
+_stage: StageMetrics | None = None
+
+
+def for_stage(stage: str) -> StageMetrics:
+    """This process's stage metrics (one stage per process)."""
+    global _stage
+    if _stage is None:
+        _stage = StageMetrics(stage)
+    return _stage

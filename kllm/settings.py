@@ -83,4 +83,7 @@ class StageSettings(KafkaSettings):
     ready_file: str = ""
     """Written once the stage is about to consume; the supervisor waits for it."""
     commit_interval_s: float = 1.0
+    metrics_port: int = 0
+    """Prometheus /metrics of this process on this port; 0: none (kllm up numbers them
+    from KLLM_METRICS_BASE_PORT when that is set)."""
     quix_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -101,6 +101,10 @@ class Supervisor:
     def start(self, sp: StageProcess) -> None:
         sp.ready_file.unlink(missing_ok=True)
         env = os.environ | self.env | {"KLLM_READY_FILE": str(sp.ready_file)}
+        base = int(env.get("KLLM_METRICS_BASE_PORT", "0") or 0)
+        if base:
+            # One port per process, stable across restarts: stage order, then replica.
+            env["KLLM_METRICS_PORT"] = str(base + self._port_slot(sp))
         with open(sp.log_path, "ab") as out:
             sp.proc = subprocess.Popen(
                 [sys.executable, "-m", f"services.{sp.stage}"],
@@ -112,6 +116,9 @@ class Supervisor:
             )
         sp.started_at = time.monotonic()
         log.info("stage started", extra={"stage": sp.name, "pid": sp.proc.pid})
+
+    def _port_slot(self, sp: StageProcess) -> int:
+        return STAGES.index(sp.stage) * 16 + sp.replica if sp.stage in STAGES else sp.replica
 
     def start_all(self) -> None:
         for sp in self.procs:

@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from kllm.errors import BrokerError
 from kllm.kafka import records_only
+from kllm.metrics import StageMetrics
 from processors.base import Emit
 from processors.dispatch import RecordRef
 from schemas import encode
@@ -36,7 +37,9 @@ class BatchRunner:
         handler: BatchHandler,
         max_batch: int = 64,
         max_wait_s: float = 0.005,
+        metrics: StageMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.consumer = consumer
         self.producer = producer
         self.source = source
@@ -62,6 +65,8 @@ class BatchRunner:
         outputs = self.handler(records)
         self._publish(outputs)
         self._commit(records)
+        if self.metrics is not None:
+            self.metrics.observe(self.source.name, len(records), outputs, time.perf_counter() - t0)
         log.info(
             "batch processed",
             extra={

@@ -22,7 +22,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 from pydantic import Field
 
-from kllm import logs
+from kllm import logs, metrics
 from kllm.errors import BrokerError, ConfigError, PipelineError
 from kllm.kafka import make_consumer, make_producer
 from kllm.settings import StageSettings, group_id
@@ -63,11 +63,15 @@ class Checkpoint:
             return None
         try:
             saved = pickle.loads(self.path.read_bytes())  # our own file, in the run folder
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as exc:
-            raise ConfigError(f"cannot read the drift checkpoint {self.path}: {exc}") from exc
-        if saved.get("version") != CHECKPOINT_VERSION:
-            raise ConfigError(f"{self.path} is from another version; move it away to start over")
-        return saved["monitor"], saved["reference"]
+            version = saved.get("version") if isinstance(saved, dict) else None
+            monitor, reference = (saved["monitor"], saved["reference"]) if version else (0, 0)
+        except Exception as exc:
+            raise ConfigError(f"cannot read the drift checkpoint {self.path}: {exc!r}") from exc
+        if version != CHECKPOINT_VERSION or not isinstance(monitor, DriftMonitor):
+            raise ConfigError(
+                f"{self.path} is from another version, or not a checkpoint; move it away"
+            )
+        return monitor, reference
 
     def save(self, stage: DriftStage) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +131,8 @@ def _persist(
 
 
 def serve(settings: Settings, stage: DriftStage, checkpoint: Checkpoint) -> None:
+    stage_metrics = metrics.for_stage(STAGE)
+    stage_metrics.serve(settings.metrics_port)
     bootstrap = settings.bootstrap()
     producer = make_producer(bootstrap, settings.producer_config())
     consumer = make_consumer(bootstrap, group_id(STAGE), settings.consumer_config())
@@ -143,8 +149,11 @@ def serve(settings: Settings, stage: DriftStage, checkpoint: Checkpoint) -> None
     try:
         while not stop.requested:
             batch = consumer.consume(num_messages=256, timeout=0.2)
+            t0 = time.perf_counter()
             messages = [m for msg in batch if msg.error() is None and (m := _decode(msg))]
-            for emit in stage.process_batch(messages, time.time()):
+            alerts = stage.process_batch(messages, time.time())
+            stage_metrics.observe("inputs", len(batch), alerts, time.perf_counter() - t0)
+            for emit in alerts:
                 producer.produce(emit.topic.name, key=emit.key, value=encode(emit.message))
                 log.warning("drift alert", extra={"alert": emit.key, "signal": emit.message.signal})  # type: ignore[attr-defined]
             producer.poll(0)

@@ -35,12 +35,14 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from kllm import logs
+from kllm.dashboard import PAGE
 from kllm.errors import ConfigError, PipelineError
 from kllm.httpapi import HttpError, error_response, replayed, reply_error, settle
 from kllm.kafka import make_producer
 from kllm.keys import KeyStore
 from kllm.live import LiveStream
 from kllm.metrics import GatewayMetrics
+from kllm.monitor import PipelineMonitor
 from kllm.replies import Reply, ReplyRouter
 from kllm.settings import StageSettings
 from processors import openai_api as api
@@ -87,6 +89,14 @@ class Gateway:
     waiting: dict[str, asyncio.Future[Outcome]] = field(default_factory=dict)
     replays: OrderedDict[str, tuple[float, Outcome]] = field(default_factory=OrderedDict)
     streams: int = 0
+    _monitor: PipelineMonitor | None = None
+
+    def monitor(self) -> PipelineMonitor:
+        """Started on the first dashboard visit: until then no replica tails every topic."""
+        if self._monitor is None:
+            self._monitor = PipelineMonitor(self.settings.bootstrap())
+            self._monitor.start()
+        return self._monitor
 
     def tenant(self, http: HttpRequest) -> str:
         scheme, _, secret = http.headers.get("authorization", "").partition(" ")
@@ -347,6 +357,15 @@ def make_app(gw: Gateway) -> Starlette:
             orjson.dumps({"object": "list", "data": data}), 200, None, "application/json"
         )
 
+    async def dashboard(_http: HttpRequest) -> HttpResponse:
+        gw.monitor().start()
+        return HttpResponse(PAGE, 200, None, "text/html; charset=utf-8")
+
+    async def dashboard_data(_http: HttpRequest) -> HttpResponse:
+        data = gw.monitor().data()
+        data["gateway"] = {"waiting": len(gw.waiting), "streams": gw.streams}
+        return HttpResponse(orjson.dumps(data), 200, None, "application/json")
+
     async def health(_http: HttpRequest) -> HttpResponse:
         ok = gw.router.alive
         body = {"status": "ok" if ok else "reply router stopped", "waiting": len(gw.waiting)}
@@ -368,6 +387,8 @@ def make_app(gw: Gateway) -> Starlette:
         finally:
             stop.set()
             gw.router.close()
+            if gw._monitor is not None:
+                gw._monitor.close()
             gw.producer.flush(5)
 
     routes = [
@@ -375,6 +396,8 @@ def make_app(gw: Gateway) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/feedback", feedback, methods=["POST"]),
         Route("/healthz", health, methods=["GET"]),
+        Route("/dashboard", dashboard, methods=["GET"]),
+        Route("/dashboard/data", dashboard_data, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -16,7 +16,7 @@ from typing import Literal
 from confluent_kafka import Consumer, Producer
 from pydantic import BaseModel, Field
 
-from kllm import logs
+from kllm import logs, metrics
 from kllm.errors import ConfigError, PipelineError
 from kllm.kafka import make_consumer, make_producer
 from kllm.settings import StageSettings, stage_group
@@ -167,6 +167,8 @@ def clients(settings: Settings) -> tuple[Consumer, Producer]:
 
 async def serve(settings: Settings, generator: Generator, capacity: int) -> None:
     consumer, producer = clients(settings)
+    stage_metrics = metrics.for_stage(STAGE)
+    stage_metrics.serve(settings.metrics_port)
     runner = InflightRunner(
         consumer,
         producer,
@@ -174,6 +176,7 @@ async def serve(settings: Settings, generator: Generator, capacity: int) -> None
         make_handler(generator),
         capacity,
         commit_interval_s=min(settings.commit_interval_s, 0.2),
+        metrics=stage_metrics,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

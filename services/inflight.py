@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from kllm.errors import BrokerError
 from kllm.kafka import records_only
+from kllm.metrics import StageMetrics
 from processors.base import Emit
 from processors.dispatch import RecordRef
 from processors.offsets import OffsetTracker
@@ -51,6 +52,7 @@ class InflightRunner:
         prefetch: int | None = None,
         commit_interval_s: float = 0.2,
         drain_timeout_s: float = 30.0,
+        metrics: StageMetrics | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -63,6 +65,7 @@ class InflightRunner:
         self.buffer: deque[Message] = deque()
         self.commit_interval_s = commit_interval_s
         self.drain_timeout_s = drain_timeout_s
+        self.metrics = metrics
         self.offsets = OffsetTracker()
         self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self.max_in_flight = 0
@@ -142,8 +145,12 @@ class InflightRunner:
 
     async def _work(self, ref: RecordRef, value: bytes) -> None:
         t0 = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.in_flight.labels(self.metrics.stage).set(len(self.tasks))
         outputs = await self.handler(ref, value, self._publish)
         await asyncio.gather(*(self._publish_acked(e) for e in outputs))
+        if self.metrics is not None:
+            self.metrics.observe(ref.topic.name, 1, outputs, time.perf_counter() - t0)
         log.info(
             "completed",
             extra={

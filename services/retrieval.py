@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from pydantic import Field
 
-from kllm import logs
+from kllm import logs, metrics
 from kllm.documents import document_for
 from kllm.errors import PipelineError
 from kllm.kafka import make_consumer, make_producer
@@ -165,6 +165,8 @@ class _Stop:
 
 
 def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
+    stage_metrics = metrics.for_stage(STAGE)
+    stage_metrics.serve(settings.metrics_port)
     bootstrap = settings.bootstrap()
     producer = make_producer(bootstrap, settings.producer_config())
     queries = BatchRunner(
@@ -174,6 +176,7 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
         query_handler(retriever),
         settings.max_batch,
         settings.max_wait_ms / 1000,
+        stage_metrics,
     )
     documents = BatchRunner(
         make_consumer(bootstrap, group_id(INDEXER), settings.consumer_config()),
@@ -181,6 +184,7 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
         DOCUMENTS,
         document_handler(indexer),
         settings.max_batch,
+        metrics=stage_metrics,
     )
     fills = (
         BatchRunner(
@@ -189,6 +193,7 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
             RESPONSES,
             cache_fill_handler(retriever.cache),
             settings.max_batch,
+            metrics=stage_metrics,
         )
         if retriever.cache is not None
         else None

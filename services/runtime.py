@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -16,6 +17,7 @@ from quixstreams import Application, State, message_context
 from quixstreams.dataframe import StreamingDataFrame
 from quixstreams.models.serializers import Serializer
 
+from kllm import metrics
 from kllm.settings import StageSettings, group_id
 from kllm.supervisor import mark_ready
 from processors.base import Emit
@@ -58,6 +60,7 @@ def serve_many(
     settings: StageSettings, stage: str, flows: Sequence[tuple[TopicSpec, StageLogic[Any]]]
 ) -> None:
     """One consumer group reading several topics, each with its own logic."""
+    metrics.for_stage(stage).serve(settings.metrics_port)
     app = build_app(settings, stage)
     sink = {
         spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
@@ -75,16 +78,25 @@ def serve_many(
     app.run()
 
 
+def _measured(
+    logic: StageLogic[Any], ref: RecordRef, value: bytes, state: State[Any, Any] | None = None
+) -> list[Emit]:
+    t0 = time.perf_counter()
+    out = dispatch(logic, ref, value, state)
+    metrics.for_stage(logic.name).observe(ref.topic.name, 1, out, time.perf_counter() - t0)
+    return out
+
+
 def _apply(sdf: StreamingDataFrame, source: TopicSpec, logic: StageLogic[Any]) -> Any:
     def handle(value: bytes, key: str | None, _ts: int, _headers: Any) -> list[Emit]:
         ctx = message_context()
-        return dispatch(logic, RecordRef(source, ctx.partition, ctx.offset, key), value)
+        return _measured(logic, RecordRef(source, ctx.partition, ctx.offset, key), value)
 
     def handle_keyed(
         value: bytes, key: str | None, _ts: int, _headers: Any, state: State[Any, Any]
     ) -> list[Emit]:
         ctx = message_context()
-        return dispatch(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, state)
+        return _measured(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, state)
 
     if logic.process_keyed is not None:
         return sdf.apply(handle_keyed, expand=True, metadata=True, stateful=True)
@@ -96,6 +108,7 @@ def serve_join(
 ) -> None:
     """Several topics with the same key and partition count, merged into one stream whose
     keyed state all of them share (a join): each record goes to its topic's logic."""
+    metrics.for_stage(stage).serve(settings.metrics_port)
     app = build_app(settings, stage)
     sink = {
         spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
@@ -115,7 +128,7 @@ def serve_join(
     ) -> list[Emit]:
         ctx = message_context()
         source, logic = by_topic[ctx.topic]
-        return dispatch(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, state)
+        return _measured(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, state)
 
     merged = merged.apply(handle, expand=True, metadata=True, stateful=True)
     merged.to_topic(lambda value, _k, _ts, _h: sink[value.topic.name], key=lambda e: e.key)

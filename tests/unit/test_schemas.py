@@ -14,6 +14,7 @@ from schemas import (
     DocumentIndexed,
     DriftAlert,
     Feedback,
+    FeedbackEnriched,
     Generation,
     InferenceJob,
     Message,
@@ -119,6 +120,22 @@ SAMPLES: dict[type[Message], Message] = {
     ),
     DocumentIndexed: DocumentIndexed(
         tenant="acme", doc_id="guides/kafka", version=3, op="skipped", chunks=0, reason="older"
+    ),
+    FeedbackEnriched: FeedbackEnriched(
+        request_id="r-1",
+        tenant="acme",
+        status="joined",
+        rating=2,
+        label="wrong",
+        comment="Call <PHONE_NUMBER>",
+        feedback_at=12.0,
+        model="m",
+        prompt="What is a DLQ?",
+        answer="A queue.",
+        verdict="allowed",
+        chunk_ids=["c-1"],
+        top_score=0.7,
+        usage=Usage(prompt_tokens=3, completion_tokens=4),
     ),
 }
 
