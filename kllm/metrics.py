@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
 
 # Milliseconds matter for gateway overhead; seconds for the pipeline.
 FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -91,7 +94,7 @@ class StageMetrics:
             "kllm_record_seconds",
             "Processing time per record",
             ["stage"],
-            buckets=FAST_BUCKETS + SLOW_BUCKETS[4:],
+            buckets=sorted(set(FAST_BUCKETS + SLOW_BUCKETS)),
             registry=r,
         )
         self.in_flight = Gauge("kllm_in_flight", "Records being processed", ["stage"], registry=r)
@@ -125,8 +128,12 @@ class StageMetrics:
 
     def serve(self, port: int) -> None:
         """Expose /metrics on ``port`` (0: not at all)."""
-        if port:
+        if not port:
+            return
+        try:
             start_http_server(port, registry=self.registry)
+        except OSError as exc:  # metrics are worth a warning, not a stage that will not start
+            log.warning("metrics port unavailable", extra={"port": port, "reason": str(exc)})
 
 
 _stage: StageMetrics | None = None

@@ -3,7 +3,7 @@
 A thread tails the pipeline's topics from their end (no consumer group, so it
 takes nothing from the stages): records per second per topic; per stage, the
 time from a request's record on the stage's input topic to its record on the
-next topic (broker timestamps); recent dead letters and drift alerts. Consumer
+next topic (as this reader sees them arrive); recent dead letters and drift alerts. Consumer
 lag per partition comes from the groups' committed offsets, every few seconds.
 """
 
@@ -61,6 +61,7 @@ class PipelineMonitor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.tailing = False  # set once every topic is assigned: records from then on count
 
     def start(self) -> None:
         if self._threads:
@@ -82,6 +83,7 @@ class PipelineMonitor:
             }
         )
         consumer.assign([tp for t in ALL for tp in end_offsets(consumer, t.name)])
+        self.tailing = True
         try:
             while not self._stop.is_set():
                 msg = consumer.poll(0.2)
@@ -92,7 +94,7 @@ class PipelineMonitor:
         finally:
             consumer.close()
 
-    def _record(self, topic: str, key: bytes | None, value: bytes, ts_ms: int) -> None:
+    def _record(self, topic: str, key: bytes | None, value: bytes) -> None:
         now = time.time()
         with self._lock:
             self.snap.seen.append((now, topic))
@@ -103,7 +105,9 @@ class PipelineMonitor:
             else:
                 rid = peek_request_id(value) if topic == REQUESTS.name else (key or b"").decode()
                 if rid:
-                    self._stamp(rid, topic, ts_ms / 1000 if ts_ms > 0 else now)
+                    # When this reader saw it, not the record's timestamp: quixstreams stages
+                    # give their outputs the input's timestamp, which would read as 0 ms.
+                    self._stamp(rid, topic, now)
 
     def _stamp(self, rid: str, topic: str, at: float) -> None:
         stamps = self.snap.stamps.setdefault(rid, {})
@@ -160,6 +164,7 @@ class PipelineMonitor:
                 )
             return {
                 "at": now,
+                "tailing": self.tailing,
                 "throughput": {t: round(n / WINDOW_S, 2) for t, n in sorted(recent.items())},
                 "latency_ms": {
                     s: {"p50": _pct(list(v), 0.5), "p95": _pct(list(v), 0.95), "n": len(v)}

@@ -66,6 +66,7 @@ def pipeline(
         # For the gateway tests: a tenant with a small quota, few callers per replica.
         "KLLM_QUOTAS": '{"quota-tenant": {"rpm": 3}}',
         "KLLM_GATEWAY_MAX_WAITING": "4",
+        "KLLM_METRICS_BASE_PORT": str(free_port()),
         "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
         "KLLM_RUN_DIR": str(run_dir),
         "KLLM_QDRANT_PATH": str(run_dir / "qdrant"),
