@@ -88,9 +88,7 @@ class PipelineMonitor:
             while not self._stop.is_set():
                 msg = consumer.poll(0.2)
                 if msg is not None and msg.error() is None:
-                    self._record(
-                        msg.topic() or "", msg.key(), msg.value() or b"", msg.timestamp()[1]
-                    )
+                    self._record(msg.topic() or "", msg.key(), msg.value() or b"")
         finally:
             consumer.close()
 
