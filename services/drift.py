@@ -67,7 +67,11 @@ class Checkpoint:
             monitor, reference = (saved["monitor"], saved["reference"]) if version else (0, 0)
         except Exception as exc:
             raise ConfigError(f"cannot read the drift checkpoint {self.path}: {exc!r}") from exc
-        if version != CHECKPOINT_VERSION or not isinstance(monitor, DriftMonitor):
+        if (
+            version != CHECKPOINT_VERSION
+            or not isinstance(monitor, DriftMonitor)
+            or not isinstance(reference, PromptReference)
+        ):
             raise ConfigError(
                 f"{self.path} is from another version, or not a checkpoint; move it away"
             )
