@@ -12,6 +12,7 @@ here, so it is redacted before it leaves.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from schemas import Feedback, FeedbackEnriched, InferenceJob, Request, Response
 from topics import FEEDBACK_ENRICHED
 
 DEFAULT_TTL_S = 7 * 24 * 3600.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,6 +107,10 @@ class FeedbackJoin:
         }
         if response is None:
             self.counts.orphans += 1
+            log.warning(
+                "orphan feedback",
+                extra={"request_id": feedback.request_id, "orphans": self.counts.orphans},
+            )
             reason = "no answer known for this request id (unknown, or older than the join's TTL)"
             enriched = FeedbackEnriched(status="orphan", reason=reason, **base)
         else:
