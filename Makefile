@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up test test-unit test-e2e check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation
+.PHONY: install run up test test-unit test-e2e check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -58,3 +58,6 @@ bench-moderation: install  ## moderation stage: answers/s, added latency p50/p99
 
 eval-moderation: install  ## output moderation precision/recall per check on eval/moderation.jsonl
 	$(BIN)/python eval/run_moderation.py
+
+load: install  ## open-loop load through the gateway: latency p50/p95/p99, TTFT, errors, a PNG plot
+	$(BIN)/python loadtest/openloop.py --engine scripted --rate 30 --seconds 20 --png openloop.png

@@ -204,6 +204,8 @@ def extension(response: Response) -> dict[str, Any]:
         "cached": response.cached,
         "cost_usd": response.cost_usd,
         "pipeline_ms": response.pipeline_ms,
+        "engine_ms": response.engine_ms,
+        "ttft_ms": response.ttft_ms,
     }
 
 
