@@ -57,6 +57,7 @@ class _Pending:
     digest: str
     vector: npt.NDArray[np.float32]
     at: float
+    epoch: int  # the tenant's corpus epoch when the question was asked
 
 
 @dataclass
@@ -81,6 +82,20 @@ class ResponseCache:
         self.max_pending = max_pending
         self._shelves: dict[Scope, _Shelf] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._epochs: dict[str, int] = {}  # tenant -> corpus changes seen
+
+    def invalidate(self, tenant: str, everyone: bool = False) -> int:
+        """The tenant's documents changed (``everyone``: documents all tenants see): drop its
+        answers, and the answers still on their way, whose sources may be gone. Returns how
+        many answers were dropped."""
+        scopes = [s for s in self._shelves if everyone or s[0] == tenant]
+        dropped = sum(len(self._shelves.pop(s).exact) for s in scopes)
+        for t in {s[0] for s in scopes} | {tenant}:
+            self._epochs[t] = self._epochs.get(t, 0) + 1
+        if everyone:
+            for pending in self._pending.values():
+                pending.epoch = -1
+        return dropped
 
     def lookup_exact(self, request: Request, now: float) -> Hit | None:
         shelf = self._shelves.get(scope_of(request))
@@ -106,7 +121,11 @@ class ResponseCache:
     def expect(self, request: Request, vector: npt.ArrayLike, now: float) -> None:
         """Remember a miss, so its answer can be stored when it comes back."""
         self._pending[request.request_id] = _Pending(
-            scope_of(request), prompt_digest(request.prompt), _unit(vector), now
+            scope_of(request),
+            prompt_digest(request.prompt),
+            _unit(vector),
+            now,
+            self._epochs.get(request.tenant, 0),
         )
         while len(self._pending) > self.max_pending:
             self._pending.popitem(last=False)
@@ -116,6 +135,8 @@ class ResponseCache:
         pending = self._pending.pop(response.request_id, None)
         if pending is None or not _cacheable(response):
             return False
+        if pending.epoch != self._epochs.get(pending.scope[0], 0):
+            return False  # answered from a corpus that has changed since
         shelf = self._shelves.setdefault(pending.scope, _Shelf())
         shelf.exact[pending.digest] = CachedAnswer(
             text=response.text,

@@ -31,7 +31,7 @@ from processors.dispatch import RecordRef, dead_letter
 from processors.indexing import Indexer
 from processors.retrieval import PUBLIC_TENANT, Embedder, Retriever, VectorStore
 from processors.templates import load_templates
-from schemas import Document, Message, Request, Response, decode
+from schemas import Document, DocumentIndexed, Message, Request, Response, decode
 from services.batch import BatchHandler, BatchRunner
 from topics import DOCUMENTS, RESPONSES, RETRIEVAL
 
@@ -149,10 +149,17 @@ def cache_fill_handler(cache: ResponseCache) -> BatchHandler:
     return handle
 
 
-def document_handler(indexer: Indexer) -> BatchHandler:
+def document_handler(indexer: Indexer, cache: ResponseCache | None = None) -> BatchHandler:
     def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
         docs, rejected = _decode_all(INDEXER, records, Document)
-        return rejected + indexer.process_batch(docs)
+        receipts = indexer.process_batch(docs)
+        if cache is not None:
+            # A changed document may be the source of cached answers: drop them.
+            for r in receipts:
+                if isinstance(r.message, DocumentIndexed) and r.message.op != "skipped":
+                    tenant = r.message.tenant
+                    cache.invalidate(tenant, everyone=tenant == PUBLIC_TENANT)
+        return rejected + receipts
 
     return handle
 
@@ -182,7 +189,7 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
         make_consumer(bootstrap, group_id(INDEXER), settings.consumer_config()),
         producer,
         DOCUMENTS,
-        document_handler(indexer),
+        document_handler(indexer, retriever.cache),
         settings.max_batch,
         metrics=stage_metrics,
     )

@@ -254,3 +254,38 @@ def test_pickle_round_trip_keeps_entries_and_pending() -> None:
     assert copy.learn_one(resp(request_id="waiting", text="later"), NOW + 2) is True
     assert copy.lookup_exact(req(prompt="ANOTHER"), NOW + 2) is not None
     assert copy.lookup_exact(req(), NOW + 61) is None  # its ttl survived too
+
+
+# --- corpus changes -------------------------------------------------------------------------
+
+
+def test_a_tenants_document_change_drops_its_answers_only() -> None:
+    cache = ResponseCache()
+    assert learned(cache, req(request_id="a", tenant="acme"))
+    assert learned(cache, req(request_id="b", tenant="other"))
+    assert cache.invalidate("acme") == 1
+    assert cache.lookup_exact(req(tenant="acme"), NOW) is None
+    assert cache.lookup_exact(req(tenant="other"), NOW) is not None
+
+
+def test_a_public_document_change_drops_every_tenants_answers() -> None:
+    cache = ResponseCache()
+    assert learned(cache, req(request_id="a", tenant="acme"))
+    assert learned(cache, req(request_id="b", tenant="other"))
+    assert cache.invalidate("public", everyone=True) == 2
+    assert len(cache) == 0
+
+
+def test_an_answer_asked_before_a_change_is_not_stored_after_it() -> None:
+    cache = ResponseCache()
+    request = req(request_id="late", tenant="acme")
+    cache.expect(request, E1, NOW)
+    cache.invalidate("acme")  # the document it may cite changed while it was generated
+    assert cache.learn_one(resp(request_id="late"), NOW) is False
+    assert cache.lookup_exact(request, NOW) is None
+    again = req(request_id="next", tenant="acme")
+    assert learned(cache, again)  # asked after the change: stored
+    other = req(request_id="o", tenant="other")
+    cache.expect(other, E1, NOW)
+    cache.invalidate("public", everyone=True)
+    assert cache.learn_one(resp(request_id="o", tenant="other"), NOW) is False

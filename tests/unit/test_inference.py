@@ -7,6 +7,7 @@ FakeEngine from conftest, so nothing here waits on a model.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -254,8 +255,14 @@ class FakeSleep:
         self.delays: list[float] = []
         self.clock = clock
         self._real = asyncio.sleep
+        self._thread = threading.get_ident()
 
     async def __call__(self, delay: float) -> None:
+        if threading.get_ident() != self._thread:
+            # Another thread's event loop (a server started by an end-to-end fixture in the
+            # same session) sleeps for real and is not what the test counts.
+            await self._real(delay)
+            return
         self.delays.append(delay)
         if self.clock is not None:
             self.clock.now += delay
