@@ -28,6 +28,15 @@ def free_port() -> int:
 @contextmanager
 def running(stages: Sequence[str] = STAGES, env: Mapping[str, str] | None = None) -> Iterator[str]:
     """Yield the bootstrap address once ``stages`` consume; stop everything after."""
+    with supervised(stages, env) as (bootstrap, _sup):
+        yield bootstrap
+
+
+@contextmanager
+def supervised(
+    stages: Sequence[str] = STAGES, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, Supervisor]]:
+    """As ``running``, with the supervisor too (to kill and restart stages)."""
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         run_dir = Path(tmp)
         provision(ConfluentTopicAdmin(broker.bootstrap), ALL)
@@ -47,6 +56,6 @@ def running(stages: Sequence[str] = STAGES, env: Mapping[str, str] | None = None
             t0 = time.monotonic()
             sup.wait_ready(240, bootstrap=broker.bootstrap)
             print(f"{', '.join(stages)} ready in {time.monotonic() - t0:.1f}s", file=sys.stderr)
-            yield broker.bootstrap
+            yield broker.bootstrap, sup
         finally:
             sup.stop_all()
