@@ -26,9 +26,9 @@ from pathlib import Path
 import httpx
 import orjson
 from harness import free_port, supervised
+from scripted_engine import scripted_engine
 
 from kllm.keys import KeyStore
-from tests.e2e.scripted_engine import scripted_engine
 
 STAGES = ("ingestion", "retrieval", "inference", "moderation", "feedback", "drift", "gateway")
 

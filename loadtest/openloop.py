@@ -244,11 +244,10 @@ def main() -> int:
 
 @contextmanager
 def _pipeline(engine: str) -> Iterator[tuple[str, dict[str, str], str]]:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from harness import free_port, running
+    from scripted_engine import scripted_engine
 
     from kllm.keys import KeyStore
-    from tests.e2e.scripted_engine import scripted_engine
 
     with ExitStack() as stack:
         port = free_port()

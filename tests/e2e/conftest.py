@@ -14,8 +14,8 @@ import pytest
 from kllm.broker import EmbeddedBroker
 from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer, produce_sync
 from kllm.supervisor import Supervisor
+from loadtest.scripted_engine import scripted_engine
 from schemas import DeadLetter, Request, Response, decode, encode
-from tests.e2e.scripted_engine import scripted_engine
 from topics import ALL, REQUESTS, RESPONSES, TopicSpec, provision
 
 REPO = Path(__file__).resolve().parents[2]

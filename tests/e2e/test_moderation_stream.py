@@ -1,6 +1,6 @@
 """Output moderation through the real broker, the real stages and the gateway.
 
-The answers come from a scripted engine (see scripted_engine.py) so that they are
+The answers come from a scripted engine (see loadtest/scripted_engine.py) so that they are
 toxic, leak PII or echo the system prompt on demand; everything else is real:
 the inference stage's HTTP engine adapter, the moderation stage with its real
 classifier, presidio and the repository's policies, the gateway.
