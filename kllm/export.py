@@ -113,9 +113,10 @@ def read_enriched(
     on_progress: Callable[[int, int], None] | None = None,
     on_unreadable: Callable[[str], None] | None = None,
     idle_s: float = 10.0,
+    settle_s: float = 1.0,
 ) -> Iterator[FeedbackEnriched]:
-    """Every readable record from the start to the end offsets taken now; unreadable
-    ones are reported to ``on_unreadable`` with the reason."""
+    """Every readable record from the start to the end offsets taken now (and any that
+    follow within ``settle_s``); unreadable ones are reported to ``on_unreadable``."""
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": "kllm-export", "enable.auto.commit": False}
     )
@@ -125,21 +126,26 @@ def read_enriched(
         consumer.assign(
             [TopicPartition(FEEDBACK_ENRICHED.name, p, lo) for p, (lo, _) in ends.items()]
         )
-        pending = {p for p, (lo, hi) in ends.items() if hi > lo}
+        reached = {p for p, (lo, hi) in ends.items() if hi <= lo}
         done, last = 0, time.monotonic()
-        while pending and time.monotonic() - last < idle_s:
-            msg = consumer.poll(0.5)
+        while True:
+            msg = consumer.poll(0.2)
             if msg is None or msg.error() is not None:
+                quiet = time.monotonic() - last
+                # Past every reported end, keep reading until the topic is quiet: a broker
+                # may report an end inside its last batch (the embedded one does).
+                if (len(reached) == len(ends) and quiet >= settle_s) or quiet >= idle_s:
+                    break
                 continue
             last = time.monotonic()
             p, offset = msg.partition(), msg.offset()
-            if p is None or offset is None or p not in pending:
+            if p is None or offset is None:
                 continue
             done += 1
             if on_progress:
-                on_progress(done, total)
+                on_progress(done, max(total, done))
             if offset + 1 >= ends[p][1]:
-                pending.discard(p)
+                reached.add(p)
             try:
                 record = decode(msg.value() or b"", FeedbackEnriched)
             except SchemaError as exc:

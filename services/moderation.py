@@ -76,7 +76,16 @@ def build(
     redactor: Redactor | None = None,
 ) -> list[tuple[TopicSpec, StageLogic[Any]]]:
     checks = build_checks(settings, classifier=classifier, redactor=redactor)
-    moderator = Moderator(checks, load_templates(settings.templates_dir).render)
+    catalog = load_templates(settings.templates_dir)
+    # Every system prompt the pipeline has, not only the request's variant: leaking
+    # another version's or variant's instructions is a leak too.
+    known = "\n\n".join(
+        v.system
+        for name in catalog.names()
+        for version in catalog.versions(name)
+        for v in catalog.get(name, version).variants
+    )
+    moderator = Moderator(checks, lambda _tag: known)
     stream = StreamModerator(moderator, settings.max_window_chars)
     return [
         (GENERATIONS, StageLogic(STAGE, Generation, moderator.process)),
