@@ -205,7 +205,8 @@ class Gateway:
             release()
             raise reply_error(first.message)
         first_s = first.received_at - t0
-        self.metrics.observe_ok(first_s, 0.0, isinstance(first.message, Response))
+        cached = isinstance(first.message, Response) and first.message.cached
+        self.metrics.observe_ok(first_s, 0.0, cached)
         headers = {"x-request-id": rid, "x-kllm-first-reply-ms": f"{first_s * 1000:.3f}"}
         log.info("streaming", extra={"request_id": rid})
         return StreamingResponse(
