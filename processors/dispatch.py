@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from kllm.errors import PipelineError
+from kllm.errors import ConfigError, PipelineError
 from kllm.logs import where
 from processors.admission import KeyedState
 from processors.base import Emit, Rejected
@@ -49,6 +49,12 @@ class StageLogic(Generic[M]):
     schema: type[M]
     process: Callable[[M], list[Emit]]
     process_keyed: Callable[[M, KeyedState], list[Emit]] | None = None
+
+
+def keyed_only(_message: Message) -> list[Emit]:
+    """``StageLogic.process`` of a stage that runs only with keyed state: the runtime
+    always hands such a stage its state, so getting here is a wiring bug."""
+    raise ConfigError("this stage runs only with keyed state")
 
 
 def error_response(

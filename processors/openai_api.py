@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
@@ -86,16 +86,27 @@ class ChatCompletionRequest(BaseModel):
         return messages
 
 
-def parse_chat_request(body: Any) -> ChatCompletionRequest:
-    """The body, validated; Rejected with a readable reason otherwise."""
+B = TypeVar("B", bound=BaseModel)
+
+
+def _first_error(exc: ValidationError) -> Rejected:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return Rejected(f"{where}: {first['msg']}")
+
+
+def _validated(model: type[B], body: Any) -> B:
     if not isinstance(body, dict):
         raise Rejected("the body must be a JSON object")
     try:
-        return ChatCompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise Rejected(f"{where}: {first['msg']}") from exc
+        raise _first_error(exc) from exc
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    """The body, validated; Rejected with a readable reason otherwise."""
+    return _validated(ChatCompletionRequest, body)
 
 
 class FeedbackBody(BaseModel):
@@ -110,14 +121,7 @@ class FeedbackBody(BaseModel):
 
 
 def parse_feedback(body: Any) -> FeedbackBody:
-    if not isinstance(body, dict):
-        raise Rejected("the body must be a JSON object")
-    try:
-        return FeedbackBody.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise Rejected(f"{where}: {first['msg']}") from exc
+    return _validated(FeedbackBody, body)
 
 
 def to_request(
@@ -136,8 +140,7 @@ def to_request(
     try:
         return _request(chat, question, request_id, tenant, model, timeout_s, now)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise Rejected(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
+        raise _first_error(exc) from exc
 
 
 def _request(

@@ -8,14 +8,12 @@ from typing import Any
 from pydantic import Field
 
 from kllm import logs
-from kllm.errors import ConfigError
+from kllm.adapters.pii import PATTERN_ENTITIES as PII_ENTITIES
 from kllm.settings import StageSettings
-from processors.base import Emit
-from processors.dispatch import StageLogic
+from processors.dispatch import StageLogic, keyed_only
 from processors.feedback import DEFAULT_TTL_S, FeedbackJoin
 from processors.guardrails import Redactor
-from schemas import Feedback, InferenceJob, Message, Request, Response
-from services.ingestion import PII_ENTITIES
+from schemas import Feedback, InferenceJob, Request, Response
 from services.runtime import serve_join
 from topics import FEEDBACK, INFERENCE, RESPONSES, RETRIEVAL, TopicSpec
 
@@ -29,10 +27,6 @@ class Settings(StageSettings):
     """Presidio entities redacted from feedback comments; [] keeps comments as written."""
 
 
-def _keyed_only(_message: Message) -> list[Emit]:
-    raise ConfigError("the feedback join runs only with keyed state")
-
-
 def build(
     settings: Settings, *, redactor: Redactor | None = None
 ) -> list[tuple[TopicSpec, StageLogic[Any]]]:
@@ -42,10 +36,10 @@ def build(
         redactor = PresidioRedactor(settings.comment_pii_entities)
     join = FeedbackJoin(redactor, settings.feedback_ttl_s)
     return [
-        (RETRIEVAL, StageLogic(STAGE, Request, _keyed_only, process_keyed=join.on_request)),
-        (INFERENCE, StageLogic(STAGE, InferenceJob, _keyed_only, process_keyed=join.on_job)),
-        (RESPONSES, StageLogic(STAGE, Response, _keyed_only, process_keyed=join.on_response)),
-        (FEEDBACK, StageLogic(STAGE, Feedback, _keyed_only, process_keyed=join.on_feedback)),
+        (RETRIEVAL, StageLogic(STAGE, Request, keyed_only, process_keyed=join.on_request)),
+        (INFERENCE, StageLogic(STAGE, InferenceJob, keyed_only, process_keyed=join.on_job)),
+        (RESPONSES, StageLogic(STAGE, Response, keyed_only, process_keyed=join.on_response)),
+        (FEEDBACK, StageLogic(STAGE, Feedback, keyed_only, process_keyed=join.on_feedback)),
     ]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field
 
 from kllm import logs
+from kllm.adapters.pii import PATTERN_ENTITIES
 from kllm.settings import StageSettings
 from processors.admission import Admission, Quota, parse_quotas
 from processors.dispatch import StageLogic
@@ -22,9 +23,8 @@ from services.runtime import serve
 from topics import REQUESTS
 
 STAGE = "ingestion"
-# The pattern-based entities (kllm.adapters.pii.PATTERN_ENTITIES), without importing
-# presidio here: settings must load fast.
-PII_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN")
+# The pattern-based entities; importing the adapter module is cheap (presidio loads lazily).
+PII_ENTITIES = PATTERN_ENTITIES
 
 
 class Settings(StageSettings):

@@ -10,17 +10,15 @@ from typing import Any
 from pydantic import Field
 
 from kllm import logs
-from kllm.errors import ConfigError
+from kllm.adapters.pii import PATTERN_ENTITIES as PII_ENTITIES
 from kllm.settings import StageSettings
-from processors.base import Emit
-from processors.dispatch import StageLogic
+from processors.dispatch import StageLogic, keyed_only
 from processors.guardrails import Redactor
 from processors.moderation import Moderator, OutputModerator, TextClassifier
 from processors.policies import load_policies
 from processors.streaming import StreamModerator
 from processors.templates import load_templates
 from schemas import Generation, TokenDelta
-from services.ingestion import PII_ENTITIES
 from services.runtime import serve_many
 from topics import GENERATIONS, TOKENS, TopicSpec
 
@@ -39,11 +37,6 @@ class Settings(StageSettings):
     """An answer repeating this many consecutive words of the system prompt is blocked."""
     max_window_chars: int = Field(default=240, ge=20)
     """A streamed window is a sentence, or at most this many characters without one."""
-
-
-def _keyed_only(delta: TokenDelta) -> list[Emit]:
-    # The runtime always hands a keyed stage its state; getting here is a wiring bug.
-    raise ConfigError("stream moderation runs only with keyed state")
 
 
 def build_checks(
@@ -89,7 +82,7 @@ def build(
     stream = StreamModerator(moderator, settings.max_window_chars)
     return [
         (GENERATIONS, StageLogic(STAGE, Generation, moderator.process)),
-        (TOKENS, StageLogic(STAGE, TokenDelta, _keyed_only, process_keyed=stream.process)),
+        (TOKENS, StageLogic(STAGE, TokenDelta, keyed_only, process_keyed=stream.process)),
     ]
 
 

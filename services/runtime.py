@@ -51,6 +51,14 @@ def build_app(settings: StageSettings, stage: str) -> Application:
     )
 
 
+def _sinks(app: Application) -> dict[str, Any]:
+    """Every declared topic as an output of ``app``, by name."""
+    return {
+        spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
+        for spec in ALL
+    }
+
+
 def serve(settings: StageSettings, source: TopicSpec, logic: StageLogic[M]) -> None:
     """Consume ``source``, dispatch each record, produce every output; runs until SIGTERM."""
     serve_many(settings, logic.name, [(source, logic)])
@@ -62,10 +70,7 @@ def serve_many(
     """One consumer group reading several topics, each with its own logic."""
     metrics.for_stage(stage).serve(settings.metrics_port)
     app = build_app(settings, stage)
-    sink = {
-        spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
-        for spec in ALL
-    }
+    sink = _sinks(app)
     for source, logic in flows:
         sdf = app.dataframe(
             app.topic(source.name, key_deserializer="str", value_deserializer="bytes")
@@ -110,10 +115,7 @@ def serve_join(
     keyed state all of them share (a join): each record goes to its topic's logic."""
     metrics.for_stage(stage).serve(settings.metrics_port)
     app = build_app(settings, stage)
-    sink = {
-        spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
-        for spec in ALL
-    }
+    sink = _sinks(app)
     frames = [
         app.dataframe(app.topic(source.name, key_deserializer="str", value_deserializer="bytes"))
         for source, _ in flows
