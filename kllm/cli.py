@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from kllm import cli_export, cli_keys, cli_scale, logs
+from kllm import cli_export, cli_keys, cli_scale, cli_trace, logs
 from kllm.errors import PipelineError
 from kllm.settings import STATE_FILE, KafkaSettings, write_state
 
@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_keys.add_parser(sub)
     cli_export.add_parser(sub)
     cli_scale.add_parser(sub)
+    cli_trace.add_parser(sub)
     sub.add_parser("provision", help="create the declared topics that are missing (idempotent)")
     sub.add_parser("topics", help="list the declared topics: partitions, key, schema, DLQ")
     broker = sub.add_parser("broker", help="run only the embedded broker, in the foreground")
@@ -105,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = KafkaSettings()
-    quiet = {"ask", "topics", "ingest", "search", "keys", "export-dataset", "scale"}
+    quiet = {"ask", "topics", "ingest", "search", "keys", "export-dataset", "scale", "trace"}
     logs.configure("WARNING" if args.command in quiet else settings.log_level)
     handlers = {
         "up": cmd_up,
@@ -118,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keys": cli_keys.cmd_keys,
         "export-dataset": cli_export.cmd_export,
         "scale": cli_scale.cmd_scale,
+        "trace": cli_trace.cmd_trace,
     }
     try:
         return handlers[args.command](args, settings)

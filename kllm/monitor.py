@@ -3,7 +3,8 @@
 A thread tails the pipeline's topics from their end (no consumer group, so it
 takes nothing from the stages): records per second per topic; per stage, the
 time from a request's record on the stage's input topic to its record on the
-next topic (as this reader sees them arrive); recent dead letters and drift alerts. Consumer
+next topic (by the records' timestamps, the time each was produced: every stage
+stamps its outputs so); recent dead letters and drift alerts. Consumer
 lag per partition comes from the groups' committed offsets, every few seconds.
 """
 
@@ -88,14 +89,15 @@ class PipelineMonitor:
             while not self._stop.is_set():
                 msg = consumer.poll(0.2)
                 if msg is not None and msg.error() is None:
-                    self._record(msg.topic() or "", msg.key(), msg.value() or b"")
+                    _kind, produced_ms = msg.timestamp()
+                    record = (msg.topic() or "", msg.key(), msg.value() or b"")
+                    self._record(*record, produced_ms / 1000)
         finally:
             consumer.close()
 
-    def _record(self, topic: str, key: bytes | None, value: bytes) -> None:
-        now = time.time()
+    def _record(self, topic: str, key: bytes | None, value: bytes, produced_at: float) -> None:
         with self._lock:
-            self.snap.seen.append((now, topic))
+            self.snap.seen.append((time.time(), topic))
             if topic.endswith(".dlq"):
                 self._dead_letter(value)
             elif topic == DRIFT_ALERTS.name:
@@ -103,16 +105,17 @@ class PipelineMonitor:
             else:
                 rid = peek_request_id(value) if topic == REQUESTS.name else (key or b"").decode()
                 if rid:
-                    # When this reader saw it, not the record's timestamp: quixstreams stages
-                    # give their outputs the input's timestamp, which would read as 0 ms.
-                    self._stamp(rid, topic, now)
+                    self._stamp(rid, topic, produced_at)
 
     def _stamp(self, rid: str, topic: str, at: float) -> None:
         stamps = self.snap.stamps.setdefault(rid, {})
-        stamps.setdefault(topic, at)
+        if topic in stamps:
+            return  # a replayed duplicate: the first copy timed the hop
+        stamps[topic] = at
+        # Partitions arrive here in any order: a hop is timed when its second end shows up.
         for stage, (into, out) in HOPS.items():
-            if topic == out and into in stamps:
-                self.snap.hop_ms[stage].append((at - stamps[into]) * 1000)
+            if topic in (into, out) and into in stamps and out in stamps:
+                self.snap.hop_ms[stage].append((stamps[out] - stamps[into]) * 1000)
         while len(self.snap.stamps) > 5000:
             self.snap.stamps.popitem(last=False)
 

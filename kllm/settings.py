@@ -31,6 +31,10 @@ class KafkaSettings(BaseSettings):
     """Also the rebalance timeout: how long a rebalance waits for a member that died
     while joining. Stages poll between short records, so 30 s is ample."""
     log_level: str = "INFO"
+    trace_export: Literal["none", "file", "otlp"] = "none"
+    """Where OpenTelemetry spans go: nowhere (the trace context still passes through),
+    JSON lines under ``<run_dir>/traces`` (see `kllm trace`), or OTLP/HTTP to
+    OTEL_EXPORTER_OTLP_ENDPOINT."""
     inference_pools: list[str] = Field(default_factory=list)
     """Extra inference pools, each with its own job topic (see topics.inference_topic)."""
 

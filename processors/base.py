@@ -11,11 +11,13 @@ from topics import TopicSpec
 
 @dataclass(frozen=True)
 class Emit:
-    """One output record: where it goes, its key, and the message."""
+    """One output record: where it goes, its key, the message, and its Kafka headers
+    (the stage's runtime fills them with the trace context; processors leave them)."""
 
     topic: TopicSpec
     key: str
     message: Message
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class Rejected(PipelineError):

@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, Producer, TopicPartition
+from opentelemetry.trace import Span
 
+from kllm import tracing
 from kllm.errors import BrokerError
 from kllm.kafka import records_only
 from kllm.metrics import StageMetrics
@@ -38,8 +40,10 @@ class BatchRunner:
         max_batch: int = 64,
         max_wait_s: float = 0.005,
         metrics: StageMetrics | None = None,
+        stage: str = "batch",
     ) -> None:
         self.metrics = metrics
+        self.stage = stage
         self.consumer = consumer
         self.producer = producer
         self.source = source
@@ -53,17 +57,28 @@ class BatchRunner:
         wait = self.max_wait_s if wait_s is None else wait_s
         msgs = self.consumer.consume(num_messages=self.max_batch, timeout=wait)
         records = []
+        spans: list[Span] = []
+        carried: dict[str | None, tracing.Headers] = {}
         for msg in records_only(msgs):
             key = msg.key()
             ref = RecordRef(
                 self.source, msg.partition(), msg.offset(), key.decode() if key else None
             )
             records.append((ref, msg.value() or b""))
+            where = (self.stage, self.source.name, ref.partition, ref.offset)
+            spans.append(tracing.start_record_span(*where, msg.headers(), ref.key))
+            # An output is keyed like its input (request id, document id): it continues
+            # the trace of the record with its key.
+            carried[ref.key] = tracing.headers_for(spans[-1])
         if not records:
             return 0
         t0 = time.perf_counter()
-        outputs = self.handler(records)
-        self._publish(outputs)
+        try:
+            outputs = self.handler(records)
+            self._publish(outputs, carried)
+        finally:
+            for span in spans:
+                span.end()
         self._commit(records)
         if self.metrics is not None:
             self.metrics.observe(self.source.name, len(records), outputs, time.perf_counter() - t0)
@@ -77,7 +92,7 @@ class BatchRunner:
         )
         return len(records)
 
-    def _publish(self, outputs: list[Emit]) -> None:
+    def _publish(self, outputs: list[Emit], carried: dict[str | None, tracing.Headers]) -> None:
         errors: list[str] = []
 
         def on_delivery(err: object, _msg: object) -> None:
@@ -86,7 +101,11 @@ class BatchRunner:
 
         for emit in outputs:
             self.producer.produce(
-                emit.topic.name, key=emit.key, value=encode(emit.message), on_delivery=on_delivery
+                emit.topic.name,
+                key=emit.key,
+                value=encode(emit.message),
+                headers=carried.get(emit.key),
+                on_delivery=on_delivery,
             )
         if self.producer.flush(30) > 0 or errors:
             # Not committed: the batch is replayed after the restart this causes.

@@ -34,7 +34,7 @@ from starlette.responses import Response as HttpResponse
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from kllm import logs
+from kllm import logs, tracing
 from kllm.dashboard import PAGE
 from kllm.errors import ConfigError, PipelineError
 from kllm.httpapi import HttpError, error_response, replayed, reply_error, settle
@@ -236,7 +236,13 @@ class Gateway:
             loop.call_soon_threadsafe(settle, acked, err)
 
         try:
-            self.producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+            self.producer.produce(
+                topic,
+                key=key,
+                value=value,
+                headers=tracing.headers_for(),  # the caller's span: the trace goes on in Kafka
+                on_delivery=on_delivery,
+            )
         except (BufferError, KafkaException) as exc:
             raise HttpError(503, "unavailable", f"cannot publish the request: {exc}") from exc
         await acked
@@ -285,6 +291,15 @@ async def parse(gw: Gateway, http: HttpRequest, tenant: str) -> api.ChatCompleti
 
 def make_app(gw: Gateway) -> Starlette:
     async def chat(http: HttpRequest) -> HttpResponse:
+        name = "POST /v1/chat/completions"
+        with tracing.server_span("gateway", name, http.headers.items()) as span:
+            response = await answer_chat(http)
+            span.set_attribute("http.response.status_code", response.status_code)
+            span.set_attribute("kllm.request_id", response.headers.get("x-request-id", ""))
+            response.headers["x-kllm-trace-id"] = tracing.trace_id(span)
+            return response
+
+    async def answer_chat(http: HttpRequest) -> HttpResponse:
         t0 = time.perf_counter()
         try:
             tenant = gw.tenant(http)
@@ -465,6 +480,7 @@ async def serve(settings: Settings, gw: Gateway) -> None:
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
+    tracing.configure("gateway", settings.trace_export, settings.run_dir)
     asyncio.run(serve(settings, build(settings)))
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 from confluent_kafka import Consumer, Producer
 from pydantic import BaseModel, Field
 
-from kllm import logs, metrics
+from kllm import logs, metrics, tracing
 from kllm.errors import ConfigError, PipelineError
 from kllm.kafka import make_consumer, make_producer
 from kllm.settings import StageSettings, stage_group
@@ -188,6 +188,7 @@ async def serve(settings: Settings, generator: Generator, capacity: int) -> None
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
+    tracing.configure(STAGE, settings.trace_export, settings.run_dir)
     generator, capacity = build(settings)
     asyncio.run(serve(settings, generator, capacity))
 

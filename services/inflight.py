@@ -26,6 +26,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from kllm import tracing
 from kllm.errors import BrokerError
 from kllm.kafka import records_only
 from kllm.metrics import StageMetrics
@@ -53,6 +54,7 @@ class InflightRunner:
         commit_interval_s: float = 0.2,
         drain_timeout_s: float = 30.0,
         metrics: StageMetrics | None = None,
+        stage: str = "inference",
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -66,6 +68,7 @@ class InflightRunner:
         self.commit_interval_s = commit_interval_s
         self.drain_timeout_s = drain_timeout_s
         self.metrics = metrics
+        self.stage = stage
         self.offsets = OffsetTracker()
         self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self.max_in_flight = 0
@@ -138,17 +141,21 @@ class InflightRunner:
         partition, offset = msg.partition(), msg.offset()
         raw_key = msg.key()
         ref = RecordRef(self.source, partition, offset, raw_key.decode() if raw_key else None)
-        task = asyncio.create_task(self._work(ref, msg.value() or b""), name=str(ref))
+        work = self._work(ref, msg.value() or b"", msg.headers())
+        task = asyncio.create_task(work, name=str(ref))
         self.tasks[(partition, offset)] = task
         self.max_in_flight = max(self.max_in_flight, len(self.tasks))
         task.add_done_callback(lambda t: self._done(ref, t))
 
-    async def _work(self, ref: RecordRef, value: bytes) -> None:
+    async def _work(self, ref: RecordRef, value: bytes, headers: tracing.Headers | None) -> None:
         t0 = time.perf_counter()
         if self.metrics is not None:
             self.metrics.in_flight.labels(self.metrics.stage).set(len(self.tasks))
-        outputs = await self.handler(ref, value, self._publish)
-        await asyncio.gather(*(self._publish_acked(e) for e in outputs))
+        where = (self.stage, ref.topic.name, ref.partition, ref.offset)
+        # The span is current in this task: what it publishes carries its context.
+        with tracing.record_span(*where, headers, ref.key):
+            outputs = await self.handler(ref, value, self._publish)
+            await asyncio.gather(*(self._publish_acked(e) for e in outputs))
         if self.metrics is not None:
             self.metrics.observe(ref.topic.name, 1, outputs, time.perf_counter() - t0)
         log.info(
@@ -177,7 +184,12 @@ class InflightRunner:
 
     def _publish(self, emit: Emit) -> None:
         """Publish without waiting (streamed deltas): losing one to a crash costs nothing."""
-        self.producer.produce(emit.topic.name, key=emit.key, value=encode(emit.message))
+        self.producer.produce(
+            emit.topic.name,
+            key=emit.key,
+            value=encode(emit.message),
+            headers=tracing.headers_for(),
+        )
 
     def _publish_acked(self, emit: Emit) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -192,7 +204,11 @@ class InflightRunner:
                 fut.set_exception(BrokerError(f"publishing to {emit.topic.name} failed: {err}"))
 
         self.producer.produce(
-            emit.topic.name, key=emit.key, value=encode(emit.message), on_delivery=on_delivery
+            emit.topic.name,
+            key=emit.key,
+            value=encode(emit.message),
+            headers=tracing.headers_for(),
+            on_delivery=on_delivery,
         )
         return fut
 

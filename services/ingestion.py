@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from kllm import logs
+from kllm import logs, tracing
 from kllm.adapters.pii import PATTERN_ENTITIES
 from kllm.settings import StageSettings
 from processors.admission import Admission, Quota, parse_quotas
@@ -91,6 +91,7 @@ def build(settings: Settings, *, guardrails: Guardrails | None = None) -> StageL
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
+    tracing.configure(STAGE, settings.trace_export, settings.run_dir)
     serve(settings, REQUESTS, build(settings))
 
 

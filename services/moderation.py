@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field
 
-from kllm import logs
+from kllm import logs, tracing
 from kllm.adapters.pii import PATTERN_ENTITIES as PII_ENTITIES
 from kllm.settings import StageSettings
 from processors.dispatch import StageLogic, keyed_only
@@ -89,6 +89,7 @@ def build(
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
+    tracing.configure(STAGE, settings.trace_export, settings.run_dir)
     serve_many(settings, STAGE, build(settings))
 
 

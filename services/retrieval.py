@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from pydantic import Field
 
-from kllm import logs, metrics
+from kllm import logs, metrics, tracing
 from kllm.documents import document_for
 from kllm.errors import PipelineError
 from kllm.kafka import make_consumer, make_producer
@@ -184,6 +184,7 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
         settings.max_batch,
         settings.max_wait_ms / 1000,
         stage_metrics,
+        stage=STAGE,
     )
     documents = BatchRunner(
         make_consumer(bootstrap, group_id(INDEXER), settings.consumer_config()),
@@ -192,6 +193,7 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
         document_handler(indexer, retriever.cache),
         settings.max_batch,
         metrics=stage_metrics,
+        stage=INDEXER,
     )
     fills = (
         BatchRunner(
@@ -201,6 +203,7 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
             cache_fill_handler(retriever.cache),
             settings.max_batch,
             metrics=stage_metrics,
+            stage=CACHE,
         )
         if retriever.cache is not None
         else None
@@ -227,6 +230,7 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
+    tracing.configure(STAGE, settings.trace_export, settings.run_dir)
     retriever, indexer = build(settings)
     serve(settings, retriever, indexer)
 

@@ -11,13 +11,14 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from quixstreams import Application, State, message_context
 from quixstreams.dataframe import StreamingDataFrame
 from quixstreams.models.serializers import Serializer
 
-from kllm import metrics
+from kllm import metrics, tracing
 from kllm.settings import StageSettings, group_id
 from kllm.supervisor import mark_ready
 from processors.base import Emit
@@ -75,33 +76,51 @@ def serve_many(
         sdf = app.dataframe(
             app.topic(source.name, key_deserializer="str", value_deserializer="bytes")
         )
-        sdf = _apply(sdf, source, logic)
-        sdf.to_topic(lambda value, _k, _ts, _h: sink[value.topic.name], key=lambda e: e.key)
+        _to_sinks(_apply(sdf, source, logic), sink)
     mark_ready(settings.ready_file)
     sources = [source.name for source, _ in flows]
     log.info("stage running", extra={"stage": stage, "source": sources, "pid": os.getpid()})
     app.run()
 
 
+def _to_sinks(sdf: StreamingDataFrame, sink: dict[str, Any]) -> None:
+    """Produce each Emit to its topic with its trace headers. The record's timestamp is
+    the time it was produced (Kafka's CreateTime), not the input's that quixstreams would
+    copy: the pipeline does no event-time windowing, and the dashboard times stages by it."""
+    sdf = sdf.set_headers(lambda e, _k, _ts, _h: list(e.headers))
+    sdf = sdf.set_timestamp(lambda _e, _k, _ts, _h: int(time.time() * 1000))
+    sdf.to_topic(lambda value, _k, _ts, _h: sink[value.topic.name], key=lambda e: e.key)
+
+
 def _measured(
-    logic: StageLogic[Any], ref: RecordRef, value: bytes, state: State[Any, Any] | None = None
+    logic: StageLogic[Any],
+    ref: RecordRef,
+    value: bytes,
+    headers: Any,
+    state: State[Any, Any] | None = None,
 ) -> list[Emit]:
     t0 = time.perf_counter()
-    out = dispatch(logic, ref, value, state)
+    where = (logic.name, ref.topic.name, ref.partition, ref.offset)
+    with tracing.record_span(*where, headers) as span:
+        out = dispatch(logic, ref, value, state)
+        rid = next((e.message.request_id for e in out if hasattr(e.message, "request_id")), "")
+        span.set_attribute("kllm.request_id", rid)
+        carried = tuple(tracing.headers_for(span))
     metrics.for_stage(logic.name).observe(ref.topic.name, 1, out, time.perf_counter() - t0)
-    return out
+    return [replace(e, headers=carried) for e in out]
 
 
 def _apply(sdf: StreamingDataFrame, source: TopicSpec, logic: StageLogic[Any]) -> Any:
-    def handle(value: bytes, key: str | None, _ts: int, _headers: Any) -> list[Emit]:
+    def handle(value: bytes, key: str | None, _ts: int, headers: Any) -> list[Emit]:
         ctx = message_context()
-        return _measured(logic, RecordRef(source, ctx.partition, ctx.offset, key), value)
+        return _measured(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, headers)
 
     def handle_keyed(
-        value: bytes, key: str | None, _ts: int, _headers: Any, state: State[Any, Any]
+        value: bytes, key: str | None, _ts: int, headers: Any, state: State[Any, Any]
     ) -> list[Emit]:
         ctx = message_context()
-        return _measured(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, state)
+        ref = RecordRef(source, ctx.partition, ctx.offset, key)
+        return _measured(logic, ref, value, headers, state)
 
     if logic.process_keyed is not None:
         return sdf.apply(handle_keyed, expand=True, metadata=True, stateful=True)
@@ -126,14 +145,14 @@ def serve_join(
     by_topic = {source.name: (source, logic) for source, logic in flows}
 
     def handle(
-        value: bytes, key: str | None, _ts: int, _headers: Any, state: State[Any, Any]
+        value: bytes, key: str | None, _ts: int, headers: Any, state: State[Any, Any]
     ) -> list[Emit]:
         ctx = message_context()
         source, logic = by_topic[ctx.topic]
-        return _measured(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, state)
+        ref = RecordRef(source, ctx.partition, ctx.offset, key)
+        return _measured(logic, ref, value, headers, state)
 
-    merged = merged.apply(handle, expand=True, metadata=True, stateful=True)
-    merged.to_topic(lambda value, _k, _ts, _h: sink[value.topic.name], key=lambda e: e.key)
+    _to_sinks(merged.apply(handle, expand=True, metadata=True, stateful=True), sink)
     mark_ready(settings.ready_file)
     log.info("stage running", extra={"stage": stage, "source": list(by_topic), "pid": os.getpid()})
     app.run()

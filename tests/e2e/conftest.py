@@ -67,6 +67,7 @@ def pipeline(
         "KLLM_QUOTAS": '{"quota-tenant": {"rpm": 3}}',
         "KLLM_GATEWAY_MAX_WAITING": "4",
         "KLLM_METRICS_BASE_PORT": str(free_port()),
+        "KLLM_TRACE_EXPORT": "file",
         "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
         "KLLM_RUN_DIR": str(run_dir),
         "KLLM_QDRANT_PATH": str(run_dir / "qdrant"),

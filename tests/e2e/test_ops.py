@@ -3,6 +3,7 @@ dashboard, rendered by a real headless Chromium (screenshot kept with the test o
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import time
@@ -13,9 +14,12 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from kllm import cli
+from kllm.cli_trace import SpanRow, find_trace, read_spans
 from kllm.keys import KeyStore
 from kllm.lag import consumer_lag
 from kllm.supervisor import STAGES, Supervisor
+from kllm.tracing import TRACES_DIR
 from tests.e2e.conftest import Client
 from topics import DOCUMENTS_INDEXED
 
@@ -115,3 +119,51 @@ def test_dashboard_renders_live_figures_in_chromium(pipeline: Supervisor, tmp_pa
     assert shot.stat().st_size > 10_000
     assert "llm.responses" in page and "kllm-inference" in page  # figures, not the empty page
     print(f"dashboard screenshot: {shot}")
+
+
+def test_one_request_is_one_trace_across_the_stages(
+    pipeline: Supervisor, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caller_trace, caller_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    url = f"http://127.0.0.1:{pipeline.env['KLLM_GATEWAY_PORT']}/v1/chat/completions"
+    key = KeyStore(Path(pipeline.env["KLLM_RUN_DIR"]) / "keys.json").create("trace")[1]
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": f"Trace {caller_trace[:6]}: what is lag?"}],
+        "max_tokens": 8,
+    }
+    headers = {
+        "authorization": f"Bearer {key}",
+        "traceparent": f"00-{caller_trace}-{caller_span}-01",
+    }
+    r = httpx.post(url, json=body, headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kllm-trace-id"] == caller_trace  # the caller's trace goes on
+    folder = Path(pipeline.env["KLLM_RUN_DIR"]) / TRACES_DIR
+    wanted = {"gateway", "ingestion", "retrieval", "inference", "moderation"}
+    spans: list[SpanRow] = []
+    stages: dict[str, SpanRow] = {}
+    for _ in range(40):  # each process exports its spans every half second
+        spans = find_trace(read_spans(folder), caller_trace)
+        # A stage's span is named after it; the gateway's after the HTTP route.
+        stages = {s.name.removesuffix(" process"): s for s in spans}
+        stages["gateway"] = next((s for s in spans if s.service == "kllm-gateway"), spans[0])
+        if wanted <= set(stages):
+            break
+        time.sleep(0.5)
+    assert wanted <= set(stages), [(s.service, s.name) for s in spans]
+    assert stages["gateway"].parent_id == caller_span
+    # Each stage's span is the child of the span that produced the record it consumed.
+    by_id = {s.span_id: s for s in spans}
+    chain = ["moderation", "inference", "retrieval", "ingestion", "gateway"]
+    for child, parent in itertools.pairwise(chain):
+        assert by_id[stages[child].parent_id or ""] == stages[parent], child
+    assert stages["inference"].attributes["kllm.request_id"] == r.headers["x-request-id"]
+    # The answer also reached its other readers, in the same trace.
+    assert {"cache", "feedback"} <= set(stages)
+
+    monkeypatch.setenv("KLLM_RUN_DIR", pipeline.env["KLLM_RUN_DIR"])
+    assert cli.main(["trace", r.headers["x-request-id"]]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"trace {caller_trace}")
+    assert all(f"{stage}: {stage} process" in shown for stage in wanted - {"gateway"})

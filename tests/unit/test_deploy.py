@@ -411,6 +411,17 @@ def test_compose_runs_kafka_in_kraft_mode_and_qdrant() -> None:
             assert "profiles" not in service, f"{name} should start without a profile"
 
 
+def test_compose_sends_every_stages_spans_to_an_otlp_receiver_it_runs() -> None:
+    services = compose()["services"]
+    for stage, (name, service) in stage_services().items():
+        env = compose_env(service)
+        assert env["KLLM_TRACE_EXPORT"] == "otlp", stage
+        host, _, port = env["OTEL_EXPORTER_OTLP_ENDPOINT"].removeprefix("http://").partition(":")
+        assert host in services, f"{name} sends spans to {host}, which compose does not run"
+        assert port == "4318"  # OTLP over HTTP, what the stages' exporter speaks
+    assert compose_env(services["jaeger"])["COLLECTOR_OTLP_ENABLED"] == "true"
+
+
 def test_compose_runs_every_stage() -> None:
     stages = stage_services()
     assert set(STAGES) <= set(stages), f"missing: {set(STAGES) - set(stages)}"
