@@ -227,6 +227,11 @@ def main() -> int:
         help="self-contained run: the real CPU model, or instant scripted answers",
     )
     p.add_argument("--png", type=Path, default=Path("openloop.png"), help="plot file")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="self-contained run: trace every request and report each stage's wait and work",
+    )
     args = p.parse_args()
     with ExitStack() as stack:
         if args.url:
@@ -234,17 +239,33 @@ def main() -> int:
                 p.error("--url needs --key")
             url, keys, model = args.url.rstrip("/"), {"tenant-0": args.key}, "smollm2-135m"
         else:
-            url, keys, model = stack.enter_context(_pipeline(args.engine))
+            url, keys, model, run_dir = stack.enter_context(_pipeline(args.engine, args.breakdown))
         samples = asyncio.run(run(url, keys, model, args.rate, args.seconds))
+        if args.breakdown and not args.url:
+            time.sleep(1.5)  # the stages export their spans every half second
+            print_breakdown(run_dir)
     print(report(samples, args.rate, args.seconds))
     if plot(samples, args.png):
         print(f"plot: {args.png}")
     return 0
 
 
+def print_breakdown(run_dir: Path) -> None:
+    from trace_breakdown import breakdown
+
+    from kllm.cli_trace import read_spans
+    from kllm.tracing import TRACES_DIR
+
+    table = breakdown(read_spans(run_dir / TRACES_DIR))
+    print(f"where the time goes ({len(table['moderation'][1])} traced requests, ms):")
+    for stage, (waits, work) in table.items():
+        wait = f"wait p50 {pct(waits, 0.5):6.1f} p99 {pct(waits, 0.99):7.1f}" if waits else ""
+        print(f"  {stage:10} {wait:30} work p50 {pct(work, 0.5):6.1f} p99 {pct(work, 0.99):7.1f}")
+
+
 @contextmanager
-def _pipeline(engine: str) -> Iterator[tuple[str, dict[str, str], str]]:
-    from harness import free_port, running
+def _pipeline(engine: str, traced: bool) -> Iterator[tuple[str, dict[str, str], str, Path]]:
+    from harness import free_port, supervised
     from scripted_engine import scripted_engine
 
     from kllm.keys import KeyStore
@@ -259,6 +280,7 @@ def _pipeline(engine: str) -> Iterator[tuple[str, dict[str, str], str]]:
             "KLLM_GATEWAY_KEYS_FILE": str(keys_file),
             "KLLM_CACHE": "true",
             "KLLM_GATEWAY_MAX_WAITING": "256",
+            "KLLM_TRACE_EXPORT": "file" if traced else "none",
         }
         model = "smollm2-135m"
         if engine == "scripted":
@@ -270,8 +292,8 @@ def _pipeline(engine: str) -> Iterator[tuple[str, dict[str, str], str]]:
                 ).decode(),
                 "KLLM_GATEWAY_MODELS": '["scripted"]',
             }
-        stack.enter_context(running(env=env))
-        yield f"http://127.0.0.1:{port}/v1", keys, model
+        _bootstrap, sup = stack.enter_context(supervised(env=env))
+        yield f"http://127.0.0.1:{port}/v1", keys, model, sup.run_dir
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the "model" says is scripted: the last user message names a script with
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
@@ -47,6 +48,8 @@ async def _chat(request: Request) -> Response:
     user = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
     match = _SCRIPT.search(user)
     text = SCRIPTS.get(match.group(1) if match else "clean", SCRIPTS["clean"])
+    # A fixed service time per answer gives the engine a known capacity (slots / delay).
+    await asyncio.sleep(request.app.state.delay_s)
 
     async def events() -> AsyncIterator[bytes]:
         for piece in _pieces(text):
@@ -62,12 +65,14 @@ async def _chat(request: Request) -> Response:
 
 
 @contextmanager
-def scripted_engine() -> Iterator[str]:
-    """Serve the script on a free port in a thread; yield its base URL."""
+def scripted_engine(delay_s: float = 0.0) -> Iterator[str]:
+    """Serve the script on a free port in a thread; yield its base URL. Each answer
+    starts after ``delay_s``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     app = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
+    app.state.delay_s = delay_s
     server = uvicorn.Server(uvicorn.Config(app, "127.0.0.1", port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
