@@ -64,7 +64,8 @@ class Settings(StageSettings):
     max_in_flight: int = 0
     """Requests in flight per worker; 0 sizes it to the default model's slots."""
     prefetch: int = 0
-    """Records waiting locally for a free slot; 0 means as many as ``max_in_flight``."""
+    """Records waiting locally for a free slot, over all partitions (at least 4 per
+    partition); 0 means twice ``max_in_flight``."""
     max_attempts: int = 3
     retry_backoff_s: float = 0.05
     n_ctx_per_slot: int = 2048
@@ -175,6 +176,7 @@ async def serve(settings: Settings, generator: Generator, capacity: int) -> None
         inference_topic(settings.pool),
         make_handler(generator),
         capacity,
+        prefetch=settings.prefetch or None,
         commit_interval_s=min(settings.commit_interval_s, 0.2),
         metrics=stage_metrics,
     )

@@ -5,9 +5,14 @@ loop leaves a continuous-batching engine idle and, when a call is slow, misses
 the group's poll deadline and triggers a rebalance. Here the poll loop never
 waits for work: each record becomes an asyncio task, at most N run at once, and
 the loop keeps polling (so heartbeats and rebalances are served) all the while.
-Up to ``prefetch`` records wait in a local buffer so a freed slot is refilled at
-once; when the buffer is full the partitions are paused, and resumed when it
-drains (bounded memory, no refetch stall per completion).
+Records wait in local buffers, one per partition, so a freed slot is refilled at
+once. Each partition may hold its share of ``prefetch`` (at least 4); a partition
+holding its share is paused, and resumed when it drains (bounded memory, no
+refetch stall per completion), and records fetched beyond the share are read
+again later. Slots go to the oldest waiting record across partitions (by its
+timestamp). Both matter under sustained load: fetched records arrive partition by
+partition, and without them the first partitions' records took the slots while
+the last partition's waited tens of seconds (seen in traces at 3x capacity).
 
 Offsets: a record's offset is committed only once its outputs are acknowledged
 by the broker and every earlier record of its partition is done too
@@ -63,8 +68,10 @@ class InflightRunner:
         self.source = source
         self.handler = handler
         self.capacity = capacity
-        self.prefetch = capacity if prefetch is None else prefetch
-        self.buffer: deque[Message] = deque()
+        self.prefetch = 2 * capacity if prefetch is None else prefetch
+        self.buffers: dict[int, deque[Message]] = {}
+        self.assigned: set[int] = set()
+        self.paused: set[int] = set()
         self.commit_interval_s = commit_interval_s
         self.drain_timeout_s = drain_timeout_s
         self.metrics = metrics
@@ -72,7 +79,6 @@ class InflightRunner:
         self.offsets = OffsetTracker()
         self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self.max_in_flight = 0
-        self.paused = False
         self._failure: BaseException | None = None
         self._last_commit = 0.0
 
@@ -100,39 +106,53 @@ class InflightRunner:
             self.producer.flush(10)
 
     def _poll_once(self) -> bool:
-        room = self.prefetch - len(self.buffer)
-        if room <= 0:
-            self._pause()
-            # Still poll: it serves heartbeats and rebalance callbacks while paused.
-            msg = self.consumer.poll(0)
-            if msg is not None and msg.error() is None:
-                self._give_back(msg)
-            msgs = []
-        else:
-            self._resume()
-            msgs = self.consumer.consume(num_messages=room, timeout=0)
+        share = self._pace()
+        # Polled even when every partition is paused: it serves heartbeats and rebalances.
+        msgs = self.consumer.consume(num_messages=max(self.prefetch, 64), timeout=0)
+        got, given_back = False, set()
         for msg in records_only(msgs):
+            partition = msg.partition()
+            buffered = self.buffers.setdefault(partition, deque())
+            if partition in given_back:
+                continue  # comes again after the record that rewound its partition
+            if partition in self.paused or len(buffered) >= share:
+                # Fetched records arrive partition by partition: without a cap the first
+                # partition's filled the buffer and the last partition's waited.
+                self._give_back(msg)
+                given_back.add(partition)
+                continue
             # Tracked from now on: the commit cannot pass a record still waiting here.
-            self.offsets.start((self.source.name, msg.partition()), msg.offset())
-            self.buffer.append(msg)
+            self.offsets.start((self.source.name, partition), msg.offset())
+            buffered.append(msg)
+            got = True
+        return self._start_oldest() or got
+
+    def _start_oldest(self) -> bool:
+        """Fill free slots with the oldest buffered records (FIFO within a partition)."""
         started = False
-        while self.buffer and len(self.tasks) < self.capacity:
-            self._start(self.buffer.popleft())
+        while len(self.tasks) < self.capacity:
+            heads = [(q[0].timestamp()[1], p) for p, q in self.buffers.items() if q]
+            if not heads:
+                break
+            self._start(self.buffers[min(heads)[1]].popleft())
             started = True
-        return bool(msgs) or started
+        return started
 
-    def _pause(self) -> None:
-        if not self.paused:
-            self.consumer.pause(self.consumer.assignment())
-            self.paused = True
-
-    def _resume(self) -> None:
-        if self.paused:
-            self.consumer.resume(self.consumer.assignment())
-            self.paused = False
+    def _pace(self) -> int:
+        """Pause the partitions holding their share of the prefetch, resume the others;
+        returns the share."""
+        # At least a few each: a partition paused after each record is refetched each time.
+        share = max(4, -(-self.prefetch // max(1, len(self.assigned))))  # ceiling
+        full = {p for p, q in self.buffers.items() if len(q) >= share} & self.assigned
+        if full - self.paused:
+            self.consumer.pause([TopicPartition(self.source.name, p) for p in full - self.paused])
+        if self.paused - full:
+            self.consumer.resume([TopicPartition(self.source.name, p) for p in self.paused - full])
+        self.paused = full
+        return share
 
     def _give_back(self, msg: Message) -> None:
-        """A record fetched before the pause took effect: read it again after resume."""
+        """A record fetched before its partition's pause took effect: read it again after."""
         self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
 
     # -- one record -----------------------------------------------------------------------
@@ -232,7 +252,8 @@ class InflightRunner:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
-        self.paused = False  # a new assignment starts unpaused; the loop pauses again if full
+        self.assigned = {p.partition for p in partitions}
+        self.paused = set()  # a new assignment starts unpaused; the loop pauses again if full
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {p.partition for p in partitions}
@@ -241,7 +262,10 @@ class InflightRunner:
         for (partition, _offset), task in list(self.tasks.items()):
             if partition in revoked:
                 task.cancel()
-        self.buffer = deque(m for m in self.buffer if m.partition() not in revoked)
+        for partition in revoked:
+            self.buffers.pop(partition, None)
+        self.assigned -= revoked
+        self.paused -= revoked
         self.offsets.forget((self.source.name, p) for p in revoked)
 
     async def _drain(self) -> None:
