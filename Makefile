@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up test test-unit test-e2e check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load bench-faults bench-overload
+.PHONY: install run up test test-unit test-e2e check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load bench-faults bench-overload bench-overhead
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -61,6 +61,9 @@ eval-moderation: install  ## output moderation precision/recall per check on eva
 
 load: install  ## open-loop load through the gateway: latency p50/p95/p99, TTFT, errors, a PNG plot
 	$(BIN)/python loadtest/openloop.py --engine scripted --rate 30 --seconds 20 --png openloop.png
+
+bench-overhead: install  ## pipeline overhead p50/p99 at 10, 50 and 200 requests/s, with a per-stage breakdown
+	$(BIN)/python loadtest/overhead.py
 
 bench-overload: install  ## 3x capacity through the gateway: 429 shedding, bounded memory, recovery
 	$(BIN)/python loadtest/overload.py

@@ -228,6 +228,11 @@ def main() -> int:
     )
     p.add_argument("--png", type=Path, default=Path("openloop.png"), help="plot file")
     p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="self-contained run: response cache off, so every request runs the whole pipeline",
+    )
+    p.add_argument(
         "--breakdown",
         action="store_true",
         help="self-contained run: trace every request and report each stage's wait and work",
@@ -239,7 +244,9 @@ def main() -> int:
                 p.error("--url needs --key")
             url, keys, model = args.url.rstrip("/"), {"tenant-0": args.key}, "smollm2-135m"
         else:
-            url, keys, model, run_dir = stack.enter_context(_pipeline(args.engine, args.breakdown))
+            url, keys, model, run_dir = stack.enter_context(
+                _pipeline(args.engine, args.breakdown, cache=not args.no_cache)
+            )
         samples = asyncio.run(run(url, keys, model, args.rate, args.seconds))
         if args.breakdown and not args.url:
             time.sleep(1.5)  # the stages export their spans every half second
@@ -264,7 +271,9 @@ def print_breakdown(run_dir: Path) -> None:
 
 
 @contextmanager
-def _pipeline(engine: str, traced: bool) -> Iterator[tuple[str, dict[str, str], str, Path]]:
+def _pipeline(
+    engine: str, traced: bool, cache: bool = True
+) -> Iterator[tuple[str, dict[str, str], str, Path]]:
     from harness import free_port, supervised
     from scripted_engine import scripted_engine
 
@@ -278,7 +287,7 @@ def _pipeline(engine: str, traced: bool) -> Iterator[tuple[str, dict[str, str], 
         env = {
             "KLLM_GATEWAY_PORT": str(port),
             "KLLM_GATEWAY_KEYS_FILE": str(keys_file),
-            "KLLM_CACHE": "true",
+            "KLLM_CACHE": "true" if cache else "false",
             "KLLM_GATEWAY_MAX_WAITING": "256",
             "KLLM_TRACE_EXPORT": "file" if traced else "none",
         }

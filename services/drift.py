@@ -93,7 +93,9 @@ def build(settings: Settings, *, embed: Embed | None = None) -> tuple[DriftStage
     if embed is None:
         from kllm.adapters.embedder import SentenceTransformerEmbedder
 
-        embed = SentenceTransformerEmbedder(settings.embed_model or None).embed
+        embed = SentenceTransformerEmbedder(
+            settings.embed_model or None, threads=settings.torch_threads
+        ).embed
     checkpoint = Checkpoint(settings.checkpoint_path())
     saved = checkpoint.load()
     if saved is None:

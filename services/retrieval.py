@@ -79,7 +79,9 @@ def build(
     if embedder is None:
         from kllm.adapters.embedder import SentenceTransformerEmbedder
 
-        embedder = SentenceTransformerEmbedder(settings.embed_model or None)
+        embedder = SentenceTransformerEmbedder(
+            settings.embed_model or None, threads=settings.torch_threads
+        )
     if store is None:
         from kllm.adapters.qdrant import open_store
 

@@ -17,10 +17,16 @@ def packaged_minilm_path() -> str:
 
 
 class SentenceTransformerEmbedder:
-    def __init__(self, model_path: str | None = None, batch_size: int = 64) -> None:
+    def __init__(
+        self, model_path: str | None = None, batch_size: int = 64, threads: int | None = None
+    ) -> None:
         # Weights come from disk; never let the hub client reach for the network.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
         from sentence_transformers import SentenceTransformer
+
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: this process's only torch user
 
         self._model = SentenceTransformer(model_path or packaged_minilm_path(), device="cpu")
         self.batch_size = batch_size
