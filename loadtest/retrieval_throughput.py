@@ -48,7 +48,8 @@ def raw(texts: list[str]) -> float:
 
 
 def through_kafka(texts: list[str]) -> tuple[float, int]:
-    with running(("retrieval",)) as bootstrap:
+    # Alone on the machine, the stage gets torch's default threads, as the raw run does.
+    with running(("retrieval",), env={"KLLM_TORCH_THREADS": "0"}) as bootstrap:
         reader = TailReader(bootstrap, INFERENCE.name, {"fetch.wait.max.ms": 10})
         producer = make_producer(bootstrap)
         reqs = [Request(request_id=f"r-{uuid.uuid4()}", prompt=t) for t in texts]
