@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import orjson
+from opentelemetry import trace
 
 # Attributes every LogRecord has; anything else was passed through ``extra``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -23,6 +24,11 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD:
                 body[key] = value
+        # Inside a stage's span for a record: the line names the request's trace.
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            body["trace_id"] = format(span.trace_id, "032x")
+            body["span_id"] = format(span.span_id, "016x")
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(body, default=str).decode()

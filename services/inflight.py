@@ -176,19 +176,19 @@ class InflightRunner:
         with tracing.record_span(*where, headers, ref.key):
             outputs = await self.handler(ref, value, self._publish)
             await asyncio.gather(*(self._publish_acked(e) for e in outputs))
-        if self.metrics is not None:
-            self.metrics.observe(ref.topic.name, 1, outputs, time.perf_counter() - t0)
-        log.info(
-            "completed",
-            extra={
-                "record": str(ref),
-                "request_id": outputs[0].key if outputs else None,
-                "ms": round((time.perf_counter() - t0) * 1000, 1),
-                "in_flight": len(self.tasks),
-                "max_in_flight": self.max_in_flight,
-                "capacity": self.capacity,
-            },
-        )
+            if self.metrics is not None:
+                self.metrics.observe(ref.topic.name, 1, outputs, time.perf_counter() - t0)
+            log.info(
+                "completed",
+                extra={
+                    "record": str(ref),
+                    "request_id": outputs[0].key if outputs else None,
+                    "ms": round((time.perf_counter() - t0) * 1000, 1),
+                    "in_flight": len(self.tasks),
+                    "max_in_flight": self.max_in_flight,
+                    "capacity": self.capacity,
+                },
+            )
 
     def _done(self, ref: RecordRef, task: asyncio.Task[None]) -> None:
         self.tasks.pop((ref.partition, ref.offset), None)

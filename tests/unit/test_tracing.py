@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -14,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from kllm import tracing
 from kllm.cli_trace import find_trace, read_spans, render
+from kllm.logs import JsonFormatter
 
 CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -92,3 +95,13 @@ def test_span_files_are_read_back_as_one_tree_per_request(tmp_path: Path) -> Non
     lines = render(found)
     assert lines[0].startswith("t: root") and lines[1].startswith("  t: child")
     assert find_trace(rows, "nobody") == []
+
+
+def test_a_log_line_inside_a_record_span_names_its_trace(spans: InMemorySpanExporter) -> None:
+    formatter = JsonFormatter()
+    outside = orjson.loads(formatter.format(logging.makeLogRecord({"msg": "idle"})))
+    with tracing.record_span("retrieval", "llm.retrieval", 1, 7, [("traceparent", CALLER)]):
+        inside = orjson.loads(formatter.format(logging.makeLogRecord({"msg": "searched"})))
+    assert "trace_id" not in outside
+    assert inside["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert inside["span_id"] == format(spans.get_finished_spans()[-1].context.span_id, "016x")
