@@ -39,16 +39,46 @@ def feedback_features(r: FeedbackEnriched) -> dict[str, float]:
 
 
 @dataclass
+class EmbedBudget:
+    """At most ``per_s`` prompts embedded per second: a token bucket holding up to one
+    second's worth. Embedding every prompt cost the drift stage half a core at 30
+    requests/s on a shared host; a sample tells a distribution's drift as well."""
+
+    per_s: float
+    tokens: float = 0.0
+    at: float | None = None
+
+    def take(self, wanted: int, now: float) -> int:
+        """How many of ``wanted`` prompts may be embedded at ``now``."""
+        elapsed = self.per_s if self.at is None else (now - self.at) * self.per_s
+        self.tokens = min(self.per_s, self.tokens + max(0.0, elapsed))
+        self.at = now
+        granted = min(wanted, int(self.tokens + 1e-9))  # 0.3 s x 10/s is 2.999...: three
+        self.tokens -= granted
+        return granted
+
+
+def spread(items: Sequence[Request], k: int) -> list[Request]:
+    """``k`` of ``items``, evenly spaced."""
+    n = len(items)
+    return [items[i * n // k] for i in range(k)] if k < n else list(items)
+
+
+@dataclass
 class DriftStage:
-    """Messages in, alerts out; ``monitor`` and ``reference`` are the checkpointed state."""
+    """Messages in, alerts out; ``monitor`` and ``reference`` are the checkpointed state.
+    ``budget``: embed only a sample of the prompts at high rates (None: every prompt)."""
 
     monitor: DriftMonitor
     reference: PromptReference
     embed: Embed
+    budget: EmbedBudget | None = None
 
     def process_batch(self, messages: Sequence[Message], now: float) -> list[Emit]:
         """``now``: when responses, which carry no time of their own, were read."""
         requests = [m for m in messages if isinstance(m, Request)]
+        if self.budget is not None:
+            requests = spread(requests, self.budget.take(len(requests), now))
         vectors = self.embed([r.prompt for r in requests]) if requests else []
         distance = {
             r.request_id: self.reference.distance(r.tenant, r.model or DEFAULT_MODEL, v)

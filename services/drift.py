@@ -28,7 +28,7 @@ from kllm.kafka import make_consumer, make_producer
 from kllm.settings import StageSettings, group_id
 from kllm.supervisor import mark_ready
 from processors.drift import DriftMonitor, PromptReference
-from processors.drift_signals import DriftStage, Embed
+from processors.drift_signals import DriftStage, Embed, EmbedBudget
 from schemas import Message, decode, encode
 from topics import FEEDBACK_ENRICHED, INFERENCE, RESPONSES, RETRIEVAL
 
@@ -48,6 +48,9 @@ class Settings(StageSettings):
     """Events after an alert before the same stream can alert again."""
     drift_reference_size: int = Field(default=200, ge=10)
     """Prompts that make a tenant's reference embedding."""
+    drift_embed_per_s: float = Field(default=20.0, ge=0)
+    """Prompts embedded per second at most; beyond that the prompt-distance signal is a
+    sample. 0: every prompt."""
     embed_model: str = ""
 
     def checkpoint_path(self) -> Path:
@@ -104,7 +107,8 @@ def build(settings: Settings, *, embed: Embed | None = None) -> tuple[DriftStage
     else:
         monitor, reference = saved
         log.info("resumed from checkpoint", extra={"streams": len(monitor.streams())})
-    return DriftStage(monitor, reference, embed), checkpoint
+    budget = EmbedBudget(settings.drift_embed_per_s) if settings.drift_embed_per_s else None
+    return DriftStage(monitor, reference, embed, budget), checkpoint
 
 
 class _Stop:

@@ -30,6 +30,7 @@ def drift(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, Supervisor]]:
             "KLLM_RUN_DIR": str(tmp_path / "run"),
             "KLLM_DRIFT_WARMUP": str(WARMUP),
             "KLLM_DRIFT_CHECKPOINT_EVERY_S": "0.5",
+            "KLLM_DRIFT_EMBED_PER_S": "0",  # the test publishes faster than the budget
             **FAST_GROUPS,
         }
         sup = Supervisor(tmp_path / "run", env, stages=("drift",))

@@ -378,6 +378,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
             # Offsets are committed with each checkpoint: often, so Publisher.processed
             # sees them soon. Warm-up, cooldown and reference size: the stage's defaults.
             "KLLM_DRIFT_CHECKPOINT_EVERY_S": "0.2",
+            "KLLM_DRIFT_EMBED_PER_S": "0",  # the test publishes faster than the budget
             **FAST_GROUPS,
         }
         sup = Supervisor(tmp / "run", env, stages=("drift",))

@@ -10,7 +10,13 @@ import pytest
 
 from processors.base import Emit
 from processors.drift import Alert, DriftMonitor, PromptReference
-from processors.drift_signals import DEFAULT_MODEL, DriftStage, feedback_features, to_message
+from processors.drift_signals import (
+    DEFAULT_MODEL,
+    DriftStage,
+    EmbedBudget,
+    feedback_features,
+    to_message,
+)
 from schemas import (
     ChatTurn,
     Chunk,
@@ -308,3 +314,25 @@ def test_to_message_copies_the_alert() -> None:
         sample_request_ids=["a", "b"],
         detected_at=123.5,
     )
+
+
+def test_embed_budget_grants_a_second_of_prompts_then_refills_with_time() -> None:
+    budget = EmbedBudget(per_s=10)
+    assert budget.take(25, now=100.0) == 10  # a full bucket: one second's worth
+    assert budget.take(5, now=100.0) == 0
+    assert budget.take(5, now=100.3) == 3  # 0.3 s refills three
+    assert budget.take(50, now=200.0) == 10  # never more than a second's worth
+    assert budget.take(2, now=205.0) == 2
+
+
+def test_a_budgeted_stage_embeds_an_even_sample_of_a_burst(embedder: FakeEmbedder) -> None:
+    budgeted = DriftStage(
+        Recorder(warmup=20, cooldown=10), PromptReference(size=2), embedder.embed, EmbedBudget(4)
+    )
+    burst = [request(i, prompt=f"question {i}") for i in range(12)]
+    budgeted.process_batch(burst, now=50.0)
+    assert embedder.calls == [["question 0", "question 3", "question 6", "question 9"]]
+    # Every prompt still counts for the length signal; only distances are sampled.
+    assert signals(budgeted).count("prompt_length") == 12
+    budgeted.process_batch([request(20, prompt="later")], now=50.5)
+    assert embedder.calls[-1] == ["later"]
