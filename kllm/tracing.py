@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, NamedTuple
 
 from opentelemetry import context, trace
 from opentelemetry.propagators.textmap import Getter, Setter
@@ -114,26 +114,31 @@ def trace_id(span: Span | None = None) -> str:
     return format(got.trace_id, "032x") if got.is_valid else ""
 
 
-def start_record_span(
-    stage: str,
-    topic: str,
-    partition: int,
-    offset: int,
-    headers: Iterable[tuple[str, bytes | str | None]] | None,
-    request_id: str | None = None,
-) -> Span:
+class Where(NamedTuple):
+    """Which stage consumed which record."""
+
+    stage: str
+    topic: str
+    partition: int
+    offset: int
+
+
+HeaderPairs = Iterable[tuple[str, bytes | str | None]]
+
+
+def start_record_span(where: Where, headers: HeaderPairs | None, request_id: str = "") -> Span:
     """A span for a stage's work on one consumed record, child of the record's context."""
     attributes: dict[str, str | int] = {
         "messaging.system": "kafka",
         "messaging.operation": "process",
-        "messaging.destination.name": topic,
-        "messaging.destination.partition.id": str(partition),
-        "messaging.kafka.offset": offset,
+        "messaging.destination.name": where.topic,
+        "messaging.destination.partition.id": str(where.partition),
+        "messaging.kafka.offset": where.offset,
     }
     if request_id:
         attributes["kllm.request_id"] = request_id
-    return tracer(stage).start_span(
-        f"{stage} process",
+    return tracer(where.stage).start_span(
+        f"{where.stage} process",
         context=parent(headers),
         kind=SpanKind.CONSUMER,
         attributes=attributes,
@@ -141,16 +146,9 @@ def start_record_span(
 
 
 @contextmanager
-def record_span(
-    stage: str,
-    topic: str,
-    partition: int,
-    offset: int,
-    headers: Iterable[tuple[str, bytes | str | None]] | None,
-    request_id: str | None = None,
-) -> Iterator[Span]:
+def record_span(where: Where, headers: HeaderPairs | None, request_id: str = "") -> Iterator[Span]:
     """``start_record_span`` as a context manager that ends the span and records errors."""
-    span = start_record_span(stage, topic, partition, offset, headers, request_id)
+    span = start_record_span(where, headers, request_id)
     with trace.use_span(span, end_on_exit=True, record_exception=True):
         yield span
 

@@ -65,8 +65,8 @@ class BatchRunner:
                 self.source, msg.partition(), msg.offset(), key.decode() if key else None
             )
             records.append((ref, msg.value() or b""))
-            where = (self.stage, self.source.name, ref.partition, ref.offset)
-            spans.append(tracing.start_record_span(*where, msg.headers(), ref.key))
+            where = tracing.Where(self.stage, self.source.name, ref.partition, ref.offset)
+            spans.append(tracing.start_record_span(where, msg.headers(), ref.key or ""))
             # An output is keyed like its input (request id, document id): it continues
             # the trace of the record with its key.
             carried[ref.key] = tracing.headers_for(spans[-1])

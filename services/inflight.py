@@ -171,9 +171,9 @@ class InflightRunner:
         t0 = time.perf_counter()
         if self.metrics is not None:
             self.metrics.in_flight.labels(self.metrics.stage).set(len(self.tasks))
-        where = (self.stage, ref.topic.name, ref.partition, ref.offset)
+        where = tracing.Where(self.stage, ref.topic.name, ref.partition, ref.offset)
         # The span is current in this task: what it publishes carries its context.
-        with tracing.record_span(*where, headers, ref.key):
+        with tracing.record_span(where, headers, ref.key or ""):
             outputs = await self.handler(ref, value, self._publish)
             await asyncio.gather(*(self._publish_acked(e) for e in outputs))
             if self.metrics is not None:

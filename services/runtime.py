@@ -100,8 +100,8 @@ def _measured(
     state: State[Any, Any] | None = None,
 ) -> list[Emit]:
     t0 = time.perf_counter()
-    where = (logic.name, ref.topic.name, ref.partition, ref.offset)
-    with tracing.record_span(*where, headers) as span:
+    where = tracing.Where(logic.name, ref.topic.name, ref.partition, ref.offset)
+    with tracing.record_span(where, headers) as span:
         out = dispatch(logic, ref, value, state)
         rid = next((e.message.request_id for e in out if hasattr(e.message, "request_id")), "")
         span.set_attribute("kllm.request_id", rid)

@@ -35,7 +35,9 @@ def test_a_record_span_is_a_child_of_the_context_in_the_consumed_headers(
 ) -> None:
     spans.clear()
     consumed = [("other", b"x"), ("traceparent", CALLER.encode())]
-    with tracing.record_span("ingestion", "llm.requests", 2, 41, consumed, "r-1") as span:
+    with tracing.record_span(
+        tracing.Where("ingestion", "llm.requests", 2, 41), consumed, "r-1"
+    ) as span:
         produced = tracing.headers_for(span)
     (done,) = spans.get_finished_spans()
     assert format(done.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
@@ -53,9 +55,11 @@ def test_a_record_span_is_a_child_of_the_context_in_the_consumed_headers(
 
 def test_a_record_without_trace_context_starts_a_trace(spans: InMemorySpanExporter) -> None:
     spans.clear()
-    with tracing.record_span("moderation", "llm.generations", 0, 0, None):
+    with tracing.record_span(tracing.Where("moderation", "llm.generations", 0, 0), None):
         pass
-    with tracing.record_span("moderation", "llm.generations", 0, 1, [("traceparent", b"junk")]):
+    with tracing.record_span(
+        tracing.Where("moderation", "llm.generations", 0, 1), [("traceparent", b"junk")]
+    ):
         pass
     first, second = spans.get_finished_spans()
     assert first.parent is None and second.parent is None
@@ -100,7 +104,9 @@ def test_span_files_are_read_back_as_one_tree_per_request(tmp_path: Path) -> Non
 def test_a_log_line_inside_a_record_span_names_its_trace(spans: InMemorySpanExporter) -> None:
     formatter = JsonFormatter()
     outside = orjson.loads(formatter.format(logging.makeLogRecord({"msg": "idle"})))
-    with tracing.record_span("retrieval", "llm.retrieval", 1, 7, [("traceparent", CALLER)]):
+    with tracing.record_span(
+        tracing.Where("retrieval", "llm.retrieval", 1, 7), [("traceparent", CALLER)]
+    ):
         inside = orjson.loads(formatter.format(logging.makeLogRecord({"msg": "searched"})))
     assert "trace_id" not in outside
     assert inside["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
