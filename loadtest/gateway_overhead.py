@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from harness import free_port, running
+from harness import free_port, pct, running
 
 from kllm.keys import KeyStore
 
@@ -47,13 +47,6 @@ class Run:
     statuses: dict[int, int] = field(default_factory=dict)
     cached: int = 0
     sending_s: float = 0.0
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def body(question: str) -> dict[str, object]:

@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 
-from harness import running
+from harness import pct, running
 
 from kllm.kafka import TailReader, make_producer
 from processors.moderation import Context
@@ -39,11 +39,6 @@ ANSWERS = [
     "Globex runs a similar setup, but this answer is about our own pipeline.",
     "Inference workers keep N requests in flight and commit in order [2].",
 ]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def generation(i: int) -> Generation:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+from harness import pct
 
 SHORT = ["What is a DLQ?", "How are offsets committed?", "What does retrieval do?"]
 LONG = [
@@ -71,13 +72,6 @@ class Mix:
             "stream": r.random() < self.stream_share,
         }
         return body, f"tenant-{i % self.tenants}"
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def one(

@@ -16,7 +16,8 @@ import asyncio
 import sys
 import time
 
-from openloop import _pipeline, pct, run
+from harness import pct
+from openloop import _pipeline, run
 from trace_breakdown import breakdown
 
 from kllm.cli_trace import read_spans

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 import orjson
-from harness import free_port, supervised
+from harness import free_port, pct, supervised
 from scripted_engine import scripted_engine
 
 from kllm.keys import KeyStore
@@ -57,13 +57,6 @@ class Phase:
     name: str
     rate: float
     seconds: float
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # -- memory of the process tree ----------------------------------------------------------

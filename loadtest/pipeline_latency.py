@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 
-from harness import running
+from harness import pct, running
 
 from kllm.kafka import TailReader, make_producer
 from kllm.settings import KafkaSettings
@@ -32,11 +32,6 @@ PROMPTS = (
     "What does the moderation stage check?",
     "How do I scale the inference stage?",
 )
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def run(bootstrap: str, n: int, rate: float, max_tokens: int) -> int:
@@ -82,7 +77,7 @@ def run(bootstrap: str, n: int, rate: float, max_tokens: int) -> int:
     for name, xs in (("end-to-end", e2e), ("engine", engine), ("overhead", overhead)):
         if xs:
             print(
-                f"{name:12} {pct(xs, 50):8.1f} {pct(xs, 95):8.1f} {pct(xs, 99):8.1f} "
+                f"{name:12} {pct(xs, 0.5):8.1f} {pct(xs, 0.95):8.1f} {pct(xs, 0.99):8.1f} "
                 f"{statistics.fmean(xs):8.1f}"
             )
     if e2e:

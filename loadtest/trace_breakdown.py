@@ -16,17 +16,12 @@ import itertools
 import sys
 from pathlib import Path
 
+from harness import pct
+
 from kllm.cli_trace import SpanRow, read_spans
 from kllm.tracing import TRACES_DIR
 
 CHAIN = ("gateway", "ingestion", "retrieval", "inference", "moderation")
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _stage(span: SpanRow) -> str:
