@@ -103,8 +103,9 @@ def _measured(
     where = tracing.Where(logic.name, ref.topic.name, ref.partition, ref.offset)
     with tracing.record_span(where, headers) as span:
         out = dispatch(logic, ref, value, state)
-        rid = next((e.message.request_id for e in out if hasattr(e.message, "request_id")), "")
-        span.set_attribute("kllm.request_id", rid)
+        rid = next((r for e in out if (r := getattr(e.message, "request_id", None))), None)
+        if rid:
+            span.set_attribute("kllm.request_id", rid)
         carried = tuple(tracing.headers_for(span))
     metrics.for_stage(logic.name).observe(ref.topic.name, 1, out, time.perf_counter() - t0)
     return [replace(e, headers=carried) for e in out]
