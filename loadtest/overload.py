@@ -51,6 +51,7 @@ class Sample:
     ms: float
     retry_after: bool = False
     pipeline_ms: float | None = None  # the gateway's own figure: publish to reply
+    error: str = ""  # the client's exception when no HTTP answer came (status 0)
 
 
 @dataclass
@@ -119,11 +120,18 @@ async def _one(http: httpx.AsyncClient, url: str, phase: str, i: int, t0: float)
         "messages": [{"role": "user", "content": f"Overload {phase} {i}: how do offsets work?"}],
         "max_tokens": 32,
     }
+    # As a careful client: an Idempotency-Key, and one retry when a pooled connection
+    # was closed under the request (no answer came, and the key makes it safe).
+    headers = {"idempotency-key": f"overload-{phase}-{i}-{t0}"}
     start = time.perf_counter()
     try:
-        r = await http.post(url, json=body)
-    except httpx.HTTPError:
-        return Sample(phase, start - t0, 0, (time.perf_counter() - start) * 1000)
+        try:
+            r = await http.post(url, json=body, headers=headers)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            r = await http.post(url, json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        ms = (time.perf_counter() - start) * 1000
+        return Sample(phase, start - t0, 0, ms, error=f"{type(exc).__name__}: {exc}"[:200])
     ms = (time.perf_counter() - start) * 1000
     pipeline = r.headers.get("x-kllm-pipeline-ms")
     return Sample(
@@ -203,7 +211,8 @@ def verdict(
     if any(not s.retry_after for s in shed):
         failures.append("a 429 came without Retry-After")
     if other:
-        failures.append(f"{len(other)} overload requests failed otherwise (not 200 or 429)")
+        kinds = sorted({s.error or f"HTTP {s.status}" for s in other})
+        failures.append(f"{len(other)} overload requests failed otherwise: {kinds[:5]}")
     first_half, second_half = memory
     lines.append(
         f"memory (all processes): overload first half peak {first_half:.0f} MB, "

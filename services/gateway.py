@@ -63,6 +63,9 @@ class Settings(StageSettings):
     gateway_max_waiting: int = Field(default=64, ge=1)
     """Callers this replica lets wait at once; beyond that: 429 with Retry-After."""
     gateway_retry_after_s: int = Field(default=1, ge=1)
+    gateway_keep_alive_s: int = Field(default=75, ge=1)
+    """How long an idle client connection stays open. Longer than clients' pools keep
+    idle connections, so a client rarely sends on a connection the server is closing."""
     gateway_timeout_s: float = Field(default=60.0, gt=0)
     """The request's deadline: past it the pipeline gives up and the caller gets 504."""
     gateway_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
@@ -461,6 +464,7 @@ async def serve(settings: Settings, gw: Gateway) -> None:
         make_app(gw),
         host=settings.gateway_host,
         port=settings.gateway_port,
+        timeout_keep_alive=settings.gateway_keep_alive_s,
         log_config=None,
         access_log=False,
         lifespan="on",
