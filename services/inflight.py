@@ -152,7 +152,8 @@ class InflightRunner:
         return share
 
     def _give_back(self, msg: Message) -> None:
-        """A record fetched before its partition's pause took effect: read it again after."""
+        """A record beyond its partition's share, or fetched before its pause took effect:
+        rewind the partition to it, to read it again once there is room."""
         self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
 
     # -- one record -----------------------------------------------------------------------
