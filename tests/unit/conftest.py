@@ -9,12 +9,15 @@ import asyncio
 import logging
 import math
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from kllm.errors import EngineError
+from processors.guardrails import Redaction
 from processors.inference import Delta, EngineEvent, Finish
 from processors.retrieval import StoredChunk
 from schemas import Chunk, Generation, InferenceJob, Request, RetrievalContext, Usage
@@ -24,6 +27,54 @@ from schemas.messages import ChatTurn
 def count_words(text: str) -> int:
     """The fakes' tokenizer: one token per whitespace-separated word."""
     return len(text.split())
+
+
+class FakeState:
+    """A dict-backed KeyedState. Ttls are honoured against ``now`` (a fake clock that
+    stays at 0 unless a test moves it); ``ttls`` holds each key's last ttl and
+    ``ttl_log`` every write's."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.data: dict[str, tuple[Any, float | None]] = {}
+        self.ttls: dict[str, timedelta | None] = {}
+        self.ttl_log: list[timedelta | None] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self.data:
+            return default
+        value, expires = self.data[key]
+        if expires is not None and expires <= self.now:
+            del self.data[key]
+            return default
+        return value
+
+    def set(self, key: str, value: Any, ttl: timedelta | None = None) -> None:
+        expires = None if ttl is None else self.now + ttl.total_seconds()
+        self.data[key] = (value, expires)
+        self.ttls[key] = ttl
+        self.ttl_log.append(ttl)
+
+
+class FakeRedactor:
+    """Replaces known strings with their entity type, like presidio would, and reports
+    them in text order. Records each text (``calls``) and each batch (``batches``)."""
+
+    def __init__(self, pii: Mapping[str, str]) -> None:
+        self.pii = pii
+        self.calls: list[str] = []
+        self.batches: list[list[str]] = []
+
+    def redact(self, text: str) -> Redaction:
+        self.calls.append(text)
+        found = sorted((text.index(s), s) for s in self.pii if s in text)
+        for _, s in found:
+            text = text.replace(s, f"<{self.pii[s]}>")
+        return Redaction(text, tuple(self.pii[s] for _, s in found))
+
+    def redact_batch(self, texts: Sequence[str]) -> list[Redaction]:
+        self.batches.append(list(texts))
+        return [self.redact(t) for t in texts]
 
 
 class FakeEmbedder:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -10,29 +9,9 @@ from kllm.errors import ConfigError
 from processors import Rejected
 from processors.admission import Admission, Quota, estimated_tokens, parse_quotas
 from schemas import Request
+from tests.unit.conftest import FakeState
 
 MakeRequest = Callable[..., Request]
-
-
-class FakeState:
-    """A dict-backed KeyedState whose ttls are honoured against ``now`` (a fake clock)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.data: dict[str, tuple[Any, float | None]] = {}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key not in self.data:
-            return default
-        value, expires = self.data[key]
-        if expires is not None and expires <= self.now:
-            del self.data[key]
-            return default
-        return value
-
-    def set(self, key: str, value: Any, ttl: timedelta | None = None) -> None:
-        expires = None if ttl is None else self.now + ttl.total_seconds()
-        self.data[key] = (value, expires)
 
 
 class Clocked:

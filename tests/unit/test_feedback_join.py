@@ -10,7 +10,6 @@ import pytest
 
 from processors.base import Emit, Rejected
 from processors.feedback import DEFAULT_TTL_S, FeedbackJoin
-from processors.guardrails import Redaction
 from schemas import (
     ChatTurn,
     Chunk,
@@ -22,47 +21,12 @@ from schemas import (
     RetrievalContext,
     Usage,
 )
+from tests.unit.conftest import FakeRedactor, FakeState
 from topics import FEEDBACK_ENRICHED
 
 RID = "req-1"
 EMAIL = "jane@example.com"
-
-
-class FakeState:
-    """A dict-backed KeyedState; ttls are recorded and honoured against ``now`` (a fake clock)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.data: dict[str, tuple[Any, float | None]] = {}
-        self.ttls: dict[str, timedelta | None] = {}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key not in self.data:
-            return default
-        value, expires = self.data[key]
-        if expires is not None and expires <= self.now:
-            del self.data[key]
-            return default
-        return value
-
-    def set(self, key: str, value: Any, ttl: timedelta | None = None) -> None:
-        expires = None if ttl is None else self.now + ttl.total_seconds()
-        self.data[key] = (value, expires)
-        self.ttls[key] = ttl
-
-
-class FakeRedactor:
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def redact(self, text: str) -> Redaction:
-        self.seen.append(text)
-        if EMAIL in text:
-            return Redaction(text.replace(EMAIL, "<EMAIL_ADDRESS>"), ("EMAIL_ADDRESS",))
-        return Redaction(text, ())
-
-    def redact_batch(self, texts: Sequence[str]) -> list[Redaction]:
-        return [self.redact(t) for t in texts]
+PII = {EMAIL: "EMAIL_ADDRESS"}
 
 
 def request(**kw: Any) -> Request:
@@ -258,7 +222,7 @@ def test_feedback_from_another_tenant_is_rejected_silently() -> None:
 
 
 def test_comment_is_redacted_through_the_redactor() -> None:
-    redactor = FakeRedactor()
+    redactor = FakeRedactor(PII)
     join, state = FeedbackJoin(redactor=redactor), FakeState()
     feed_all(join, state)
     comment = f"mail me at {EMAIL}"
@@ -266,15 +230,15 @@ def test_comment_is_redacted_through_the_redactor() -> None:
     orphan = single(join.on_feedback(feedback(request_id="other", comment=comment), FakeState()))
     assert joined.comment == "mail me at <EMAIL_ADDRESS>"
     assert orphan.comment == "mail me at <EMAIL_ADDRESS>"
-    assert redactor.seen == [comment, comment]
+    assert redactor.calls == [comment, comment]
 
 
 def test_no_comment_does_not_call_the_redactor() -> None:
-    redactor = FakeRedactor()
+    redactor = FakeRedactor(PII)
     join = FeedbackJoin(redactor=redactor)
     r = single(join.on_feedback(feedback(comment=None), FakeState()))
     assert r.comment is None
-    assert redactor.seen == []
+    assert redactor.calls == []
 
 
 def test_comment_kept_as_is_without_a_redactor() -> None:

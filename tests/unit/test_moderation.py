@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kllm.errors import PipelineError
-from processors.guardrails import Redaction
 from processors.moderation import (
     BLOCKED_TEXT,
     REDACTED,
@@ -25,7 +24,7 @@ from processors.moderation import (
 from processors.policies import Policy, PolicyBook, load_policies
 from processors.templates import load_templates
 from schemas import Citation, Generation, ModerationEvent, Response, Usage
-from tests.unit.conftest import FakeClassifier
+from tests.unit.conftest import FakeClassifier, FakeRedactor
 from topics import MODERATION_EVENTS, RESPONSES
 
 MakeGen = Callable[..., Generation]
@@ -36,23 +35,6 @@ SYSTEM = "Answer only from the numbered passages and always cite the passage num
 EMAIL = "alice@example.com"
 PHONE = "555-0100"
 PII = {EMAIL: "EMAIL_ADDRESS", PHONE: "PHONE_NUMBER"}
-
-
-class FakeRedactor:
-    """Replaces two known strings, like presidio would, and reports them in text order."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def redact(self, text: str) -> Redaction:
-        self.calls.append(text)
-        found = sorted((text.index(s), s) for s in PII if s in text)
-        for _, s in found:
-            text = text.replace(s, f"<{PII[s]}>")
-        return Redaction(text, tuple(PII[s] for _, s in found))
-
-    def redact_batch(self, texts: Sequence[str]) -> list[Redaction]:
-        return [self.redact(t) for t in texts]
 
 
 def book(policy: Policy | None = None, **tenants: Policy) -> PolicyBook:
@@ -111,7 +93,7 @@ def test_nan_toxicity_score_does_not_fail_open() -> None:
 
 
 def test_pii_is_redacted_with_entity_kinds() -> None:
-    redactor = FakeRedactor()
+    redactor = FakeRedactor(PII)
     text = f"Write to {EMAIL} or call {PHONE}."
     result = checks(redactor=redactor).moderate(text, ctx())
     assert redactor.calls == [text]
@@ -122,7 +104,7 @@ def test_pii_is_redacted_with_entity_kinds() -> None:
 
 
 def test_no_pii_is_allowed_unchanged() -> None:
-    result = checks(redactor=FakeRedactor()).moderate("Kafka is a log.", ctx())
+    result = checks(redactor=FakeRedactor(PII)).moderate("Kafka is a log.", ctx())
     assert (result.text, result.verdict, result.findings) == ("Kafka is a log.", "allowed", ())
 
 
@@ -242,7 +224,7 @@ def test_block_wins_over_redactions() -> None:
         block_patterns=(re.compile("forbidden"),),
     )
     clf = FakeClassifier()
-    result = checks(clf, FakeRedactor(), book(policy)).moderate(
+    result = checks(clf, FakeRedactor(PII), book(policy)).moderate(
         f"forbidden ticket for {EMAIL}", ctx()
     )
     assert result.verdict == "blocked"
@@ -253,7 +235,7 @@ def test_block_wins_over_redactions() -> None:
 
 def test_redactions_accumulate() -> None:
     policy = Policy(1, "default", redact_patterns=(re.compile("ticket"),))
-    result = checks(redactor=FakeRedactor(), policies=book(policy)).moderate(
+    result = checks(redactor=FakeRedactor(PII), policies=book(policy)).moderate(
         f"ticket for {EMAIL}", ctx()
     )
     assert result.verdict == "redacted"
@@ -264,7 +246,7 @@ def test_redactions_accumulate() -> None:
 @pytest.mark.parametrize("text", ["", "   ", "\n\t"])
 def test_empty_text_allowed_without_classifier(text: str) -> None:
     clf = FakeClassifier(default=1.0)
-    redactor = FakeRedactor()
+    redactor = FakeRedactor(PII)
     policy = Policy(1, "default", block_patterns=(re.compile(r"\s"),))
     result = checks(clf, redactor, book(policy)).moderate(text, ctx())
     assert clf.calls == []
@@ -373,7 +355,7 @@ def test_process_event_lists_every_check_that_found_something(
 ) -> None:
     policy = Policy(1, "default", redact_patterns=(re.compile("ticket"),))
     gen = make_generation(text=f"ticket for {EMAIL}")
-    m = moderator(policies=book(policy), redactor=FakeRedactor())
+    m = moderator(policies=book(policy), redactor=FakeRedactor(PII))
     response, ev = _split(m.process(gen, now=NOW), gen)
     assert response.verdict == ev.verdict == "redacted"
     assert response.text == f"{REDACTED} for <EMAIL_ADDRESS>"

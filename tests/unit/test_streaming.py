@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from processors.policies import Policy, PolicyBook
 from processors.streaming import DONE_TTL, StreamModerator, cut_windows
 from processors.templates import load_templates
 from schemas import ModerationEvent, TokenDelta
+from tests.unit.conftest import FakeState
 from topics import MODERATED_TOKENS, MODERATION_EVENTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,21 +27,6 @@ RID = "req-1"
 MARKER = "poison"
 EMAIL = "alice@example.com"
 SENTENCE_END = re.compile(r"[.!?](?=\s)|\n")
-
-
-class FakeState:
-    """A dict-backed KeyedState that records the ttl of every write."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-        self.ttls: list[timedelta | None] = []
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-    def set(self, key: str, value: Any, ttl: timedelta | None = None) -> None:
-        self.ttls.append(ttl)
-        self.data[key] = value
 
 
 class MarkerClassifier:
@@ -217,7 +202,7 @@ def test_clean_stream_is_emitted_window_by_window() -> None:
     assert all(d.finish_reason is None for d in sent[:-1])
     assert events(flat(out)) == []
     assert state.get("done") is True
-    assert state.ttls and all(t == DONE_TTL for t in state.ttls)
+    assert state.ttl_log and all(t == DONE_TTL for t in state.ttl_log)
 
 
 def test_random_chunkings_of_clean_text_reassemble_exactly() -> None:
