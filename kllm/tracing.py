@@ -39,6 +39,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 Export = Literal["none", "file", "otlp"]
 Headers = list[tuple[str, bytes]]
 """Kafka record headers as confluent-kafka and quixstreams hand them over."""
+HeaderPairs = Iterable[tuple[str, bytes | str | None]]
+"""What a trace context is read from: record headers, or an HTTP request's."""
 
 TRACES_DIR = "traces"
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -95,7 +97,7 @@ def tracer(stage: str) -> trace.Tracer:
     return trace.get_tracer(f"kllm.{stage}")
 
 
-def parent(headers: Iterable[tuple[str, bytes | str | None]] | None) -> context.Context:
+def parent(headers: HeaderPairs | None) -> context.Context:
     """The trace context a record's headers carry (an empty one if none)."""
     return _PROPAGATOR.extract(list(headers or ()), getter=_HeaderGetter())
 
@@ -121,9 +123,6 @@ class Where(NamedTuple):
     topic: str
     partition: int
     offset: int
-
-
-HeaderPairs = Iterable[tuple[str, bytes | str | None]]
 
 
 def start_record_span(where: Where, headers: HeaderPairs | None, request_id: str = "") -> Span:
@@ -154,9 +153,7 @@ def record_span(where: Where, headers: HeaderPairs | None, request_id: str = "")
 
 
 @contextmanager
-def server_span(
-    service: str, name: str, headers: Iterable[tuple[str, bytes | str | None]]
-) -> Iterator[Span]:
+def server_span(service: str, name: str, headers: HeaderPairs) -> Iterator[Span]:
     """The span of an HTTP request, child of the caller's ``traceparent`` if it sent one."""
     with tracer(service).start_as_current_span(
         name, context=parent(headers), kind=SpanKind.SERVER, record_exception=True

@@ -252,16 +252,11 @@ def main() -> int:
 
 
 def print_breakdown(run_dir: Path) -> None:
-    from trace_breakdown import breakdown
+    from trace_breakdown import report
 
-    from kllm.cli_trace import read_spans
-    from kllm.tracing import TRACES_DIR
-
-    table = breakdown(read_spans(run_dir / TRACES_DIR))
-    print(f"where the time goes ({len(table['moderation'][1])} traced requests, ms):")
-    for stage, (waits, work) in table.items():
-        wait = f"wait p50 {pct(waits, 0.5):6.1f} p99 {pct(waits, 0.99):7.1f}" if waits else ""
-        print(f"  {stage:10} {wait:30} work p50 {pct(work, 0.5):6.1f} p99 {pct(work, 0.99):7.1f}")
+    n, table = report(run_dir)
+    print(f"where the time goes ({n} traced requests):")
+    print(table)
 
 
 @contextmanager

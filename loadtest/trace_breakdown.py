@@ -47,19 +47,26 @@ def breakdown(spans: list[SpanRow]) -> dict[str, tuple[list[float], list[float]]
     return out
 
 
+def report(run_dir: Path) -> tuple[int, str]:
+    """How many complete request traces the run dir's span files hold, and the table."""
+    table = breakdown(read_spans(run_dir / TRACES_DIR))
+    lines = [f"{'stage':11} {'wait p50':>9} {'p99':>8} {'work p50':>9} {'p99':>8}  (ms)"]
+    for st, (waits, work) in table.items():
+        lines.append(
+            f"{st:11} {pct(waits, 0.5):9.1f} {pct(waits, 0.99):8.1f} "
+            f"{pct(work, 0.5):9.1f} {pct(work, 0.99):8.1f}"
+        )
+    return len(table["moderation"][1]), "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("run_dir", type=Path, help="the pipeline's run directory (KLLM_RUN_DIR)")
-    args = p.parse_args()
-    table = breakdown(read_spans(args.run_dir / TRACES_DIR))
-    n = len(table["moderation"][1])
+    n, table = report(p.parse_args().run_dir)
     print(f"{n} complete request traces")
-    print(f"{'stage':11} {'wait p50':>9} {'p99':>8} {'work p50':>9} {'p99':>8}  (ms)")
-    for st, (waits, work) in table.items():
-        w50, w99 = (pct(waits, 0.5), pct(waits, 0.99)) if waits else (float("nan"),) * 2
-        print(f"{st:11} {w50:9.1f} {w99:8.1f} {pct(work, 0.5):9.1f} {pct(work, 0.99):8.1f}")
+    print(table)
     return 0 if n else 1
 
 
