@@ -18,6 +18,7 @@ Where spans go (``KLLM_TRACE_EXPORT``):
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -93,7 +94,10 @@ def _one_line(span: ReadableSpan) -> str:
     return str(span.to_json(indent=None)) + "\n"
 
 
+@functools.cache
 def tracer(stage: str) -> trace.Tracer:
+    """One per stage, not one per record. Safe before ``configure``: the API hands out a
+    proxy that follows the provider set later."""
     return trace.get_tracer(f"kllm.{stage}")
 
 
