@@ -37,6 +37,7 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy processors schemas topics kllm services
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf .kllm .pytest_cache .mypy_cache .ruff_cache

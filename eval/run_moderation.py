@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
 from processors.moderation import CHECKS, Context, Moderated, OutputModerator
 from processors.policies import load_policies
 from processors.templates import load_templates
@@ -166,8 +166,8 @@ def parse(n: int, raw: str, system_prompt: Callable[[str], str]) -> Example:
 
 def build_checks(settings: Settings) -> tuple[OutputModerator, dict[str, Any]]:
     """The checks as the moderation stage builds them (services/moderation.py)."""
-    from kllm.adapters.pii import PresidioRedactor
-    from kllm.adapters.profanity import ProfanityClassifier
+    from kllm.adapters.guardrails.pii import PresidioRedactor
+    from kllm.adapters.guardrails.profanity import ProfanityClassifier
 
     entities = list(settings.output_pii_entities)
     policies = load_policies(settings.policies_dir)

@@ -28,7 +28,7 @@ import orjson
 from harness import free_port, supervised
 from scripted_engine import scripted_engine
 
-from kllm.keys import KeyStore
+from kllm.gateway.keys import KeyStore
 
 STAGES = ("ingestion", "retrieval", "inference", "moderation", "feedback", "drift", "gateway")
 

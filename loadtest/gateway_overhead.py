@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 from harness import free_port, pct, running
 
-from kllm.keys import KeyStore
+from kllm.gateway.keys import KeyStore
 
 QUESTIONS = [
     "What does the moderation stage check?",

@@ -11,9 +11,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from kllm.broker import EmbeddedBroker
-from kllm.kafka import ConfluentTopicAdmin
-from kllm.supervisor import STAGES, Supervisor
+from kllm.ops.broker import EmbeddedBroker
+from kllm.ops.supervisor import STAGES, Supervisor
+from kllm.runtime.kafka import ConfluentTopicAdmin
 from topics import ALL, provision
 
 REPO = Path(__file__).resolve().parents[1]

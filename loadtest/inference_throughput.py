@@ -22,8 +22,8 @@ import uuid
 
 from harness import running
 
-from kllm.adapters.xllama import XLlamaEngine
-from kllm.kafka import TailReader, make_producer
+from kllm.adapters.engines.xllama import XLlamaEngine
+from kllm.runtime.kafka import TailReader, make_producer
 from processors.inference import Finish
 from schemas import Generation, InferenceJob, Request, RetrievalContext, decode, encode
 from schemas.messages import ChatTurn

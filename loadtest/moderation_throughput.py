@@ -23,7 +23,7 @@ import uuid
 
 from harness import pct, running
 
-from kllm.kafka import TailReader, make_producer
+from kllm.runtime.kafka import TailReader, make_producer
 from processors.moderation import Context
 from schemas import Generation, Request, TokenDelta, decode, encode
 from services.moderation import Settings, build_checks

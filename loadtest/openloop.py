@@ -266,7 +266,7 @@ def _pipeline(
     from harness import free_port, supervised
     from scripted_engine import scripted_engine
 
-    from kllm.keys import KeyStore
+    from kllm.gateway.keys import KeyStore
 
     with ExitStack() as stack:
         port = free_port()

@@ -20,8 +20,8 @@ from harness import pct
 from openloop import _pipeline, run
 from trace_breakdown import breakdown
 
-from kllm.cli_trace import read_spans
-from kllm.tracing import TRACES_DIR
+from kllm.cli.trace import read_spans
+from kllm.runtime.tracing import TRACES_DIR
 
 
 def main() -> int:

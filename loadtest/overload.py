@@ -39,8 +39,8 @@ import orjson
 from harness import free_port, pct, supervised
 from scripted_engine import scripted_engine
 
-from kllm.keys import KeyStore
-from kllm.supervisor import Supervisor
+from kllm.gateway.keys import KeyStore
+from kllm.ops.supervisor import Supervisor
 
 
 @dataclass

@@ -20,8 +20,8 @@ import uuid
 
 from harness import pct, running
 
-from kllm.kafka import TailReader, make_producer
-from kllm.settings import KafkaSettings
+from kllm.runtime.kafka import TailReader, make_producer
+from kllm.runtime.settings import KafkaSettings
 from schemas import Request, Response, decode, encode
 from topics import REQUESTS, RESPONSES
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from harness import running
 
-from kllm.adapters.embedder import SentenceTransformerEmbedder
-from kllm.adapters.qdrant_edge import EdgeStore
-from kllm.kafka import TailReader, make_producer
+from kllm.adapters.retrieval.embedder import SentenceTransformerEmbedder
+from kllm.adapters.retrieval.qdrant_edge import EdgeStore
+from kllm.runtime.kafka import TailReader, make_producer
 from processors.retrieval import StoredChunk
 from schemas import Request, encode
 from topics import INFERENCE, RETRIEVAL

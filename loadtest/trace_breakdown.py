@@ -18,8 +18,8 @@ from pathlib import Path
 
 from harness import pct
 
-from kllm.cli_trace import SpanRow, read_spans
-from kllm.tracing import TRACES_DIR
+from kllm.cli.trace import SpanRow, read_spans
+from kllm.runtime.tracing import TRACES_DIR
 
 CHAIN = ("gateway", "ingestion", "retrieval", "inference", "moderation")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
 from processors.base import Rejected
 from schemas import Request
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kllm.errors import PipelineError
+from kllm.core.errors import PipelineError
 from schemas import Message
 from topics import TopicSpec
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from river import drift, linear_model, optim, preprocessing, stats
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
 
 SIGNALS = (
     "prompt_distance",

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal, Protocol
 
-from kllm.errors import ConfigError, PipelineError
+from kllm.core.errors import ConfigError, PipelineError
 
 ScreenVerdict = Literal["allow", "flag", "block"]
 

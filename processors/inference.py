@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kllm.errors import EngineError
+from kllm.core.errors import EngineError
 from processors.base import Emit, Rejected
 from schemas import Generation, InferenceJob, Request, TokenDelta, Usage
 from schemas.messages import ChatTurn

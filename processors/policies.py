@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
 
 _FILE = re.compile(r"^v([1-9][0-9]*)\.toml$")
 _KEYS = frozenset({"max_chars", "deny_topics", "block_patterns", "redact_patterns"})

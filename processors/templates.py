@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
 
 # Names and ids may not contain '@' or '/', which separate the parts of a tag.
 _NAME = r"[a-z0-9][a-z0-9_-]*"

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import ValidationError
 
-from kllm.errors import PipelineError
+from kllm.core.errors import PipelineError
 from schemas.messages import (
     DeadLetter,
     Document,

@@ -22,11 +22,11 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 from pydantic import Field
 
-from kllm import logs, metrics
-from kllm.errors import BrokerError, ConfigError, PipelineError
-from kllm.kafka import make_consumer, make_producer
-from kllm.settings import StageSettings, group_id
-from kllm.supervisor import mark_ready
+from kllm.core.errors import BrokerError, ConfigError, PipelineError
+from kllm.runtime import logs, metrics
+from kllm.runtime.kafka import make_consumer, make_producer
+from kllm.runtime.ready import mark_ready
+from kllm.runtime.settings import StageSettings, group_id
 from processors.drift import DriftMonitor, PromptReference
 from processors.drift_signals import DriftStage, Embed, EmbedBudget
 from schemas import Message, decode, encode
@@ -94,7 +94,7 @@ class Checkpoint:
 
 def build(settings: Settings, *, embed: Embed | None = None) -> tuple[DriftStage, Checkpoint]:
     if embed is None:
-        from kllm.adapters.embedder import SentenceTransformerEmbedder
+        from kllm.adapters.retrieval.embedder import SentenceTransformerEmbedder
 
         embed = SentenceTransformerEmbedder(
             settings.embed_model or None, threads=settings.torch_threads

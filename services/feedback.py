@@ -7,14 +7,14 @@ from typing import Any
 
 from pydantic import Field
 
-from kllm import logs, tracing
-from kllm.adapters.pii import PATTERN_ENTITIES as PII_ENTITIES
-from kllm.settings import StageSettings
-from processors.dispatch import StageLogic, keyed_only
+from kllm.adapters.guardrails.pii import PATTERN_ENTITIES as PII_ENTITIES
+from kllm.runtime import logs, tracing
+from kllm.runtime.dispatch import StageLogic, keyed_only
+from kllm.runtime.quix import serve_join
+from kllm.runtime.settings import StageSettings
 from processors.feedback import DEFAULT_TTL_S, FeedbackJoin
 from processors.guardrails import Redactor
 from schemas import Feedback, InferenceJob, Request, Response
-from services.runtime import serve_join
 from topics import FEEDBACK, INFERENCE, RESPONSES, RETRIEVAL, TopicSpec
 
 STAGE = "feedback"
@@ -31,7 +31,7 @@ def build(
     settings: Settings, *, redactor: Redactor | None = None
 ) -> list[tuple[TopicSpec, StageLogic[Any]]]:
     if redactor is None and settings.comment_pii_entities:
-        from kllm.adapters.pii import PresidioRedactor
+        from kllm.adapters.guardrails.pii import PresidioRedactor
 
         redactor = PresidioRedactor(settings.comment_pii_entities)
     join = FeedbackJoin(redactor, settings.feedback_ttl_s)

@@ -34,17 +34,17 @@ from starlette.responses import Response as HttpResponse
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from kllm import logs, tracing
-from kllm.dashboard import PAGE
-from kllm.errors import ConfigError, PipelineError
-from kllm.httpapi import HttpError, error_response, replayed, reply_error, settle
-from kllm.kafka import make_producer
-from kllm.keys import KeyStore
-from kllm.live import LiveStream
-from kllm.metrics import GatewayMetrics
-from kllm.monitor import PipelineMonitor
-from kllm.replies import Reply, ReplyRouter
-from kllm.settings import StageSettings
+from kllm.core.errors import ConfigError, PipelineError
+from kllm.gateway.dashboard import PAGE
+from kllm.gateway.http import HttpError, error_response, replayed, reply_error, settle
+from kllm.gateway.keys import KeyStore
+from kllm.gateway.live import LiveStream
+from kllm.gateway.monitor import PipelineMonitor
+from kllm.gateway.replies import Reply, ReplyRouter
+from kllm.runtime import logs, tracing
+from kllm.runtime.kafka import make_producer
+from kllm.runtime.metrics import GatewayMetrics
+from kllm.runtime.settings import StageSettings
 from processors import openai_api as api
 from schemas import DeadLetter, Feedback, Request, Response, encode
 from topics import FEEDBACK, MODERATED_TOKENS, REQUESTS, RESPONSES
@@ -474,7 +474,7 @@ async def serve(settings: Settings, gw: Gateway) -> None:
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
-        from kllm.supervisor import mark_ready
+        from kllm.runtime.ready import mark_ready
 
         mark_ready(settings.ready_file)
         log.info("gateway listening", extra={"port": settings.gateway_port, "stage": STAGE})

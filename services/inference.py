@@ -16,16 +16,16 @@ from typing import Literal
 from confluent_kafka import Consumer, Producer
 from pydantic import BaseModel, Field
 
-from kllm import logs, metrics, tracing
-from kllm.errors import ConfigError, PipelineError
-from kllm.kafka import make_consumer, make_producer
-from kllm.settings import StageSettings, stage_group
-from kllm.supervisor import mark_ready
+from kllm.core.errors import ConfigError, PipelineError
+from kllm.runtime import logs, metrics, tracing
+from kllm.runtime.dispatch import RecordRef, dead_letter, dead_letter_record
+from kllm.runtime.inflight import Handler, InflightRunner
+from kllm.runtime.kafka import make_consumer, make_producer
+from kllm.runtime.ready import mark_ready
+from kllm.runtime.settings import StageSettings, stage_group
 from processors.base import Emit
-from processors.dispatch import RecordRef, dead_letter, dead_letter_record
 from processors.inference import Engine, Generator, Price, Router
 from schemas import InferenceJob, decode
-from services.inflight import Handler, InflightRunner
 from topics import TOKENS, inference_topic
 
 STAGE = "inference"
@@ -79,7 +79,7 @@ class Settings(StageSettings):
 
 def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
     if spec.engine == "xllamacpp":
-        from kllm.adapters.xllama import XLlamaEngine
+        from kllm.adapters.engines.xllama import XLlamaEngine
 
         return XLlamaEngine(
             Path(spec.path) if spec.path else None,
@@ -91,7 +91,7 @@ def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
             repeat_penalty=settings.repeat_penalty,
         )
     if spec.engine == "openai":
-        from kllm.adapters.openai_http import OpenAIHttpEngine
+        from kllm.adapters.engines.openai_http import OpenAIHttpEngine
 
         if not spec.url:
             raise ConfigError(f"model {spec.name}: engine 'openai' needs a url")
@@ -103,7 +103,7 @@ def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
             spec.slots,
             settings.temperature,
         )
-    from kllm.adapters.vllm_engine import VLLMEngine
+    from kllm.adapters.engines.vllm_engine import VLLMEngine
 
     if not spec.path:
         raise ConfigError(f"model {spec.name}: engine 'vllm' needs a path (model id or folder)")

@@ -10,16 +10,16 @@ from pathlib import Path
 
 from pydantic import Field
 
-from kllm import logs, tracing
-from kllm.adapters.pii import PATTERN_ENTITIES
-from kllm.settings import StageSettings
+from kllm.adapters.guardrails.pii import PATTERN_ENTITIES
+from kllm.runtime import logs, tracing
+from kllm.runtime.dispatch import StageLogic
+from kllm.runtime.quix import serve
+from kllm.runtime.settings import StageSettings
 from processors.admission import Admission, Quota, parse_quotas
-from processors.dispatch import StageLogic
 from processors.guardrails import DEFAULT_POLICY, Guardrails, InjectionPolicy, parse_policies
 from processors.ingestion import Ingestion, IngestionPolicy
 from processors.templates import load_templates
 from schemas import Request
-from services.runtime import serve
 from topics import REQUESTS
 
 STAGE = "ingestion"
@@ -53,8 +53,8 @@ class Settings(StageSettings):
 
 
 def build_guardrails(settings: Settings) -> Guardrails:
-    from kllm.adapters.injection import GuardifyScorer
-    from kllm.adapters.pii import PresidioRedactor
+    from kllm.adapters.guardrails.injection import GuardifyScorer
+    from kllm.adapters.guardrails.pii import PresidioRedactor
 
     redactor = PresidioRedactor(settings.pii_entities, allow_list=settings.pii_allow_list)
     return Guardrails(

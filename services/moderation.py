@@ -9,17 +9,17 @@ from typing import Any
 
 from pydantic import Field
 
-from kllm import logs, tracing
-from kllm.adapters.pii import PATTERN_ENTITIES as PII_ENTITIES
-from kllm.settings import StageSettings
-from processors.dispatch import StageLogic, keyed_only
+from kllm.adapters.guardrails.pii import PATTERN_ENTITIES as PII_ENTITIES
+from kllm.runtime import logs, tracing
+from kllm.runtime.dispatch import StageLogic, keyed_only
+from kllm.runtime.quix import serve_many
+from kllm.runtime.settings import StageSettings
 from processors.guardrails import Redactor
 from processors.moderation import Moderator, OutputModerator, TextClassifier
 from processors.policies import load_policies
 from processors.streaming import StreamModerator
 from processors.templates import load_templates
 from schemas import Generation, TokenDelta
-from services.runtime import serve_many
 from topics import GENERATIONS, TOKENS, TopicSpec
 
 STAGE = "moderation"
@@ -46,11 +46,11 @@ def build_checks(
     redactor: Redactor | None = None,
 ) -> OutputModerator:
     if classifier is None:
-        from kllm.adapters.profanity import ProfanityClassifier
+        from kllm.adapters.guardrails.profanity import ProfanityClassifier
 
         classifier = ProfanityClassifier()
     if redactor is None and settings.output_pii_entities:
-        from kllm.adapters.pii import PresidioRedactor
+        from kllm.adapters.guardrails.pii import PresidioRedactor
 
         redactor = PresidioRedactor(settings.output_pii_entities)
     return OutputModerator(

@@ -19,20 +19,20 @@ from typing import TypeVar
 
 from pydantic import Field
 
-from kllm import logs, metrics, tracing
-from kllm.documents import document_for
-from kllm.errors import PipelineError
-from kllm.kafka import make_consumer, make_producer
-from kllm.settings import StageSettings, group_id
-from kllm.supervisor import mark_ready
+from kllm.adapters.retrieval.documents import document_for
+from kllm.core.errors import PipelineError
+from kllm.runtime import logs, metrics, tracing
+from kllm.runtime.batch import BatchHandler, BatchRunner
+from kllm.runtime.dispatch import RecordRef, dead_letter
+from kllm.runtime.kafka import make_consumer, make_producer
+from kllm.runtime.ready import mark_ready
+from kllm.runtime.settings import StageSettings, group_id
 from processors.base import Emit, Rejected
 from processors.cache import ResponseCache
-from processors.dispatch import RecordRef, dead_letter
 from processors.indexing import Indexer
 from processors.retrieval import PUBLIC_TENANT, Embedder, Retriever, VectorStore
 from processors.templates import load_templates
 from schemas import Document, DocumentIndexed, Message, Request, Response, decode
-from services.batch import BatchHandler, BatchRunner
 from topics import DOCUMENTS, RESPONSES, RETRIEVAL
 
 STAGE = "retrieval"
@@ -77,13 +77,13 @@ def build(
     settings: Settings, *, embedder: Embedder | None = None, store: VectorStore | None = None
 ) -> tuple[Retriever, Indexer]:
     if embedder is None:
-        from kllm.adapters.embedder import SentenceTransformerEmbedder
+        from kllm.adapters.retrieval.embedder import SentenceTransformerEmbedder
 
         embedder = SentenceTransformerEmbedder(
             settings.embed_model or None, threads=settings.torch_threads
         )
     if store is None:
-        from kllm.adapters.qdrant import open_store
+        from kllm.adapters.retrieval.qdrant import open_store
 
         store = open_store(settings.qdrant_url, settings.qdrant_path, settings.collection)
     store.ensure_collection(embedder.dim)

@@ -11,10 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kllm.broker import EmbeddedBroker
-from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer, produce_sync
-from kllm.supervisor import Supervisor
-from loadtest.scripted_engine import scripted_engine
+from kllm.ops.broker import EmbeddedBroker
+from kllm.ops.supervisor import Supervisor
+from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer, produce_sync
+from kllm.testing.scripted_engine import scripted_engine
 from schemas import DeadLetter, Request, Response, decode, encode
 from topics import ALL, REQUESTS, RESPONSES, TopicSpec, provision
 

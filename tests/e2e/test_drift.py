@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kllm.broker import EmbeddedBroker
-from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer
-from kllm.supervisor import Supervisor
+from kllm.ops.broker import EmbeddedBroker
+from kllm.ops.supervisor import Supervisor
+from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer
 from schemas import DriftAlert, Response, decode, encode
 from tests.e2e.conftest import CONSUMER, FAST_GROUPS
 from topics import ALL, DRIFT_ALERTS, RESPONSES, provision

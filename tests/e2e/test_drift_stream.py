@@ -27,11 +27,11 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka import Message as Record
 
-from kllm.broker import EmbeddedBroker
-from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer
-from kllm.settings import group_id
-from kllm.supervisor import Supervisor
-from loadtest.drift_eval import RATING_P_SHIFTED, sample
+from kllm.ops.broker import EmbeddedBroker
+from kllm.ops.supervisor import Supervisor
+from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer
+from kllm.runtime.settings import group_id
+from kllm.testing.drift_streams import RATING_P_SHIFTED, sample
 from processors.drift import SIGNALS
 from schemas import (
     ChatTurn,

@@ -14,8 +14,8 @@ import httpx
 import orjson
 import pytest
 
-from kllm.keys import KeyStore
-from kllm.supervisor import Supervisor
+from kllm.gateway.keys import KeyStore
+from kllm.ops.supervisor import Supervisor
 from schemas import DeadLetter, FeedbackEnriched, decode
 from tests.e2e.conftest import Client, Replies, collect
 from topics import FEEDBACK, FEEDBACK_ENRICHED

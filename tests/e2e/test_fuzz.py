@@ -19,9 +19,9 @@ from confluent_kafka import Producer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kllm.kafka import make_producer
-from kllm.keys import KeyStore
-from kllm.supervisor import Supervisor
+from kllm.gateway.keys import KeyStore
+from kllm.ops.supervisor import Supervisor
+from kllm.runtime.kafka import make_producer
 from schemas import DeadLetter, decode
 from tests.e2e.conftest import Client
 from topics import REQUESTS, RESPONSES

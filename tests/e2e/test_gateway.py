@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from kllm.keys import KeyStore
-from kllm.supervisor import Supervisor
+from kllm.gateway.keys import KeyStore
+from kllm.ops.supervisor import Supervisor
 from schemas import DeadLetter, InferenceJob, Request, decode, encode
 from tests.e2e.conftest import Client, Replies, collect
 from topics import INFERENCE, REQUESTS

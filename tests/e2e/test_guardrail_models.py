@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import tldextract
 
-from kllm.adapters.injection import GuardifyScorer
-from kllm.adapters.pii import PresidioRedactor
-from kllm.errors import ConfigError
+from kllm.adapters.guardrails.injection import GuardifyScorer
+from kllm.adapters.guardrails.pii import PresidioRedactor
+from kllm.core.errors import ConfigError
 from processors.guardrails import DEFAULT_POLICY, Guardrails, InjectionPolicy
 
 NAME, EMAIL, PHONE, CARD = (

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kllm.adapters.embedder import SentenceTransformerEmbedder
-from kllm.adapters.qdrant import QdrantStore, open_client
-from kllm.adapters.qdrant_edge import EdgeStore
-from kllm.errors import StoreError
+from kllm.adapters.retrieval.embedder import SentenceTransformerEmbedder
+from kllm.adapters.retrieval.qdrant import QdrantStore, open_client
+from kllm.adapters.retrieval.qdrant_edge import EdgeStore
+from kllm.core.errors import StoreError
 from processors.indexing import Indexer
 from schemas import Document
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kllm.broker import EmbeddedBroker, free_port
-from kllm.kafka import ConfluentTopicAdmin, TailReader, make_producer
-from kllm.supervisor import Supervisor
+from kllm.ops.broker import EmbeddedBroker, free_port
+from kllm.ops.supervisor import Supervisor
+from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer
 from schemas import (
     DeadLetter,
     Generation,
@@ -231,7 +231,7 @@ def test_a_pool_has_its_own_topic_and_group(broker: EmbeddedBroker, tmp_path: Pa
 def llama_server(tmp_path: Path) -> Iterator[str]:
     """llama.cpp's own OpenAI-compatible HTTP server (what xllamacpp embeds), on loopback."""
     code = (
-        "import time; from kllm.adapters.xllama import XLlamaEngine\n"
+        "import time; from kllm.adapters.engines.xllama import XLlamaEngine\n"
         "e = XLlamaEngine(n_parallel=2)\n"
         "print(e.http_address, flush=True)\n"
         "time.sleep(600)\n"

@@ -15,12 +15,12 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 
-from kllm.broker import EmbeddedBroker
-from kllm.kafka import ConfluentTopicAdmin, make_consumer, make_producer
+from kllm.ops.broker import EmbeddedBroker
+from kllm.runtime.dispatch import RecordRef
+from kllm.runtime.inflight import InflightRunner
+from kllm.runtime.kafka import ConfluentTopicAdmin, make_consumer, make_producer
 from processors.base import Emit
-from processors.dispatch import RecordRef
 from schemas import Request
-from services.inflight import InflightRunner
 from tests.e2e.conftest import CONSUMER
 from topics import TopicSpec, provision
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from kllm.supervisor import Supervisor
+from kllm.ops.supervisor import Supervisor
 from schemas import Document, DocumentIndexed, Response, decode, encode
 from tests.e2e.conftest import Client, Replies, collect
 from topics import DOCUMENTS, DOCUMENTS_INDEXED, RESPONSES

@@ -1,6 +1,6 @@
 """Output moderation through the real broker, the real stages and the gateway.
 
-The answers come from a scripted engine (see loadtest/scripted_engine.py) so that they are
+The answers come from a scripted engine (see kllm/testing/scripted_engine.py) so that they are
 toxic, leak PII or echo the system prompt on demand; everything else is real:
 the inference stage's HTTP engine adapter, the moderation stage with its real
 classifier, presidio and the repository's policies, the gateway.
@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from kllm.keys import KeyStore
-from kllm.supervisor import Supervisor
+from kllm.gateway.keys import KeyStore
+from kllm.ops.supervisor import Supervisor
 from processors.moderation import BLOCKED_TEXT
 from schemas import ModerationEvent, TokenDelta, decode
 from tests.e2e.conftest import Client, Replies

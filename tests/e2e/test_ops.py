@@ -14,12 +14,12 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from kllm import cli
-from kllm.cli_trace import SpanRow, find_trace, read_spans
-from kllm.keys import KeyStore
-from kllm.lag import consumer_lag
-from kllm.supervisor import STAGES, Supervisor
-from kllm.tracing import TRACES_DIR
+from kllm.cli import commands as cli
+from kllm.cli.trace import SpanRow, find_trace, read_spans
+from kllm.gateway.keys import KeyStore
+from kllm.ops.supervisor import STAGES, Supervisor
+from kllm.runtime.lag import consumer_lag
+from kllm.runtime.tracing import TRACES_DIR
 from tests.e2e.conftest import Client
 from topics import DOCUMENTS_INDEXED
 

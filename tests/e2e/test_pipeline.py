@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from kllm.supervisor import STAGES, Supervisor
+from kllm.ops.supervisor import STAGES, Supervisor
 from schemas import Request, encode
 from tests.e2e.conftest import Client
 from topics import REQUESTS, RESPONSES

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kllm.errors import EngineError
+from kllm.core.errors import EngineError
 from processors.guardrails import Redaction
 from processors.inference import Delta, EngineEvent, Finish
 from processors.retrieval import StoredChunk
@@ -313,7 +313,7 @@ def classifier_factory() -> Callable[..., FakeClassifier]:
 
 @pytest.fixture
 def restore_root_logging() -> Iterator[None]:
-    """kllm.logs.configure replaces the root handlers; put them back afterwards."""
+    """kllm.runtime.logs.configure replaces the root handlers; put them back afterwards."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     noisy = {n: logging.getLogger(n).level for n in ("quixstreams", "httpx", "urllib3")}

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
 from processors import Rejected
 from processors.admission import Admission, Quota, estimated_tokens, parse_quotas
 from schemas import Request

@@ -7,10 +7,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kllm import cli, logs
-from kllm.errors import ConfigError, PipelineError
-from kllm.settings import STATE_FILE, KafkaSettings, write_state
-from kllm.supervisor import STAGES, tail
+from kllm.cli import commands as cli
+from kllm.core.errors import ConfigError, PipelineError
+from kllm.core.refs import where
+from kllm.ops.supervisor import STAGES, tail
+from kllm.runtime import logs
+from kllm.runtime.settings import STATE_FILE, KafkaSettings, write_state
 from topics import ALL
 
 # --- _parse_replicas -----------------------------------------------------------------------
@@ -112,7 +114,7 @@ def test_configure_writes_json_lines() -> None:
 
 
 def test_where() -> None:
-    assert logs.where("llm.requests", 2, 17) == "llm.requests[2]@17"
+    assert where("llm.requests", 2, 17) == "llm.requests[2]@17"
 
 
 # --- settings ------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
-from kllm.lag import GROUP_TOPICS
-from kllm.settings import group_id
-from kllm.supervisor import GROUPLESS, STAGES
+from kllm.ops.supervisor import GROUPLESS, STAGES
+from kllm.runtime.lag import GROUP_TOPICS
+from kllm.runtime.settings import group_id
 from topics import by_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ COMPOSE = ROOT / "compose.yaml"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "kllm.json"
-METRICS_SOURCE = ROOT / "kllm" / "metrics.py"
+METRICS_SOURCE = ROOT / "kllm" / "runtime" / "metrics.py"
 
 K8S_VERSION = "1.37.0"
 """Kubernetes version the manifests are validated against (shipped by kubernetes-validate)."""

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
+from kllm.runtime.dispatch import RecordRef, StageLogic, dispatch
 from processors import Emit, Rejected
-from processors.dispatch import RecordRef, StageLogic, dispatch
 from processors.ingestion import Ingestion
 from schemas import DeadLetter, Generation, Request, Response, decode, encode
 from topics import GENERATIONS, REQUESTS, RESPONSES, RETRIEVAL
@@ -139,7 +139,7 @@ def test_nested_request_id_on_generation_stage(
 
 
 def test_dead_letter_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="processors.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="kllm.runtime.dispatch"):
         dispatch(StageLogic("ingestion", Request, Recorder()), REF, b'{"request_id": "r"}')
     (record,) = [r for r in caplog.records if r.getMessage() == "dead-lettered"]
     assert record.request_id == "r"  # type: ignore[attr-defined]

@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from kllm.errors import ConfigError
-from loadtest.drift_eval import events, feed, run
+from kllm.core.errors import ConfigError
+from kllm.testing.drift_streams import events, feed, run
 from processors.drift import (
     ADWIN,
     DETECTORS,

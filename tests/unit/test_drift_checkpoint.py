@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
 from processors.base import Emit
 from processors.drift import DriftMonitor, PromptReference
 from processors.drift_signals import DriftStage

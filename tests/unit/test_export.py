@@ -10,8 +10,8 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from kllm.errors import ConfigError
-from kllm.export import Filter, chat_row, flat_row, latest_per_request, parse_when, write
+from kllm.core.errors import ConfigError
+from kllm.ops.export import Filter, chat_row, flat_row, latest_per_request, parse_when, write
 from schemas import FeedbackEnriched, Usage
 
 NOW = 1_700_000_000.0

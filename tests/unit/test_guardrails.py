@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
 from processors.guardrails import (
     DEFAULT_POLICY,
     GuardrailError,

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
+from kllm.runtime.dispatch import RecordRef
 from processors import Emit
-from processors.dispatch import RecordRef
 from schemas import (
     DeadLetter,
     Generation,

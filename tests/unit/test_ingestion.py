@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kllm.errors import PipelineError
+from kllm.core.errors import PipelineError
 from processors import Emit, Rejected
 from processors.ingestion import Ingestion, IngestionPolicy
 from schemas import Request

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from kllm.runtime.dispatch import RecordRef, StageLogic, dispatch
 from processors import Emit, Rejected
 from processors.admission import Admission, Quota
-from processors.dispatch import RecordRef, StageLogic, dispatch
 from processors.guardrails import GuardrailError, Guardrails, InjectionPolicy
 from processors.ingestion import Ingestion
 from processors.templates import TemplateCatalog, load_templates

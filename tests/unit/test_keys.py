@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kllm.errors import ConfigError
-from kllm.keys import KeyStore
+from kllm.core.errors import ConfigError
+from kllm.gateway.keys import KeyStore
 
 
 @pytest.fixture

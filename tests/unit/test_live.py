@@ -9,8 +9,8 @@ from typing import Any
 
 import orjson
 
-from kllm.live import LiveStream, data
-from kllm.replies import Reply
+from kllm.gateway.live import LiveStream, data
+from kllm.gateway.replies import Reply
 from schemas import Message, Response, TokenDelta, Usage
 from topics import MODERATED_TOKENS, RESPONSES
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kllm.errors import PipelineError
+from kllm.core.errors import PipelineError
 from processors.moderation import (
     BLOCKED_TEXT,
     REDACTED,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kllm.monitor import PipelineMonitor
+from kllm.gateway.monitor import PipelineMonitor
 from schemas import Request, encode
 from topics import GENERATIONS, INFERENCE, REQUESTS, RESPONSES, RETRIEVAL
 

@@ -1,4 +1,4 @@
-"""processors.offsets.OffsetTracker: never commit past a record still in flight."""
+"""kllm.runtime.offsets.OffsetTracker: never commit past a record still in flight."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from processors.offsets import OffsetTracker
+from kllm.runtime.offsets import OffsetTracker
 
 TP = ("llm.inference", 0)
 TP1 = ("llm.inference", 1)

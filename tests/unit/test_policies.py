@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
 from processors.policies import Policy, PolicyBook, load_policies
 
 REPO = Path(__file__).resolve().parents[2]

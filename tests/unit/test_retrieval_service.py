@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from processors.dispatch import RecordRef
+from kllm.runtime.dispatch import RecordRef
 from processors.indexing import Indexer, chunk_by_tokens
 from processors.retrieval import PUBLIC_TENANT, Retriever, StoredChunk
 from schemas import DeadLetter, Document, DocumentIndexed, InferenceJob, Request, Response, encode

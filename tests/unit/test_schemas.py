@@ -6,7 +6,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from kllm.errors import PipelineError
+from kllm.core.errors import PipelineError
 from schemas import (
     Chunk,
     DeadLetter,

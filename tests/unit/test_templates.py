@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kllm.errors import ConfigError
+from kllm.core.errors import ConfigError
 from processors.retrieval import SYSTEM_PROMPT
 from processors.templates import (
     Assignment,

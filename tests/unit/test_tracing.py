@@ -14,9 +14,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from kllm import tracing
-from kllm.cli_trace import find_trace, read_spans, render
-from kllm.logs import JsonFormatter
+from kllm.cli.trace import find_trace, read_spans, render
+from kllm.runtime import tracing
+from kllm.runtime.logs import JsonFormatter
 
 CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 

@@ -1,0 +1,1 @@
+"""Engines behind ``processors.inference.Engine``: llama.cpp, vLLM, any OpenAI-compatible server."""

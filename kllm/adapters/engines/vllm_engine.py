@@ -1,0 +1,92 @@
+"""vLLM in-process: its async engine on a local GPU (the optional `gpu` extra).
+
+Untested on the CPU-only machines this project is developed on; the worker
+code around it is the same as for the CPU engine, so only this adapter is
+specific to vLLM. To run vLLM as a separate server instead, use the
+OpenAI-compatible HTTP engine (KLLM_ENGINE=openai).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from kllm.core.errors import ConfigError, EngineError
+from processors.inference import Delta, EngineEvent, Finish
+from schemas import Usage
+from schemas.messages import ChatTurn
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model_path: str,
+        model_name: str,
+        max_num_seqs: int = 128,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        temperature: float = 0.0,
+    ) -> None:
+        try:
+            from vllm import AsyncEngineArgs, AsyncLLMEngine
+        except ImportError as exc:
+            raise ConfigError(
+                "vLLM is not installed: pip install 'kllm[gpu]' on a GPU machine"
+            ) from exc
+        args = AsyncEngineArgs(
+            model=model_path,
+            served_model_name=model_name,
+            max_num_seqs=max_num_seqs,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+        )
+        self.model = model_name
+        self.slots = max_num_seqs
+        self.temperature = temperature
+        self._engine = AsyncLLMEngine.from_engine_args(args)
+        self._tokenizer: Any = None
+        self._ids = itertools.count()
+
+    async def _prompt(self, messages: Sequence[ChatTurn]) -> str:
+        if self._tokenizer is None:
+            self._tokenizer = await self._engine.get_tokenizer()
+        return str(
+            self._tokenizer.apply_chat_template(
+                [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
+            )
+        )
+
+    async def stream(
+        self, messages: Sequence[ChatTurn], max_tokens: int
+    ) -> AsyncIterator[EngineEvent]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=self.temperature)
+        request_id = f"kllm-{next(self._ids)}"
+        seen = 0
+        last: Any = None
+        try:
+            async for out in self._engine.generate(
+                await self._prompt(messages), params, request_id
+            ):
+                last = out
+                text = out.outputs[0].text  # cumulative: send what is new
+                if len(text) > seen:
+                    yield Delta(text[seen:])
+                    seen = len(text)
+        except Exception as exc:
+            raise EngineError(f"vLLM: {exc}") from exc
+        finally:
+            if last is None or not last.finished:
+                await self._engine.abort(request_id)  # a cancelled job frees its sequence
+        if last is None:
+            raise EngineError("vLLM returned no output")
+        completion = last.outputs[0]
+        yield Finish(
+            str(completion.finish_reason or "stop"),
+            Usage(
+                prompt_tokens=len(last.prompt_token_ids or []),
+                completion_tokens=len(completion.token_ids),
+            ),
+        )

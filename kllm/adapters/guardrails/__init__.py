@@ -1,0 +1,1 @@
+"""Guardrail ports: prompt-injection classifier, presidio PII redaction, profanity scores."""

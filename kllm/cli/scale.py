@@ -1,0 +1,83 @@
+"""`kllm scale STAGE N`: change how many processes of a stage a running `kllm up` runs."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import orjson
+
+from kllm.core.errors import PipelineError
+from kllm.runtime.settings import KafkaSettings
+from topics import FEEDBACK, GENERATIONS, INFERENCE, REQUESTS, RETRIEVAL
+
+GATEWAY_MAX = 16
+
+
+def max_replicas(stage: str, qdrant_server: bool) -> tuple[int, str]:
+    """How many processes of ``stage`` can do work, and why no more."""
+    if stage == "retrieval" and not qdrant_server:
+        return 1, "embedded Qdrant is opened by one process; set KLLM_QDRANT_URL to scale"
+    if stage == "drift":
+        return 1, "every detector must see all of a tenant's events"
+    if stage == "gateway":
+        return GATEWAY_MAX, "replicas share the port; more than the cores rarely helps"
+    topic = {
+        "ingestion": REQUESTS,
+        "retrieval": RETRIEVAL,
+        "inference": INFERENCE,
+        "moderation": GENERATIONS,
+        "feedback": FEEDBACK,
+    }[stage]
+    return topic.partitions, f"{topic.name} has {topic.partitions} partitions"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kllm.ops.supervisor import STAGES
+
+    p = sub.add_parser(
+        "scale",
+        help="run N processes of a stage (in its consumer group) in the running `kllm up`",
+    )
+    p.add_argument("stage", choices=STAGES, help="the stage")
+    p.add_argument("replicas", type=int, help="processes wanted (0 pauses the stage)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+
+
+def cmd_scale(args: argparse.Namespace, settings: KafkaSettings) -> int:
+    import os
+
+    run_dir = settings.run_dir
+    status = run_dir / "status.json"
+    # `kllm up` rewrites its status twice a second: an old file is a pipeline that died.
+    if not status.exists() or time.time() - status.stat().st_mtime > 10:
+        raise PipelineError(f"no running pipeline in {run_dir}: start it with `kllm up`")
+    cap, why = max_replicas(args.stage, bool(os.environ.get("KLLM_QDRANT_URL")))
+    if not 0 <= args.replicas <= cap:
+        raise PipelineError(f"{args.stage} runs 0 to {cap} processes: {why}")
+    request = run_dir / "control" / f"scale-{args.stage}.json"
+    request.parent.mkdir(parents=True, exist_ok=True)
+    request.write_bytes(orjson.dumps({"stage": args.stage, "replicas": args.replicas}))
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        ready = _ready(run_dir, args.stage)
+        if not request.exists() and len(ready) == args.replicas:
+            print(f"{args.stage}: {args.replicas} ready ({', '.join(ready) or 'none running'})")
+            return 0
+        time.sleep(0.5)
+    print(f"{args.stage}: not {args.replicas} ready after {args.timeout:.0f}s (see the logs)")
+    return 1
+
+
+def _ready(run_dir: Path, stage: str) -> list[str]:
+    path = run_dir / "status.json"
+    try:
+        status = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return []
+    return [
+        f"{name} pid {info['pid']}"
+        for name, info in status.items()
+        if info["stage"] == stage and info["state"] == "ready"
+    ]

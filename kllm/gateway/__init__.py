@@ -1,0 +1,2 @@
+"""The OpenAI-compatible HTTP gateway: app, routes, reply router, live streams, keys,
+dashboard."""

@@ -1,0 +1,113 @@
+"""Routes replies from Kafka to the asyncio tasks waiting for them, by request id.
+
+Every gateway replica reads every partition of the reply topics from their end,
+without a consumer group: a reply reaches whichever replica holds the caller's
+connection, with no join delay and no offsets to commit (a caller whose replica
+dies loses its connection anyway). The consumer runs in a thread; only replies
+someone waits for cross into the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer
+
+from kllm.core.errors import PipelineError
+from kllm.runtime.kafka import end_offsets
+from schemas import Message, decode
+from topics import TopicSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reply:
+    topic: str
+    message: Message
+    received_at: float  # time.perf_counter() when the router read it
+
+
+class ReplyRouter:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Sequence[TopicSpec],
+        extra: Mapping[str, str | int | bool] | None = None,
+    ) -> None:
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "kllm-gateway-replies",  # required by librdkafka; never joined
+                "enable.auto.commit": False,
+                **(extra or {}),
+            }
+        )
+        self._schemas = {t.name: t.schema for t in topics if t.schema is not None}
+        self._consumer.assign([tp for t in topics for tp in end_offsets(self._consumer, t.name)])
+        self._waiters: dict[str, list[asyncio.Queue[Reply]]] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reply-router", daemon=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def subscribe(self, request_id: str) -> asyncio.Queue[Reply]:
+        """Register before publishing, so no reply can arrive unseen."""
+        queue: asyncio.Queue[Reply] = asyncio.Queue()
+        with self._lock:
+            self._waiters.setdefault(request_id, []).append(queue)
+        return queue
+
+    def unsubscribe(self, request_id: str, queue: asyncio.Queue[Reply]) -> None:
+        with self._lock:
+            queues = self._waiters.get(request_id, [])
+            if queue in queues:
+                queues.remove(queue)
+            if not queues:
+                self._waiters.pop(request_id, None)
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiters)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msg = self._consumer.poll(0.1)
+            if msg is None or msg.error() is not None:
+                continue
+            key = msg.key()
+            request_id = key.decode() if key else None
+            with self._lock:
+                queues = list(self._waiters.get(request_id or "", ()))
+            if queues:
+                self._deliver(msg.topic() or "", msg.value() or b"", queues)
+        self._consumer.close()
+
+    def _deliver(self, topic: str, value: bytes, queues: list[asyncio.Queue[Reply]]) -> None:
+        try:
+            message = decode(value, self._schemas[topic])
+        except PipelineError as exc:  # a bad reply must not stop everyone else's
+            log.error("unreadable reply", extra={"topic": topic, "reason": str(exc)})
+            return
+        reply = Reply(topic, message, time.perf_counter())
+        assert self._loop is not None
+        for queue in queues:
+            self._loop.call_soon_threadsafe(queue.put_nowait, reply)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)

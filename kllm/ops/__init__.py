@@ -1,0 +1,1 @@
+"""Operations: the embedded broker, the stage supervisor and the dataset export."""

@@ -1,0 +1,145 @@
+"""From raw record to output records: decode, process, and dead-letter what fails.
+
+Shared by every stage so that failure handling is the same everywhere: a
+record that cannot be processed goes to its topic's DLQ with the reason and
+the original bytes, and when its request id is readable the caller also gets
+an error response instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from kllm.core.errors import ConfigError, PipelineError
+from kllm.core.refs import where
+from processors.admission import KeyedState
+from processors.base import Emit, Rejected
+from schemas import DeadLetter, Message, Response, decode, peek_field, peek_request_id
+from topics import RESPONSES, TopicSpec
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    """Where a record came from."""
+
+    topic: TopicSpec
+    partition: int
+    offset: int
+    key: str | None
+
+    def __str__(self) -> str:
+        return where(self.topic.name, self.partition, self.offset)
+
+
+@dataclass(frozen=True)
+class StageLogic(Generic[M]):
+    """A stage: its name, the schema it reads, and its processor. A stage that keeps
+    state per record key gives ``process_keyed``; the runtime then hands it the state."""
+
+    name: str
+    schema: type[M]
+    process: Callable[[M], list[Emit]]
+    process_keyed: Callable[[M, KeyedState], list[Emit]] | None = None
+
+
+def keyed_only(_message: Message) -> list[Emit]:
+    """``StageLogic.process`` of a stage that runs only with keyed state: the runtime
+    always hands such a stage its state, so getting here is a wiring bug."""
+    raise ConfigError("this stage runs only with keyed state")
+
+
+def error_response(
+    request_id: str,
+    tenant: str,
+    reason: str,
+    code: str = "invalid_request",
+    retry_after_s: float | None = None,
+) -> Response:
+    return Response(
+        request_id=request_id,
+        tenant=tenant,
+        text="",
+        verdict="blocked",
+        reasons=[reason],
+        model="",
+        finish_reason="error",
+        error=reason,
+        error_code=code,
+        retry_after_s=retry_after_s,
+    )
+
+
+def dead_letter_record(stage: str, ref: RecordRef, value: bytes, reason: str) -> Emit:
+    """The DLQ twin of a record: the reason, where it came from, its bytes."""
+    request_id = peek_request_id(value)
+    letter = DeadLetter(
+        stage=stage,
+        reason=reason,
+        source_topic=ref.topic.name,
+        partition=ref.partition,
+        offset=ref.offset,
+        key=ref.key,
+        request_id=request_id,
+        payload_b64=base64.b64encode(value).decode(),
+    )
+    return Emit(ref.topic.dlq, request_id or ref.key or "", letter)
+
+
+def dead_letter(
+    stage: str, ref: RecordRef, value: bytes, reason: str, exc: PipelineError | None = None
+) -> list[Emit]:
+    """DLQ record, plus an error response when the caller can be identified."""
+    if not ref.topic.has_dlq:
+        # A topic read by a side consumer (e.g. the feedback join reading responses): its
+        # producer answers for its records; skipping one here loses nothing of the caller's.
+        log.error("unprocessable record skipped", extra={"record": str(ref), "reason": reason})
+        return []
+    out = [dead_letter_record(stage, ref, value, reason)]
+    request_id = peek_request_id(value)
+    rejected = exc if isinstance(exc, Rejected) else None
+    if request_id is not None and (rejected is None or rejected.notify):
+        tenant = peek_field(value, "tenant") or "unknown"
+        code = rejected.code if rejected else "invalid_request"
+        retry = rejected.retry_after_s if rejected else None
+        response = error_response(request_id, tenant, reason, code, retry)
+        out.append(Emit(RESPONSES, request_id, response))
+    return out
+
+
+def dispatch(
+    stage: StageLogic[M], ref: RecordRef, value: bytes, state: KeyedState | None = None
+) -> list[Emit]:
+    t0 = time.perf_counter()
+    try:
+        message = decode(value, stage.schema)
+        if stage.process_keyed is not None and state is not None:
+            out = stage.process_keyed(message, state)
+        else:
+            out = stage.process(message)
+    except PipelineError as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "dead-lettered",
+            extra={"request_id": peek_request_id(value), "record": str(ref), "reason": reason},
+        )
+        return dead_letter(stage.name, ref, value, reason, exc)
+    log.info(
+        "processed",
+        extra={
+            # Outputs are keyed by request id: no second parse of the payload on the hot path.
+            "request_id": out[0].key if out else None,
+            "record": str(ref),
+            "ms": round((time.perf_counter() - t0) * 1000, 2),
+            "out": [e.topic.name for e in out],
+        },
+    )
+    return out

@@ -1,0 +1,159 @@
+"""Runs a stage as a quixstreams application with at-least-once delivery.
+
+quixstreams flushes the producer before it commits the consumed offsets, so
+an offset is committed only after the stage's output is acknowledged: a
+SIGKILL replays uncommitted records (duplicates are possible, loss is not).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from quixstreams import Application, State, message_context
+from quixstreams.dataframe import StreamingDataFrame
+from quixstreams.models.serializers import Serializer
+
+from kllm.runtime import metrics, tracing
+from kllm.runtime.dispatch import RecordRef, StageLogic, dispatch
+from kllm.runtime.ready import mark_ready
+from kllm.runtime.settings import StageSettings, group_id
+from processors.base import Emit
+from schemas import Message, encode
+from topics import ALL, TopicSpec
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+class _EmitSerializer(Serializer):
+    def __call__(self, value: Emit, ctx: Any) -> bytes:
+        return encode(value.message)
+
+
+def build_app(settings: StageSettings, stage: str) -> Application:
+    return Application(
+        broker_address=settings.bootstrap(),
+        consumer_group=group_id(stage),
+        auto_offset_reset="earliest",
+        auto_create_topics=False,  # `kllm provision` made them; quixstreams would stall creating
+        commit_interval=settings.commit_interval_s,
+        consumer_extra_config=settings.consumer_config(),
+        producer_extra_config=settings.producer_config(),
+        state_dir=str(settings.run_dir / "state" / stage),
+        use_changelog_topics=False,
+        processing_guarantee="at-least-once",
+        loglevel=settings.quix_log_level,
+    )
+
+
+def _sinks(app: Application) -> dict[str, Any]:
+    """Every declared topic as an output of ``app``, by name."""
+    return {
+        spec.name: app.topic(spec.name, key_serializer="str", value_serializer=_EmitSerializer())
+        for spec in ALL
+    }
+
+
+def serve(settings: StageSettings, source: TopicSpec, logic: StageLogic[M]) -> None:
+    """Consume ``source``, dispatch each record, produce every output; runs until SIGTERM."""
+    serve_many(settings, logic.name, [(source, logic)])
+
+
+def serve_many(
+    settings: StageSettings, stage: str, flows: Sequence[tuple[TopicSpec, StageLogic[Any]]]
+) -> None:
+    """One consumer group reading several topics, each with its own logic."""
+    metrics.for_stage(stage).serve(settings.metrics_port)
+    app = build_app(settings, stage)
+    sink = _sinks(app)
+    for source, logic in flows:
+        sdf = app.dataframe(
+            app.topic(source.name, key_deserializer="str", value_deserializer="bytes")
+        )
+        _to_sinks(_apply(sdf, source, logic), sink)
+    mark_ready(settings.ready_file)
+    sources = [source.name for source, _ in flows]
+    log.info("stage running", extra={"stage": stage, "source": sources, "pid": os.getpid()})
+    app.run()
+
+
+def _to_sinks(sdf: StreamingDataFrame, sink: dict[str, Any]) -> None:
+    """Produce each Emit to its topic with its trace headers. The record's timestamp is
+    the time it was produced (Kafka's CreateTime), not the input's that quixstreams would
+    copy: the pipeline does no event-time windowing, and the dashboard times stages by it."""
+    sdf = sdf.set_headers(lambda e, _k, _ts, _h: list(e.headers))
+    sdf = sdf.set_timestamp(lambda _e, _k, _ts, _h: int(time.time() * 1000))
+    sdf.to_topic(lambda value, _k, _ts, _h: sink[value.topic.name], key=lambda e: e.key)
+
+
+def _measured(
+    logic: StageLogic[Any],
+    ref: RecordRef,
+    value: bytes,
+    headers: Any,
+    state: State[Any, Any] | None = None,
+) -> list[Emit]:
+    t0 = time.perf_counter()
+    where = tracing.Where(logic.name, ref.topic.name, ref.partition, ref.offset)
+    with tracing.record_span(where, headers) as span:
+        out = dispatch(logic, ref, value, state)
+        rid = next((r for e in out if (r := getattr(e.message, "request_id", None))), None)
+        if rid:
+            span.set_attribute("kllm.request_id", rid)
+        carried = tuple(tracing.headers_for(span))
+    metrics.for_stage(logic.name).observe(ref.topic.name, 1, out, time.perf_counter() - t0)
+    return [replace(e, headers=carried) for e in out]
+
+
+def _apply(sdf: StreamingDataFrame, source: TopicSpec, logic: StageLogic[Any]) -> Any:
+    def handle(value: bytes, key: str | None, _ts: int, headers: Any) -> list[Emit]:
+        ctx = message_context()
+        return _measured(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, headers)
+
+    def handle_keyed(
+        value: bytes, key: str | None, _ts: int, headers: Any, state: State[Any, Any]
+    ) -> list[Emit]:
+        ctx = message_context()
+        ref = RecordRef(source, ctx.partition, ctx.offset, key)
+        return _measured(logic, ref, value, headers, state)
+
+    if logic.process_keyed is not None:
+        return sdf.apply(handle_keyed, expand=True, metadata=True, stateful=True)
+    return sdf.apply(handle, expand=True, metadata=True)
+
+
+def serve_join(
+    settings: StageSettings, stage: str, flows: Sequence[tuple[TopicSpec, StageLogic[Any]]]
+) -> None:
+    """Several topics with the same key and partition count, merged into one stream whose
+    keyed state all of them share (a join): each record goes to its topic's logic."""
+    metrics.for_stage(stage).serve(settings.metrics_port)
+    app = build_app(settings, stage)
+    sink = _sinks(app)
+    frames = [
+        app.dataframe(app.topic(source.name, key_deserializer="str", value_deserializer="bytes"))
+        for source, _ in flows
+    ]
+    merged = frames[0]
+    for frame in frames[1:]:
+        merged = merged.concat(frame)
+    by_topic = {source.name: (source, logic) for source, logic in flows}
+
+    def handle(
+        value: bytes, key: str | None, _ts: int, headers: Any, state: State[Any, Any]
+    ) -> list[Emit]:
+        ctx = message_context()
+        source, logic = by_topic[ctx.topic]
+        ref = RecordRef(source, ctx.partition, ctx.offset, key)
+        return _measured(logic, ref, value, headers, state)
+
+    _to_sinks(merged.apply(handle, expand=True, metadata=True, stateful=True), sink)
+    mark_ready(settings.ready_file)
+    log.info("stage running", extra={"stage": stage, "source": list(by_topic), "pid": os.getpid()})
+    app.run()

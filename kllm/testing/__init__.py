@@ -1,0 +1,1 @@
+"""Test doubles that run for real: the scripted OpenAI-compatible engine and drift streams."""
