@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up test test-unit test-e2e check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load bench-faults bench-overload bench-overhead
+.PHONY: install system-packages run up test test-unit test-e2e check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load bench-faults bench-overload bench-overhead
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,19 +18,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+system-packages:  ## Debian packages the tests need (chromium), installed when missing, as root
+	bash deploy/system-packages.sh
+
 run: install  ## install, start every stage, answer sample questions, stop
 	$(BIN)/kllm up --demo
 
 up: install  ## start the pipeline and keep it running (Ctrl-C stops it)
 	$(BIN)/kllm up
 
-test: install  ## unit tests, then the end-to-end suite against real processes
+test: install system-packages  ## unit tests, then the end-to-end suite against real processes
 	$(BIN)/pytest -q
 
 test-unit: install
 	$(BIN)/pytest -q -m "not e2e"
 
-test-e2e: install
+test-e2e: install system-packages
 	$(BIN)/pytest -q -m e2e
 
 check: install

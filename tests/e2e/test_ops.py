@@ -4,7 +4,6 @@ dashboard, rendered by a real headless Chromium (screenshot kept with the test o
 from __future__ import annotations
 
 import itertools
-import shutil
 import subprocess
 import time
 import uuid
@@ -20,6 +19,7 @@ from kllm.gateway.keys import KeyStore
 from kllm.ops.supervisor import STAGES, Supervisor
 from kllm.runtime.lag import consumer_lag
 from kllm.runtime.tracing import TRACES_DIR
+from tests import needs
 from tests.e2e.conftest import Client
 from topics import DOCUMENTS_INDEXED
 
@@ -74,8 +74,8 @@ def test_lag_is_end_minus_committed_per_partition(client: Client) -> None:
     assert all(r.committed is None for p, r in rows.items() if p != 0)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_dashboard_renders_live_figures_in_chromium(pipeline: Supervisor, tmp_path: Path) -> None:
+    chromium = needs.executable("chromium", "make system-packages, as root")
     base = f"http://127.0.0.1:{pipeline.env['KLLM_GATEWAY_PORT']}"
     assert "kllm pipeline" in httpx.get(f"{base}/dashboard", timeout=10).text  # starts the monitor
     for _ in range(60):
@@ -95,7 +95,7 @@ def test_dashboard_renders_live_figures_in_chromium(pipeline: Supervisor, tmp_pa
     OUT.mkdir(exist_ok=True)
     shot, dom = OUT / "dashboard.png", tmp_path / "dom.html"
     run = [
-        "chromium",
+        chromium,
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
