@@ -57,6 +57,12 @@ def test_distinct_ids_are_not_duplicates(make_request: MakeRequest) -> None:
     c = Clocked(Admission())
     for i in range(5):
         c.admit(10.0 + i, make_request(request_id=f"id-{i}"))
+    # Each id is remembered once, at its own time, and each was charged as a request.
+    assert {k: v for k, (v, _) in c.state.data.items() if k.startswith("seen:")} == {
+        f"seen:id-{i}": 10.0 + i for i in range(5)
+    }
+    assert c.state.get("requests:0") == 5
+    assert _refused(c, 20.0, request=make_request(request_id="id-3")).code == ("duplicate_request")
 
 
 def test_duplicate_memory_expires_after_its_ttl(make_request: MakeRequest) -> None:
@@ -215,9 +221,15 @@ def test_per_tenant_quota_overrides_default() -> None:
 
 def test_per_tenant_unlimited_override() -> None:
     admission = Admission(default=Quota(rpm=1), per_tenant={"vip": Quota()})
+    assert admission.quota_for("vip") == Quota()
     c = Clocked(admission)
     for _ in range(50):
         c.admit(1.0, tenant="vip")
+    assert c.state.get("requests:0") == 50  # all fifty admitted and counted
+    # The default still holds for everyone else: a second request in the minute is refused.
+    other = Clocked(admission)
+    other.admit(1.0, tenant="other")
+    assert _refused(other, 1.0, tenant="other").code == "quota_exceeded"
 
 
 def test_tenants_with_separate_states_do_not_share_counters() -> None:
@@ -232,9 +244,14 @@ def test_tenants_with_separate_states_do_not_share_counters() -> None:
 
 
 def test_no_quota_means_unlimited() -> None:
-    c = Clocked(Admission())
+    admission = Admission()
+    assert admission.quota_for("acme") == Quota(rpm=None, tpm=None)
+    c = Clocked(admission)
     for _ in range(200):
         c.admit(1.0, prompt="x" * 4000, max_tokens=4096)
+    # All admitted, and counted (1000 prompt + 4096 completion tokens each) with no limit.
+    assert c.state.get("requests:0") == 200
+    assert c.state.get("tokens:0") == 200 * (1000 + 4096)
 
 
 # --- configuration --------------------------------------------------------------------------
