@@ -48,14 +48,13 @@ class PolicyBook:
 
 
 def load_policies(folder: Path) -> PolicyBook:
-    """The newest ``v<N>.toml`` in ``folder``; no folder or file: an empty default policy."""
-    versions = sorted(
-        (int(m.group(1)), p)
-        for p in (folder.iterdir() if folder.is_dir() else ())
-        if (m := _FILE.match(p.name))
-    )
+    """The newest ``v<N>.toml`` in ``folder``. A missing folder, or one with no policy
+    file, is a ConfigError: a stage never runs on a silently empty policy."""
+    if not folder.is_dir():
+        raise ConfigError(f"moderation policy folder {folder} does not exist")
+    versions = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _FILE.match(p.name)))
     if not versions:
-        return PolicyBook(0, Policy(0, "default"), {})
+        raise ConfigError(f"no moderation policy (v<N>.toml) in {folder}")
     version, path = versions[-1]
     try:
         raw = tomllib.loads(path.read_text())

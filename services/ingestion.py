@@ -14,7 +14,7 @@ from kllm.adapters.guardrails.pii import PATTERN_ENTITIES
 from kllm.runtime import logs, tracing
 from kllm.runtime.dispatch import StageLogic
 from kllm.runtime.quix import serve
-from kllm.runtime.settings import StageSettings
+from kllm.runtime.settings import PROMPTS_DIR, StageSettings
 from processors.admission import Admission, Quota, parse_quotas
 from processors.guardrails import DEFAULT_POLICY, Guardrails, InjectionPolicy, parse_policies
 from processors.ingestion import Ingestion, IngestionPolicy
@@ -49,7 +49,7 @@ class Settings(StageSettings):
     injection_flag_at: float = DEFAULT_POLICY.flag_at
     injection_policies: dict[str, dict[str, float]] = Field(default_factory=dict)
     """Per-tenant thresholds, e.g. {"acme": {"block_at": 0.9, "flag_at": 0.6}}."""
-    templates_dir: Path = Path("prompts")
+    templates_dir: Path = PROMPTS_DIR
 
 
 def build_guardrails(settings: Settings) -> Guardrails:

@@ -13,7 +13,7 @@ from kllm.adapters.guardrails.pii import PATTERN_ENTITIES as PII_ENTITIES
 from kllm.runtime import logs, tracing
 from kllm.runtime.dispatch import StageLogic, keyed_only
 from kllm.runtime.quix import serve_many
-from kllm.runtime.settings import StageSettings
+from kllm.runtime.settings import POLICIES_DIR, PROMPTS_DIR, StageSettings
 from processors.guardrails import Redactor
 from processors.moderation import Moderator, OutputModerator, TextClassifier
 from processors.policies import load_policies
@@ -30,9 +30,9 @@ class Settings(StageSettings):
     """Toxicity: the classifier's score at or above which an answer is blocked."""
     output_pii_entities: list[str] = Field(default_factory=lambda: list(PII_ENTITIES))
     """Presidio entity types redacted from answers; empty: no PII check."""
-    policies_dir: Path = Path("policies/moderation")
+    policies_dir: Path = POLICIES_DIR
     """Versioned per-tenant policies (v<N>.toml); the newest is in force."""
-    templates_dir: Path = Path("prompts")
+    templates_dir: Path = PROMPTS_DIR
     echo_min_words: int = Field(default=8, ge=3)
     """An answer repeating this many consecutive words of the system prompt is blocked."""
     max_window_chars: int = Field(default=240, ge=20)

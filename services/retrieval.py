@@ -26,14 +26,14 @@ from kllm.runtime.batch import BatchHandler, BatchRunner
 from kllm.runtime.dispatch import RecordRef, dead_letter
 from kllm.runtime.kafka import make_consumer, make_producer
 from kllm.runtime.ready import mark_ready
-from kllm.runtime.settings import StageSettings, group_id
+from kllm.runtime.settings import DOCS_DIR, PROMPTS_DIR, StageSettings
 from processors.base import Emit, Rejected
 from processors.cache import ResponseCache
 from processors.indexing import Indexer
 from processors.retrieval import PUBLIC_TENANT, Embedder, Retriever, VectorStore
 from processors.templates import load_templates
 from schemas import Document, DocumentIndexed, Message, Request, Response, decode
-from topics import DOCUMENTS, RESPONSES, RETRIEVAL
+from topics import CACHE_GROUP, INDEXER_GROUP, RETRIEVAL_GROUP
 
 STAGE = "retrieval"
 INDEXER = "indexer"
@@ -46,7 +46,7 @@ class Settings(StageSettings):
     qdrant_url: str = ""
     qdrant_path: Path = Path(".kllm/qdrant")
     collection: str = "kllm_docs"
-    seed_dir: Path = Path("docs")
+    seed_dir: Path = DOCS_DIR
     embed_model: str = ""
     top_k: int = 2
     min_score: float = 0.2
@@ -57,7 +57,7 @@ class Settings(StageSettings):
     """How long the query path waits for more questions to batch with the first."""
     chunk_tokens: int = 200
     chunk_overlap_tokens: int = 40
-    templates_dir: Path = Path("prompts")
+    templates_dir: Path = PROMPTS_DIR
     """Versioned prompt templates; requests name the variant ingestion assigned them."""
     cache: bool = True
     cache_similarity: float = Field(default=0.95, gt=0.0, le=1.0)
@@ -179,9 +179,9 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
     bootstrap = settings.bootstrap()
     producer = make_producer(bootstrap, settings.producer_config())
     queries = BatchRunner(
-        make_consumer(bootstrap, group_id(STAGE), settings.consumer_config()),
+        make_consumer(bootstrap, RETRIEVAL_GROUP.name, settings.consumer_config()),
         producer,
-        RETRIEVAL,
+        RETRIEVAL_GROUP.inputs[0],
         query_handler(retriever),
         settings.max_batch,
         settings.max_wait_ms / 1000,
@@ -189,9 +189,9 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
         stage=STAGE,
     )
     documents = BatchRunner(
-        make_consumer(bootstrap, group_id(INDEXER), settings.consumer_config()),
+        make_consumer(bootstrap, INDEXER_GROUP.name, settings.consumer_config()),
         producer,
-        DOCUMENTS,
+        INDEXER_GROUP.inputs[0],
         document_handler(indexer, retriever.cache),
         settings.max_batch,
         metrics=stage_metrics,
@@ -199,9 +199,9 @@ def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
     )
     fills = (
         BatchRunner(
-            make_consumer(bootstrap, group_id(CACHE), settings.consumer_config()),
+            make_consumer(bootstrap, CACHE_GROUP.name, settings.consumer_config()),
             producer,
-            RESPONSES,
+            CACHE_GROUP.inputs[0],
             cache_fill_handler(retriever.cache),
             settings.max_batch,
             metrics=stage_metrics,

@@ -16,6 +16,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from kllm.core.errors import ConfigError
 
 STATE_FILE = "state.json"
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+"""The project's folder: the default prompts/, policies/ and docs/ are found from it, so
+``kllm`` works from any working directory. An installed copy (the image) sets the paths."""
+PROMPTS_DIR = PROJECT_DIR / "prompts"
+POLICIES_DIR = PROJECT_DIR / "policies" / "moderation"
+DOCS_DIR = PROJECT_DIR / "docs"
 
 
 class KafkaSettings(BaseSettings):
@@ -63,15 +69,6 @@ class KafkaSettings(BaseSettings):
     def producer_config(self) -> dict[str, str | int | bool]:
         return {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
 
-
-def group_id(stage: str) -> str:
-    """The consumer group of a stage: every process of the stage shares it."""
-    return f"kllm-{stage}"
-
-
-def stage_group(stage: str, pool: str = "") -> str:
-    """The group of a stage's processes; an inference pool has a group of its own."""
-    return group_id(f"{stage}-{pool}" if pool else stage)
 
 
 def write_state(run_dir: Path, bootstrap_servers: str) -> Path:

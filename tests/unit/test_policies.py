@@ -38,19 +38,14 @@ def test_versions_compare_as_numbers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sub", ["missing", "empty"])
-def test_no_policy_file_is_an_empty_default(tmp_path: Path, sub: str) -> None:
+def test_no_policy_file_is_a_clear_error(tmp_path: Path, sub: str) -> None:
     folder = tmp_path / sub
     if sub == "empty":
         folder.mkdir()
-    book = load_policies(folder)
-    assert book.version == 0
-    assert book.tenants == {}
-    assert book.default == Policy(0, "default")
-    assert book.default.max_chars is None
-    assert dict(book.default.deny_topics) == {}
-    assert book.default.block_patterns == book.default.redact_patterns == ()
-    assert book.for_tenant("anyone") is book.default
-    assert book.for_tenant("anyone").tag == "moderation@v0/default"
+        write(folder, "notes.txt", "not a policy")
+    expected = "does not exist" if sub == "missing" else "no moderation policy"
+    with pytest.raises(ConfigError, match=expected):
+        load_policies(folder)
 
 
 def test_tenant_overrides_default_key_by_key(tmp_path: Path) -> None:

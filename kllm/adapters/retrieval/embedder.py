@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 from kllm.core.errors import ConfigError
@@ -20,15 +19,16 @@ class SentenceTransformerEmbedder:
     def __init__(
         self, model_path: str | None = None, batch_size: int = 64, threads: int | None = None
     ) -> None:
-        # Weights come from disk; never let the hub client reach for the network.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from sentence_transformers import SentenceTransformer
 
         if threads:
             torch.set_num_threads(threads)  # process-wide: this process's only torch user
 
-        self._model = SentenceTransformer(model_path or packaged_minilm_path(), device="cpu")
+        # Weights come from disk; the hub client never reaches for the network.
+        self._model = SentenceTransformer(
+            model_path or packaged_minilm_path(), device="cpu", local_files_only=True
+        )
         self.batch_size = batch_size
         dimension = getattr(self._model, "get_embedding_dimension", None) or (
             self._model.get_sentence_embedding_dimension  # before sentence-transformers 6
