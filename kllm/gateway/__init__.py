@@ -1,2 +1,2 @@
-"""The OpenAI-compatible HTTP gateway: app, routes, reply router, live streams, keys,
-dashboard."""
+"""The OpenAI-compatible HTTP gateway: config, service (admission, publish, replies,
+replay cache), routes and app, server, reply router, live streams, keys, dashboard."""

@@ -1,0 +1,33 @@
+"""What the gateway takes from its settings, as plain values: the Settings class lives
+in services/gateway.py, which this package may not import (the layers point down)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STAGE = "gateway"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    bootstrap: str
+    """Kafka bootstrap servers, for the dashboard's monitor."""
+    models: tuple[str, ...]
+    """Model names callers may ask for."""
+    max_waiting: int
+    """Callers (waiting or streaming) at once; beyond that: 429 with Retry-After."""
+    retry_after_s: int
+    timeout_s: float
+    """The request's deadline; past it the caller gets 504."""
+    max_body_bytes: int
+    replay_ttl_s: float
+    """How long an answer is kept for a caller repeating its Idempotency-Key (0: never)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str
+    port: int
+    keep_alive_s: int
+    ready_file: str
+    """Written once the server listens (empty: none)."""

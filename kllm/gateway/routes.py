@@ -1,0 +1,202 @@
+"""The gateway's HTTP routes, one function each, and the app that serves them.
+
+Cheap refusals happen here, before Kafka: a missing or wrong key (401), a malformed
+body (400), an unknown model (404), too many callers already waiting (429).
+Everything else (quotas, duplicates, guardrails) is ingestion's, and comes back as
+an error reply that maps to its HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import Response as HttpResponse
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+from kllm.core.errors import PipelineError
+from kllm.gateway.config import STAGE
+from kllm.gateway.dashboard import PAGE
+from kllm.gateway.http import HttpError, error_response, replayed, reply_error
+from kllm.gateway.service import Gateway, Outcome
+from kllm.runtime import tracing
+from processors import openai_api as api
+from schemas import Feedback, encode
+from topics import FEEDBACK
+
+log = logging.getLogger(__name__)
+Endpoint = Callable[[Gateway, HttpRequest], Awaitable[HttpResponse]]
+
+
+def _json(body: object, status: int = 200) -> HttpResponse:
+    return HttpResponse(orjson.dumps(body), status, None, "application/json")
+
+
+async def parse(gw: Gateway, http: HttpRequest, tenant: str) -> api.ChatCompletionRequest:
+    """The body as a chat request for a served model; refusals are dead-lettered."""
+    raw = await http.body()
+    try:
+        if len(raw) > gw.config.max_body_bytes:
+            raise HttpError(413, "invalid_request", f"body of {len(raw)} bytes is too large")
+        try:
+            chat_request = api.parse_chat_request(orjson.loads(raw))
+        except orjson.JSONDecodeError as exc:
+            raise HttpError(400, "invalid_request", f"body is not JSON: {exc}") from exc
+        except PipelineError as exc:
+            raise HttpError(400, "invalid_request", str(exc)) from exc
+        if chat_request.model not in gw.config.models:
+            known = ", ".join(gw.config.models)
+            raise HttpError(
+                404, "model_not_found", f"model {chat_request.model!r} is not served ({known})"
+            )
+    except HttpError as exc:
+        gw.dead_letter(tenant, raw, exc)
+        raise
+    return chat_request
+
+
+def _include_usage(chat_request: api.ChatCompletionRequest) -> bool:
+    return bool(chat_request.stream_options and chat_request.stream_options.include_usage)
+
+
+async def chat(gw: Gateway, http: HttpRequest) -> HttpResponse:
+    """POST /v1/chat/completions, in the caller's trace (the trace id comes back)."""
+    name = "POST /v1/chat/completions"
+    with tracing.server_span(STAGE, name, http.headers.items()) as span:
+        response = await answer_chat(gw, http)
+        span.set_attribute("http.response.status_code", response.status_code)
+        span.set_attribute("kllm.request_id", response.headers.get("x-request-id", ""))
+        response.headers["x-kllm-trace-id"] = tracing.trace_id(span)
+        return response
+
+
+async def answer_chat(gw: Gateway, http: HttpRequest) -> HttpResponse:
+    t0 = time.perf_counter()
+    try:
+        tenant = gw.tenant(http)
+        chat_request = await parse(gw, http, tenant)
+        request = api.to_request(
+            chat_request,
+            request_id=gw.request_id(http, tenant),
+            tenant=tenant,
+            model=chat_request.model,
+            timeout_s=gw.config.timeout_s,
+        )
+        if chat_request.stream and gw.fresh(request.request_id):
+            return await gw.stream(request, _include_usage(chat_request), t0)
+        outcome = await gw.answer(request)
+        if outcome.response.error is not None:
+            raise reply_error(outcome.response)
+    except HttpError as exc:
+        gw.metrics.observe_error(exc.status, exc.code)
+        log.info("refused", extra={"status": exc.status, "code": exc.code, "reason": str(exc)})
+        return error_response(exc)
+    return answered(gw, outcome, t0, chat_request)
+
+
+def answered(
+    gw: Gateway, outcome: Outcome, t0: float, chat_request: api.ChatCompletionRequest
+) -> HttpResponse:
+    """The answer as JSON, or in one piece as SSE for a replayed streamed request."""
+    response = outcome.response
+    overhead = max(0.0, time.perf_counter() - t0 - outcome.pipeline_s)
+    gw.metrics.observe_ok(outcome.pipeline_s, overhead, response.cached)
+    headers = {
+        "x-request-id": response.request_id,
+        "x-kllm-pipeline-ms": f"{outcome.pipeline_s * 1000:.3f}",
+        "x-kllm-gateway-ms": f"{overhead * 1000:.3f}",
+    }
+    log.info("answered", extra={"request_id": response.request_id, "cached": response.cached})
+    created = int(time.time())
+    if chat_request.stream:
+        events = replayed(response, created, _include_usage(chat_request))
+        return StreamingResponse(events, headers=headers, media_type="text/event-stream")
+    body = orjson.dumps(api.completion(response, created))
+    return HttpResponse(body, 200, headers, "application/json")
+
+
+async def feedback(gw: Gateway, http: HttpRequest) -> HttpResponse:
+    try:
+        tenant = gw.tenant(http)
+        raw = await http.body()
+        try:
+            body = api.parse_feedback(orjson.loads(raw))
+        except (orjson.JSONDecodeError, PipelineError) as exc:
+            error = HttpError(400, "invalid_request", str(exc))
+            gw.dead_letter(tenant, raw, error)
+            raise error from exc
+        message = Feedback(tenant=tenant, **body.model_dump())
+        await gw.publish(FEEDBACK.name, message.request_id, encode(message))
+    except HttpError as exc:
+        gw.metrics.observe_error(exc.status, exc.code)
+        return error_response(exc)
+    log.info("feedback", extra={"request_id": message.request_id, "rating": message.rating})
+    return _json({"status": "accepted", "request_id": message.request_id}, 202)
+
+
+async def models(gw: Gateway, http: HttpRequest) -> HttpResponse:
+    try:
+        gw.tenant(http)
+    except HttpError as exc:
+        return error_response(exc)
+    data = [
+        {"id": m, "object": "model", "created": 0, "owned_by": "kllm"} for m in gw.config.models
+    ]
+    return _json({"object": "list", "data": data})
+
+
+async def dashboard(gw: Gateway, _http: HttpRequest) -> HttpResponse:
+    gw.monitor().start()
+    return HttpResponse(PAGE, 200, None, "text/html; charset=utf-8")
+
+
+async def dashboard_data(gw: Gateway, _http: HttpRequest) -> HttpResponse:
+    data = gw.monitor().data()
+    data["gateway"] = {"waiting": len(gw.waiting), "streams": gw.streams}
+    return _json(data)
+
+
+async def health(gw: Gateway, _http: HttpRequest) -> HttpResponse:
+    ok = gw.router.alive
+    body = {"status": "ok" if ok else "reply router stopped", "waiting": len(gw.waiting)}
+    return _json(body, 200 if ok else 503)
+
+
+async def metrics(gw: Gateway, _http: HttpRequest) -> HttpResponse:
+    gw.metrics.waiting.set(len(gw.waiting))
+    body, content_type = gw.metrics.render()
+    return HttpResponse(body, 200, None, content_type)
+
+
+ROUTES: list[tuple[str, str, Endpoint]] = [
+    ("/v1/chat/completions", "POST", chat),
+    ("/v1/models", "GET", models),
+    ("/v1/feedback", "POST", feedback),
+    ("/healthz", "GET", health),
+    ("/dashboard", "GET", dashboard),
+    ("/dashboard/data", "GET", dashboard_data),
+    ("/metrics", "GET", metrics),
+]
+
+
+def make_app(gw: Gateway) -> Starlette:
+    routes = [Route(path, partial(fn, gw), methods=[method]) for path, method, fn in ROUTES]
+    return Starlette(routes=routes, lifespan=partial(lifespan, gw))
+
+
+@asynccontextmanager
+async def lifespan(gw: Gateway, _app: Starlette) -> AsyncIterator[None]:
+    """The producer's poll thread and the reply router run while the app serves."""
+    gw.start(asyncio.get_running_loop())
+    try:
+        yield
+    finally:
+        gw.close()
