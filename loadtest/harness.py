@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -11,12 +10,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from kllm.ops.broker import EmbeddedBroker
+from kllm.ops.broker import EmbeddedBroker, free_port
 from kllm.ops.supervisor import STAGES, Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin
 from topics import ALL, provision
 
 REPO = Path(__file__).resolve().parents[1]
+
+__all__ = ["REPO", "free_port", "pct", "running", "supervised"]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -25,12 +26,6 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

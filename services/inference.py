@@ -22,11 +22,11 @@ from kllm.runtime.dispatch import RecordRef, dead_letter, dead_letter_record
 from kllm.runtime.inflight import Handler, InflightRunner
 from kllm.runtime.kafka import make_consumer, make_producer
 from kllm.runtime.ready import mark_ready
-from kllm.runtime.settings import StageSettings, stage_group
+from kllm.runtime.settings import StageSettings
 from processors.base import Emit
 from processors.inference import Engine, Generator, Price, Router
 from schemas import InferenceJob, decode
-from topics import TOKENS, inference_topic
+from topics import TOKENS, inference_group
 
 STAGE = "inference"
 
@@ -159,9 +159,9 @@ def make_handler(generator: Generator) -> Handler:
 
 def clients(settings: Settings) -> tuple[Consumer, Producer]:
     bootstrap = settings.bootstrap()
-    group = stage_group(STAGE, settings.pool)
+    group = inference_group(settings.pool)
     return (
-        make_consumer(bootstrap, group, settings.consumer_config()),
+        make_consumer(bootstrap, group.name, settings.consumer_config()),
         make_producer(bootstrap, settings.producer_config()),
     )
 
@@ -173,7 +173,7 @@ async def serve(settings: Settings, generator: Generator, capacity: int) -> None
     runner = InflightRunner(
         consumer,
         producer,
-        inference_topic(settings.pool),
+        inference_group(settings.pool).inputs[0],
         make_handler(generator),
         capacity,
         prefetch=settings.prefetch or None,

@@ -1,6 +1,8 @@
-"""Every topic, declared once: name, partitions, key, schema, configs and its DLQ.
+"""Every topic, declared once: name, partitions, key, schema, configs and its DLQ; and
+which consumer group of which stage reads which topics (topics.groups).
 
-Nothing outside this package spells a topic name; code refers to these specs.
+Nothing outside this package spells a topic or consumer group name; code refers to
+these declarations.
 """
 
 from topics.catalog import (
@@ -23,28 +25,70 @@ from topics.catalog import (
     declared,
     inference_topic,
 )
+from topics.groups import (
+    CACHE_GROUP,
+    DASHBOARD_GROUP,
+    DRIFT_GROUP,
+    EXPORT_GROUP,
+    FEEDBACK_GROUP,
+    GROUP_PREFIX,
+    GROUPLESS,
+    INDEXER_GROUP,
+    INGESTION_GROUP,
+    MODERATION_GROUP,
+    RETRIEVAL_GROUP,
+    STAGES,
+    ConsumerGroup,
+    group_id,
+    group_topics,
+    groups,
+    inference_group,
+    primary_group,
+    stage_group,
+    stage_groups,
+)
 from topics.provision import ProvisionReport, TopicAdmin, provision
 
 __all__ = [
     "ALL",
+    "CACHE_GROUP",
+    "DASHBOARD_GROUP",
     "DOCUMENTS",
     "DOCUMENTS_INDEXED",
     "DRIFT_ALERTS",
+    "DRIFT_GROUP",
+    "EXPORT_GROUP",
     "FEEDBACK",
     "FEEDBACK_ENRICHED",
+    "FEEDBACK_GROUP",
     "GENERATIONS",
+    "GROUPLESS",
+    "GROUP_PREFIX",
+    "INDEXER_GROUP",
     "INFERENCE",
+    "INGESTION_GROUP",
     "MODERATED_TOKENS",
     "MODERATION_EVENTS",
+    "MODERATION_GROUP",
     "REQUESTS",
     "RESPONSES",
     "RETRIEVAL",
+    "RETRIEVAL_GROUP",
+    "STAGES",
     "TOKENS",
+    "ConsumerGroup",
     "ProvisionReport",
     "TopicAdmin",
     "TopicSpec",
     "by_name",
     "declared",
+    "group_id",
+    "group_topics",
+    "groups",
+    "inference_group",
     "inference_topic",
+    "primary_group",
     "provision",
+    "stage_group",
+    "stage_groups",
 ]

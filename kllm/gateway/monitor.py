@@ -5,7 +5,8 @@ takes nothing from the stages): records per second per topic; per stage, the
 time from a request's record on the stage's input topic to its record on the
 next topic (by the records' timestamps, the time each was produced: every stage
 stamps its outputs so); recent dead letters and drift alerts. Consumer
-lag per partition comes from the groups' committed offsets, every few seconds.
+lag per partition comes from the committed offsets of every declared group
+(topics.groups: inference pools and the cache filler included), every few seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +22,18 @@ from confluent_kafka import Consumer
 
 from kllm.core.errors import BrokerError, PipelineError
 from kllm.runtime.kafka import end_offsets
-from kllm.runtime.lag import Lag, consumer_lag
+from kllm.runtime.lag import Lag, consumer_lag, lag_groups
 from schemas import DeadLetter, DriftAlert, decode, peek_request_id
-from topics import ALL, DRIFT_ALERTS, GENERATIONS, INFERENCE, REQUESTS, RESPONSES, RETRIEVAL
+from topics import (
+    DASHBOARD_GROUP,
+    DRIFT_ALERTS,
+    GENERATIONS,
+    INFERENCE,
+    REQUESTS,
+    RESPONSES,
+    RETRIEVAL,
+    declared,
+)
 
 # stage -> (its input topic, the topic its output for the request lands on)
 HOPS = {
@@ -55,8 +66,11 @@ class Snapshot:
 
 
 class PipelineMonitor:
-    def __init__(self, bootstrap: str, lag_every_s: float = 5.0) -> None:
+    def __init__(self, bootstrap: str, pools: Iterable[str] = (), lag_every_s: float = 5.0) -> None:
         self.bootstrap = bootstrap
+        self.pools = tuple(pools)
+        self.groups = lag_groups(self.pools)
+        """Every group whose lag is shown: group -> the topics it reads."""
         self.lag_every_s = lag_every_s
         self.snap = Snapshot()
         self._lock = threading.Lock()
@@ -79,11 +93,12 @@ class PipelineMonitor:
         consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap,
-                "group.id": "kllm-dashboard",
+                "group.id": DASHBOARD_GROUP,
                 "enable.auto.commit": False,
             }
         )
-        consumer.assign([tp for t in ALL for tp in end_offsets(consumer, t.name)])
+        topics = declared(self.pools)
+        consumer.assign([tp for t in topics for tp in end_offsets(consumer, t.name)])
         self.tailing = True
         try:
             while not self._stop.is_set():
@@ -146,7 +161,7 @@ class PipelineMonitor:
     def _poll_lag(self) -> None:
         while not self._stop.is_set():
             try:
-                lag, error = consumer_lag(self.bootstrap), None
+                lag, error = consumer_lag(self.bootstrap, self.groups), None
             except BrokerError as exc:
                 lag, error = [], str(exc)
             with self._lock:
@@ -171,6 +186,7 @@ class PipelineMonitor:
                     s: {"p50": _pct(list(v), 0.5), "p95": _pct(list(v), 0.95), "n": len(v)}
                     for s, v in self.snap.hop_ms.items()
                 },
+                "groups": {g: list(topics) for g, topics in self.groups.items()},
                 "lag": dict(by_group),
                 "lag_partitions": [
                     {

@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from kllm.core.errors import BrokerError, ConfigError
 from schemas import FeedbackEnriched, SchemaError, decode
-from topics import FEEDBACK_ENRICHED
+from topics import EXPORT_GROUP, FEEDBACK_ENRICHED
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -118,7 +118,7 @@ def read_enriched(
     """Every readable record from the start to the end offsets taken now (and any that
     follow within ``settle_s``); unreadable ones are reported to ``on_unreadable``."""
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "kllm-export", "enable.auto.commit": False}
+        {"bootstrap.servers": bootstrap, "group.id": EXPORT_GROUP, "enable.auto.commit": False}
     )
     try:
         ends = _ranges(consumer, FEEDBACK_ENRICHED.name)

@@ -13,20 +13,40 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kllm.core.errors import PipelineError
-from kllm.runtime.settings import stage_group
+from topics import GROUPLESS, STAGES, stage_groups
 
 log = logging.getLogger(__name__)
 
-STAGES = ("ingestion", "retrieval", "inference", "moderation", "feedback", "drift", "gateway")
-GROUPLESS = frozenset({"gateway"})
-"""Stages with no consumer group (the gateway reads replies from every partition)."""
+__all__ = ["GROUPLESS", "STAGES", "ChildSettings", "StageProcess", "Supervisor"]
 _PR_SET_PDEATHSIG = 1
+
+
+class ChildSettings(BaseSettings):
+    """What the supervisor reads of the stages' configuration: the environment, with
+    the values it was given for its children on top."""
+
+    model_config = SettingsConfigDict(env_prefix="KLLM_", frozen=True, extra="ignore")
+
+    pool: str = ""
+    """The inference pool the inference processes serve (their group)."""
+    metrics_base_port: int = 0
+    """First /metrics port; 0: the stages open none."""
+
+    @classmethod
+    def over(cls, env: Mapping[str, str]) -> ChildSettings:
+        """The settings with ``env`` (KLLM_* names) over the process environment."""
+        given: dict[str, Any] = {
+            f: env[k] for f in cls.model_fields if (k := f"KLLM_{f.upper()}") in env
+        }
+        return cls(**given)
 
 
 def _die_with_parent() -> None:
@@ -75,6 +95,7 @@ class Supervisor:
     ) -> None:
         self.run_dir = run_dir
         self.env = dict(env)
+        self.config = ChildSettings.over(self.env)
         self.max_restarts = max_restarts
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "ready").mkdir(parents=True, exist_ok=True)
@@ -95,10 +116,9 @@ class Supervisor:
     def start(self, sp: StageProcess) -> None:
         sp.ready_file.unlink(missing_ok=True)
         env = os.environ | self.env | {"KLLM_READY_FILE": str(sp.ready_file)}
-        base = int(env.get("KLLM_METRICS_BASE_PORT", "0") or 0)
-        if base:
+        if self.config.metrics_base_port:
             # One port per process, stable across restarts: stage order, then replica.
-            env["KLLM_METRICS_PORT"] = str(base + self._port_slot(sp))
+            env["KLLM_METRICS_PORT"] = str(self.config.metrics_base_port + self._port_slot(sp))
         with open(sp.log_path, "ab") as out:
             sp.proc = subprocess.Popen(
                 [sys.executable, "-m", f"services.{sp.stage}"],
@@ -147,20 +167,23 @@ class Supervisor:
                     if on_progress:
                         on_progress(sp)
             if len(reported) == len(self.procs) and (
-                admin is None
-                or groups_stable(
-                    admin,
-                    {
-                        stage_group(s, self.env.get("KLLM_POOL", ""))
-                        for s in self.stages
-                        if s not in GROUPLESS
-                    },
-                )
+                admin is None or groups_stable(admin, self.awaited_groups())
             ):
                 return
             time.sleep(0.1)
         waiting = [sp.name for sp in self.procs if sp.name not in reported]
         raise PipelineError(f"stages not ready after {timeout_s:.0f}s: {waiting or 'groups'}")
+
+    def awaited_groups(self) -> set[str]:
+        """The declared groups the running stages always join (topics.groups); one
+        turned on by a setting (the cache filler) is not waited for."""
+        return {
+            g.name
+            for s in self.stages
+            if s not in GROUPLESS
+            for g in stage_groups(s, self.config.pool)
+            if not g.runs_if
+        }
 
     def restart_crashed(self) -> list[str]:
         """Restart stages that died; give up on one that keeps crashing."""

@@ -7,38 +7,13 @@ never committed counts its whole retained log (end minus start) as lag.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from kllm.core.errors import BrokerError
-from kllm.runtime.settings import group_id
-from topics import (
-    DOCUMENTS,
-    FEEDBACK,
-    FEEDBACK_ENRICHED,
-    GENERATIONS,
-    INFERENCE,
-    REQUESTS,
-    RESPONSES,
-    RETRIEVAL,
-    TOKENS,
-)
-
-# Which topics each stage's consumer group reads (see services/).
-GROUP_TOPICS: dict[str, tuple[str, ...]] = {
-    group_id(stage): tuple(t.name for t in topics)
-    for stage, topics in (
-        ("ingestion", (REQUESTS,)),
-        ("retrieval", (RETRIEVAL,)),
-        ("indexer", (DOCUMENTS,)),
-        ("inference", (INFERENCE,)),
-        ("moderation", (GENERATIONS, TOKENS)),
-        ("feedback", (FEEDBACK, RETRIEVAL, INFERENCE, RESPONSES)),
-        ("drift", (RETRIEVAL, INFERENCE, RESPONSES, FEEDBACK_ENRICHED)),
-    )
-}
+from topics import group_topics
 
 
 @dataclass(frozen=True)
@@ -55,9 +30,18 @@ class Lag:
         return max(0, self.end - (self.start if self.committed is None else self.committed))
 
 
-def consumer_lag(bootstrap: str, groups: Mapping[str, Sequence[str]] = GROUP_TOPICS) -> list[Lag]:
+def lag_groups(pools: Iterable[str] = ()) -> dict[str, tuple[str, ...]]:
+    """The groups lag is read for by default: every declared one (topics.groups), with
+    one inference group per configured pool."""
+    return group_topics(pools)
+
+
+def consumer_lag(
+    bootstrap: str, groups: Mapping[str, Sequence[str]] | None = None, pools: Iterable[str] = ()
+) -> list[Lag]:
+    """Lag of ``groups`` (group -> topics it reads); default: :func:`lag_groups`."""
     out: list[Lag] = []
-    for group, topics in groups.items():
+    for group, topics in (lag_groups(pools) if groups is None else groups).items():
         consumer = Consumer(
             {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
         )

@@ -18,13 +18,14 @@ from quixstreams import Application, State, message_context
 from quixstreams.dataframe import StreamingDataFrame
 from quixstreams.models.serializers import Serializer
 
+from kllm.core.errors import ConfigError
 from kllm.runtime import metrics, tracing
 from kllm.runtime.dispatch import RecordRef, StageLogic, dispatch
 from kllm.runtime.ready import mark_ready
-from kllm.runtime.settings import StageSettings, group_id
+from kllm.runtime.settings import StageSettings
 from processors.base import Emit
 from schemas import Message, encode
-from topics import ALL, TopicSpec
+from topics import ALL, TopicSpec, primary_group
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,18 @@ class _EmitSerializer(Serializer):
         return encode(value.message)
 
 
-def build_app(settings: StageSettings, stage: str) -> Application:
+def build_app(
+    settings: StageSettings, stage: str, sources: Sequence[TopicSpec] = ()
+) -> Application:
+    """The stage's application in its declared consumer group (topics.groups), which must
+    read every one of ``sources``."""
+    group = primary_group(stage)
+    undeclared = [t.name for t in sources if t not in group.inputs]
+    if undeclared:
+        raise ConfigError(f"{group.name} is not declared to read {', '.join(undeclared)}")
     return Application(
         broker_address=settings.bootstrap(),
-        consumer_group=group_id(stage),
+        consumer_group=group.name,
         auto_offset_reset="earliest",
         auto_create_topics=False,  # `kllm provision` made them; quixstreams would stall creating
         commit_interval=settings.commit_interval_s,
@@ -70,7 +79,7 @@ def serve_many(
 ) -> None:
     """One consumer group reading several topics, each with its own logic."""
     metrics.for_stage(stage).serve(settings.metrics_port)
-    app = build_app(settings, stage)
+    app = build_app(settings, stage, [source for source, _ in flows])
     sink = _sinks(app)
     for source, logic in flows:
         sdf = app.dataframe(
@@ -134,7 +143,7 @@ def serve_join(
     """Several topics with the same key and partition count, merged into one stream whose
     keyed state all of them share (a join): each record goes to its topic's logic."""
     metrics.for_stage(stage).serve(settings.metrics_port)
-    app = build_app(settings, stage)
+    app = build_app(settings, stage, [source for source, _ in flows])
     sink = _sinks(app)
     frames = [
         app.dataframe(app.topic(source.name, key_deserializer="str", value_deserializer="bytes"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -68,16 +67,15 @@ async def _chat(request: Request) -> Response:
 def scripted_engine(delay_s: float = 0.0) -> Iterator[str]:
     """Serve the script on a free port in a thread; yield its base URL. Each answer
     starts after ``delay_s``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
     app = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
     app.state.delay_s = delay_s
-    server = uvicorn.Server(uvicorn.Config(app, "127.0.0.1", port, log_level="warning"))
+    # Port 0: the server binds a free port itself, read back once it listens.
+    server = uvicorn.Server(uvicorn.Config(app, "127.0.0.1", 0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
+    port = int(server.servers[0].sockets[0].getsockname()[1])
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

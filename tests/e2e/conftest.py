@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 import pytest
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Message as Record
 
-from kllm.ops.broker import EmbeddedBroker
+from kllm.ops.broker import EmbeddedBroker, free_port
 from kllm.ops.supervisor import Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer, produce_sync
 from kllm.testing.scripted_engine import scripted_engine
@@ -85,12 +87,6 @@ def pipeline(
         sup.stop_all()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Client:
     """Publishes requests and reads replies, as a front end would."""
 
@@ -146,13 +142,72 @@ def client(broker: EmbeddedBroker) -> Client:
     return Client(broker.bootstrap)
 
 
-def wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+def wait_until(
+    probe: Callable[[], T], timeout_s: float, what: str | Callable[[], str], every_s: float = 0.1
+) -> T:
+    """Call ``probe`` until it returns something truthy, and return that. After
+    ``timeout_s`` fail, saying what was awaited (``what``, or what it returns then: the
+    state that was still wrong) and the last value the probe returned."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            said = what if isinstance(what, str) else what()
+            raise AssertionError(
+                f"timed out after {timeout_s}s waiting for {said}; last probe: {value!r:.300}"
+            )
+        time.sleep(every_s)  # the polling interval; the wait is on the probe
+
+
+class Delivered:
+    """A producer's delivery callback that keeps, per partition, the end offset (last
+    offset + 1) of what it delivered: what a consumer group must commit to have read it.
+    The ends come from the delivery reports, not the broker's high watermark."""
+
+    def __init__(self) -> None:
+        self.ends: dict[tuple[str, int], int] = {}
+        self.errors: list[str] = []
+
+    def __call__(self, err: KafkaError | None, record: Record) -> None:
+        if err is not None:
+            self.errors.append(str(err))
             return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        key = (str(record.topic()), int(record.partition() or 0))
+        self.ends[key] = max(self.ends.get(key, 0), int(record.offset() or 0) + 1)
+
+    def flushed(self, producer: Producer) -> dict[tuple[str, int], int]:
+        """Flush ``producer`` (whose records report here) and return the ends."""
+        assert producer.flush(30) == 0, "records not delivered"
+        assert not self.errors, self.errors[:3]
+        return dict(self.ends)
 
 
-__all__ = ["RESPONSES", "Client", "wait_until"]
+def wait_committed(
+    bootstrap: str, group: str, ends: dict[tuple[str, int], int], timeout_s: float
+) -> None:
+    """Wait until ``group`` has committed, on every partition of ``ends``, at least its
+    end offset; reads the group's offsets without joining it."""
+    reader = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+    )
+    parts = [TopicPartition(t, p) for t, p in ends]
+    behind: dict[tuple[str, int], int] = dict(ends)
+
+    def caught_up() -> bool:
+        committed = {(c.topic, c.partition): c.offset for c in reader.committed(parts, 10)}
+        behind.clear()
+        behind.update({k: end - committed.get(k, -1) for k, end in ends.items()})
+        return all(lag <= 0 for lag in behind.values())
+
+    try:
+        wait_until(caught_up, timeout_s, lambda: f"{group} to commit; behind: {behind}", 0.05)
+    finally:
+        reader.close()
+
+
+__all__ = ["RESPONSES", "Client", "Delivered", "wait_committed", "wait_until"]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import FAST_GROUPS, REPO, free_port
+from kllm.ops.broker import free_port
+from tests.e2e.conftest import FAST_GROUPS, REPO
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

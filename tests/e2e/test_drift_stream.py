@@ -30,7 +30,6 @@ from confluent_kafka import Message as Record
 from kllm.ops.broker import EmbeddedBroker
 from kllm.ops.supervisor import Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer
-from kllm.runtime.settings import group_id
 from kllm.testing.drift_streams import RATING_P_SHIFTED, sample
 from processors.drift import SIGNALS
 from schemas import (
@@ -49,7 +48,16 @@ from schemas import (
 )
 from services.drift import Checkpoint
 from tests.e2e.conftest import CONSUMER, FAST_GROUPS
-from topics import ALL, DRIFT_ALERTS, FEEDBACK_ENRICHED, INFERENCE, RESPONSES, RETRIEVAL, provision
+from topics import (
+    ALL,
+    DRIFT_ALERTS,
+    DRIFT_GROUP,
+    FEEDBACK_ENRICHED,
+    INFERENCE,
+    RESPONSES,
+    RETRIEVAL,
+    provision,
+)
 
 SEED = 20_260_611
 MODEL = "smollm2-135m"
@@ -401,7 +409,7 @@ class Publisher:
         self.group = Consumer(  # reads the stage's committed offsets; never joins its group
             {
                 "bootstrap.servers": bootstrap,
-                "group.id": group_id("drift"),
+                "group.id": DRIFT_GROUP.name,
                 "enable.auto.commit": False,
             }
         )

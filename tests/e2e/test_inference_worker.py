@@ -31,7 +31,7 @@ from schemas import (
     encode,
 )
 from schemas.messages import ChatTurn
-from tests.e2e.conftest import CONSUMER, FAST_GROUPS, Replies, collect
+from tests.e2e.conftest import CONSUMER, FAST_GROUPS, Replies, collect, wait_until
 from topics import ALL, GENERATIONS, INFERENCE, TOKENS, declared, inference_topic, provision
 
 CAPACITY = 4
@@ -129,9 +129,8 @@ def test_kill_9_of_a_worker_mid_load_loses_nothing(broker: EmbeddedBroker, tmp_p
     out = jobs.tail(GENERATIONS)
     try:
         ids = jobs.send([job(f"Name a colour, request {i}.", max_tokens=12) for i in range(40)])
-        deadline = time.monotonic() + 120
-        while len(collect(out, ids, 0.5)) < 8 and time.monotonic() < deadline:
-            pass
+        # Kill once some answers are out, so that others are in flight.
+        wait_until(lambda: len(collect(out, ids, 0.5)) >= 8, 120, "8 of 40 generations", 0)
         sup.kill("inference", 0)  # SIGKILL with requests in flight
         # The survivor takes over the dead worker's partitions once its session expires.
         got = generations(out, ids, 240)
@@ -234,7 +233,7 @@ def llama_server(tmp_path: Path) -> Iterator[str]:
         "import time; from kllm.adapters.engines.xllama import XLlamaEngine\n"
         "e = XLlamaEngine(n_parallel=2)\n"
         "print(e.http_address, flush=True)\n"
-        "time.sleep(600)\n"
+        "time.sleep(600)\n"  # keeps the server up; the fixture ends the process
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True

@@ -34,7 +34,7 @@ def test_slots_go_to_every_partition_alike_under_overload(broker: EmbeddedBroker
 
     async def handle(ref: RecordRef, value: bytes, _publish: Callable[[Emit], None]) -> list[Emit]:
         waits[ref.partition].append(time.time() - float(value))
-        await asyncio.sleep(SERVICE_S)
+        await asyncio.sleep(SERVICE_S)  # the service time: what the slots are busy with
         return []
 
     async def run() -> None:
@@ -48,7 +48,9 @@ def test_slots_go_to_every_partition_alike_under_overload(broker: EmbeddedBroker
         runner = InflightRunner(consumer, producer, spec, handle, SLOTS)
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop))
-        while len(runner.assigned) < spec.partitions:
+        joined = time.monotonic() + 60
+        while len(runner.assigned) < spec.partitions:  # polls the assignment, bounded
+            assert time.monotonic() < joined, f"assigned only {runner.assigned} after 60 s"
             await asyncio.sleep(0.1)
         t0, sent = time.time(), 0
         while time.time() - t0 < SECONDS:
@@ -57,7 +59,7 @@ def test_slots_go_to_every_partition_alike_under_overload(broker: EmbeddedBroker
                 producer.produce(spec.name, key=str(sent), value=stamp, partition=sent % 4)
                 sent += 1
             producer.poll(0)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # paces the sends at RATE (part of the load offered)
         stop.set()
         await task
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +20,7 @@ from kllm.ops.supervisor import STAGES, Supervisor
 from kllm.runtime.lag import consumer_lag
 from kllm.runtime.tracing import TRACES_DIR
 from tests import needs
-from tests.e2e.conftest import Client
+from tests.e2e.conftest import Client, wait_until
 from topics import DOCUMENTS_INDEXED
 
 OUT = Path(__file__).resolve().parents[2] / ".pytest-output"
@@ -78,20 +78,23 @@ def test_dashboard_renders_live_figures_in_chromium(pipeline: Supervisor, tmp_pa
     chromium = needs.executable("chromium", "make system-packages, as root")
     base = f"http://127.0.0.1:{pipeline.env['KLLM_GATEWAY_PORT']}"
     assert "kllm pipeline" in httpx.get(f"{base}/dashboard", timeout=10).text  # starts the monitor
-    for _ in range(60):
-        if httpx.get(f"{base}/dashboard/data", timeout=10).json()["tailing"]:
-            break
-        time.sleep(0.5)
+    wait_until(
+        lambda: httpx.get(f"{base}/dashboard/data", timeout=10).json()["tailing"],
+        30,
+        "the dashboard's monitor to tail the topics",
+        every_s=0.5,
+    )
     _ask(pipeline, 3)
-    data: dict[str, object] = {}
-    for _ in range(30):
-        data = httpx.get(f"{base}/dashboard/data", timeout=10).json()
+    data: dict[str, Any] = {}
+
+    def every_stage_measured() -> bool:
+        data.update(httpx.get(f"{base}/dashboard/data", timeout=10).json())
         latency = data["latency_ms"]
-        if all(latency[s]["n"] for s in ("ingestion", "retrieval", "inference", "moderation")):  # type: ignore[index]
-            break
-        time.sleep(1)
-    assert data["throughput"] and data["lag"], data  # type: ignore[index]
-    assert all(data["latency_ms"][s]["p50"] is not None for s in ("ingestion", "moderation"))  # type: ignore[index]
+        return all(latency[s]["n"] for s in ("ingestion", "retrieval", "inference", "moderation"))
+
+    wait_until(every_stage_measured, 30, lambda: f"latencies of every stage: {data}", 1.0)
+    assert data["throughput"] and data["lag"], data
+    assert all(data["latency_ms"][s]["p50"] is not None for s in ("ingestion", "moderation"))
     OUT.mkdir(exist_ok=True)
     shot, dom = OUT / "dashboard.png", tmp_path / "dom.html"
     run = [
@@ -143,15 +146,24 @@ def test_one_request_is_one_trace_across_the_stages(
     wanted = {"gateway", "ingestion", "retrieval", "inference", "moderation"}
     spans: list[SpanRow] = []
     stages: dict[str, SpanRow] = {}
-    for _ in range(40):  # each process exports its spans every half second
-        spans = find_trace(read_spans(folder), caller_trace)
+
+    def every_stage_traced() -> bool:
+        spans[:] = find_trace(read_spans(folder), caller_trace)
         # A stage's span is named after it; the gateway's after the HTTP route.
-        stages = {s.name.removesuffix(" process"): s for s in spans}
-        stages["gateway"] = next((s for s in spans if s.service == "kllm-gateway"), spans[0])
-        if wanted <= set(stages):
-            break
-        time.sleep(0.5)
-    assert wanted <= set(stages), [(s.service, s.name) for s in spans]
+        stages.clear()
+        stages.update({s.name.removesuffix(" process"): s for s in spans})
+        gateway = next((s for s in spans if s.service == "kllm-gateway"), None)
+        if gateway is not None:
+            stages["gateway"] = gateway
+        return wanted <= set(stages)
+
+    # Each process exports its spans every half second.
+    wait_until(
+        every_stage_traced,
+        20,
+        lambda: f"spans of {sorted(wanted)}: {[(s.service, s.name) for s in spans]}",
+        every_s=0.5,
+    )
     assert stages["gateway"].parent_id == caller_span
     # Each stage's span is the child of the span that produced the record it consumed.
     by_id = {s.span_id: s for s in spans}

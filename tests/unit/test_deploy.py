@@ -3,9 +3,10 @@
 deploy/k8s: every Kubernetes object validates against the Kubernetes schema
 (kubernetes-validate, strict: unknown fields are errors); the KEDA ScaledObjects
 (a CRD it does not know) against a schema of the fields used here, and against the
-catalog: consumer groups and topics the stages really use, at most one replica per
-partition. compose.yaml: every stage runs, Prometheus scrapes each, and the
-Grafana dashboard asks only for metrics that kllm/metrics.py exports.
+declared topology (topics.groups): each trigger's consumer group and topic, and at most
+as many replicas as the fewest partitions among the group's inputs. compose.yaml:
+every stage runs, Prometheus scrapes each, and the Grafana dashboard asks only for
+metrics that kllm/metrics.py exports.
 
 Offline and fast: files are parsed, nothing is started.
 """
@@ -26,10 +27,15 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
-from kllm.ops.supervisor import GROUPLESS, STAGES
-from kllm.runtime.lag import GROUP_TOPICS
-from kllm.runtime.settings import group_id
-from topics import by_name
+from topics import (
+    FEEDBACK,
+    GROUPLESS,
+    REQUESTS,
+    STAGES,
+    ConsumerGroup,
+    groups,
+    primary_group,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -44,12 +50,19 @@ METRICS_SOURCE = ROOT / "kllm" / "runtime" / "metrics.py"
 K8S_VERSION = "1.37.0"
 """Kubernetes version the manifests are validated against (shipped by kubernetes-validate)."""
 
-SINGLE_REPLICA = {group_id("drift"): "every detector must see all of a tenant's events"}
-"""Consumer groups that must never be autoscaled."""
-NOT_AUTOSCALED = {
-    group_id("indexer"): "runs inside the retrieval pods (services/retrieval.py)",
-}
-"""Consumer groups with no ScaledObject of their own; deploy/README.md names each."""
+
+def declared_groups() -> dict[str, ConsumerGroup]:
+    """Every consumer group the deployment runs, by name: the declaration, with the
+    inference pools the ConfigMap configures."""
+    pools = json.loads(configmap().get("KLLM_INFERENCE_POOLS", "[]"))
+    return {g.name: g for g in groups(pools)}
+
+
+def hosted(group: ConsumerGroup) -> bool:
+    """A group inside another group's process (the indexer, the cache filler): it scales
+    with that process, not on a ScaledObject of its own."""
+    return primary_group(group.stage, group.pool) != group
+
 
 # --- loading ---------------------------------------------------------------------------
 
@@ -71,6 +84,11 @@ def of_kind(kind: str) -> list[dict[str, Any]]:
 
 def deployments() -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in of_kind("Deployment")}
+
+
+def deployment_of(stage: str) -> dict[str, Any]:
+    (d,) = [d for d in deployments().values() if stage_of(container(d)["command"]) == stage]
+    return d
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +135,7 @@ def test_manifest_validates_against_the_kubernetes_schema(doc: dict[str, Any]) -
 
 
 def test_the_kubernetes_validator_rejects_what_it_should() -> None:
-    (deployment,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "kllm-drift"]
+    deployment = deployment_of("drift")
     broken = json.loads(json.dumps(deployment))
     broken["spec"]["replicas"] = "one"
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -172,7 +190,7 @@ def test_every_stage_exposes_its_metrics_to_prometheus() -> None:
 def test_drift_runs_once_and_checkpoints_to_its_claim() -> None:
     from services.drift import Settings
 
-    d = deployments()["kllm-drift"]
+    d = deployment_of("drift")
     assert d["spec"]["replicas"] == 1
     assert d["spec"]["strategy"]["type"] == "Recreate"
     claims = {c["metadata"]["name"]: c for c in of_kind("PersistentVolumeClaim")}
@@ -190,7 +208,7 @@ def _lower(values: dict[str, str]) -> dict[str, str]:
 
 
 def test_gateway_listens_for_the_service_and_reads_keys_from_a_secret() -> None:
-    d = deployments()["kllm-gateway"]
+    d = deployment_of("gateway")
     e = env(d)
     c = container(d)
     assert e["KLLM_GATEWAY_HOST"] == "0.0.0.0"
@@ -203,12 +221,13 @@ def test_gateway_listens_for_the_service_and_reads_keys_from_a_secret() -> None:
     (mount,) = [m for m in c["volumeMounts"] if Path(m["mountPath"]) == keys.parent]
     assert mount.get("readOnly") is True
     assert volumes[mount["name"]]["secret"]["secretName"] == "kllm-gateway-keys"
-    (service,) = [s for s in of_kind("Service") if s["metadata"]["name"] == "kllm-gateway"]
+    name = d["metadata"]["name"]
+    (service,) = [s for s in of_kind("Service") if s["metadata"]["name"] == name]
     assert service["spec"]["selector"] == d["spec"]["selector"]["matchLabels"]
     (port,) = service["spec"]["ports"]
     assert port["port"] == 8080 and port["targetPort"] in ("http", 8080)
     (hpa,) = of_kind("HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "kllm-gateway"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == name
     assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 
 
@@ -299,22 +318,33 @@ def scaled_object_problems(so: dict[str, Any]) -> list[str]:
         errors.append(f"{name}: minReplicaCount > maxReplicaCount")
     for trigger in spec["triggers"]:
         meta = trigger["metadata"]
-        group, topic = meta["consumerGroup"], meta["topic"]
-        if group not in GROUP_TOPICS:
-            errors.append(f"{name}: consumer group {group} is not in kllm.lag.GROUP_TOPICS")
+        declared = declared_groups().get(meta["consumerGroup"])
+        if declared is None:
+            errors.append(f"{name}: consumer group {meta['consumerGroup']} is not declared")
             continue
-        if group != group_id(str(stage)):
-            errors.append(f"{name}: {group} is not the group of stage {stage}")
-        if group in SINGLE_REPLICA:
-            errors.append(f"{name}: {group} must not scale: {SINGLE_REPLICA[group]}")
-        if topic not in GROUP_TOPICS[group]:
-            errors.append(f"{name}: {group} does not read {topic}")
-            continue
-        partitions = by_name(topic).partitions
-        if spec["maxReplicaCount"] > partitions:
-            errors.append(f"{name}: maxReplicaCount above the {partitions} partitions of {topic}")
+        errors += _trigger_problems(name, str(stage), declared, meta["topic"], spec)
         if meta["bootstrapServers"] != configmap()["KLLM_BOOTSTRAP_SERVERS"]:
             errors.append(f"{name}: bootstrapServers differs from the ConfigMap")
+    return errors
+
+
+def _trigger_problems(
+    name: str, stage: str, group: ConsumerGroup, topic: str, spec: dict[str, Any]
+) -> list[str]:
+    """A trigger against the declaration: the stage's own group, on a topic it reads,
+    scaled to no more consumers than the group's inputs have partitions."""
+    errors = []
+    if group.stage != stage or hosted(group):
+        errors.append(f"{name}: {group.name} is not the group stage {stage} scales by")
+    if group.single_replica:
+        errors.append(f"{name}: {group.name} must not scale: {group.single_replica}")
+    if topic not in group.topic_names:
+        errors.append(f"{name}: {group.name} does not read {topic}")
+    if spec["maxReplicaCount"] > group.max_replicas:
+        errors.append(
+            f"{name}: maxReplicaCount above {group.max_replicas}, the fewest partitions "
+            f"among the inputs of {group.name}"
+        )
     return errors
 
 
@@ -331,9 +361,11 @@ def test_scaled_object_checks_can_fail() -> None:
         change(copy)
         return scaled_object_problems(copy)
 
-    over = by_name("llm.feedback").partitions + 1
+    over = FEEDBACK.partitions + 1
     assert broken(lambda s: s["spec"].update(maxReplicaCount=over))
-    assert broken(lambda s: s["spec"]["triggers"][0]["metadata"].update(topic="llm.requests"))
+    assert broken(lambda s: s["spec"]["triggers"][0]["metadata"].update(topic=REQUESTS.name))
+    other = primary_group("moderation").name
+    assert broken(lambda s: s["spec"]["triggers"][0]["metadata"].update(consumerGroup=other))
     assert broken(lambda s: s["spec"]["triggers"][0]["metadata"].update(consumerGroup="kllm-x"))
     assert broken(lambda s: s["spec"]["triggers"][0]["metadata"].pop("lagThreshold"))
     assert broken(lambda s: s["spec"]["scaleTargetRef"].update(name="kllm-nowhere"))
@@ -345,17 +377,20 @@ def test_every_consumer_group_is_scaled_or_documented_as_not() -> None:
         t["metadata"]["consumerGroup"] for so in scaled_objects() for t in so["spec"]["triggers"]
     }
     readme = DEPLOY_README.read_text()
-    for group in GROUP_TOPICS:
-        if group in SINGLE_REPLICA:
-            assert group not in scaled, f"{group}: {SINGLE_REPLICA[group]}"
-            assert group in readme, f"deploy/README.md should say {group} is not scaled"
-        elif group in NOT_AUTOSCALED:
-            assert group in readme, f"deploy/README.md should say why {group} is not scaled"
+    for group in declared_groups().values():
+        if group.single_replica:
+            assert group.name not in scaled, f"{group.name}: {group.single_replica}"
+            assert group.name in readme, f"deploy/README.md should say {group.name} is not scaled"
+        elif hosted(group):
+            assert group.name not in scaled, f"{group.name} scales with the {group.stage} pods"
+            assert group.name in readme, (
+                f"deploy/README.md should say why {group.name} is not scaled"
+            )
         else:
-            assert group in scaled, f"{group} has no ScaledObject in deploy/k8s/keda"
+            assert group.name in scaled, f"{group.name} has no ScaledObject in deploy/k8s/keda"
     targets = {so["spec"]["scaleTargetRef"]["name"] for so in scaled_objects()}
     hpa_targets = {h["spec"]["scaleTargetRef"]["name"] for h in of_kind("HorizontalPodAutoscaler")}
-    assert "kllm-drift" not in targets | hpa_targets
+    assert deployment_of("drift")["metadata"]["name"] not in targets | hpa_targets
 
 
 # --- compose.yaml --------------------------------------------------------------------------
@@ -433,9 +468,9 @@ def test_compose_runs_every_stage() -> None:
         replicas = service.get("deploy", {}).get("replicas", 1)
         if replicas > 1:
             assert "ports" not in service, f"{name}: replicas cannot share a host port"
-        if group_id(stage) in GROUP_TOPICS:
-            cap = min(by_name(t).partitions for t in GROUP_TOPICS[group_id(stage)])
-            assert replicas <= cap, f"{name}: {replicas} replicas, {cap} partitions"
+        if stage not in GROUPLESS:
+            cap = primary_group(stage).max_replicas
+            assert replicas <= cap, f"{name}: {replicas} replicas, at most {cap}"
     for stage in ("ingestion", "inference", "moderation"):
         assert stages[stage][1]["deploy"]["replicas"] > 1, stage
     assert stages["drift"][1]["deploy"]["replicas"] == 1

@@ -1,0 +1,142 @@
+"""The pipeline's topology, declared once: its processes, their consumer groups and
+the topics each group reads.
+
+Supervisor, lag, dashboard, `kllm scale`, the services and the deploy tests all
+derive from this; nothing else spells a group name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from topics.catalog import (
+    DOCUMENTS,
+    FEEDBACK,
+    FEEDBACK_ENRICHED,
+    GENERATIONS,
+    INFERENCE,
+    REQUESTS,
+    RESPONSES,
+    RETRIEVAL,
+    TOKENS,
+    TopicSpec,
+    inference_topic,
+)
+
+GROUP_PREFIX = "kllm-"
+
+
+def group_id(name: str) -> str:
+    """A consumer group name: every consumer of it shares the work."""
+    return f"{GROUP_PREFIX}{name}"
+
+
+def stage_group(stage: str, pool: str = "") -> str:
+    """The group of a stage's processes; an inference pool has a group of its own."""
+    return group_id(f"{stage}-{pool}" if pool else stage)
+
+
+@dataclass(frozen=True)
+class ConsumerGroup:
+    """One consumer group: the process it runs in and the topics it reads."""
+
+    name: str
+    stage: str
+    inputs: tuple[TopicSpec, ...]
+    pool: str = ""
+    single_replica: str = ""
+    """Why the group must keep one consumer; empty: it scales up to its partitions."""
+    runs_if: str = ""
+    """The setting that turns the group on; empty: it always runs in its stage."""
+
+    @property
+    def topic_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def max_replicas(self) -> int:
+        """Consumers that can hold a partition: beyond it they sit idle."""
+        return 1 if self.single_replica else min(t.partitions for t in self.inputs)
+
+
+INGESTION_GROUP = ConsumerGroup(group_id("ingestion"), "ingestion", (REQUESTS,))
+RETRIEVAL_GROUP = ConsumerGroup(group_id("retrieval"), "retrieval", (RETRIEVAL,))
+INDEXER_GROUP = ConsumerGroup(group_id("indexer"), "retrieval", (DOCUMENTS,))
+"""The document indexer, inside the retrieval process (embedded Qdrant has one opener)."""
+CACHE_GROUP = ConsumerGroup(group_id("cache"), "retrieval", (RESPONSES,), runs_if="KLLM_CACHE")
+"""The cache filler, inside the retrieval process: answers coming back."""
+MODERATION_GROUP = ConsumerGroup(group_id("moderation"), "moderation", (GENERATIONS, TOKENS))
+FEEDBACK_GROUP = ConsumerGroup(
+    group_id("feedback"), "feedback", (RETRIEVAL, INFERENCE, RESPONSES, FEEDBACK)
+)
+"""A join: its inputs are co-partitioned (same key, same partition count)."""
+DRIFT_GROUP = ConsumerGroup(
+    group_id("drift"),
+    "drift",
+    (RETRIEVAL, INFERENCE, RESPONSES, FEEDBACK_ENRICHED),
+    single_replica="every detector must see all of a tenant's events",
+)
+
+EXPORT_GROUP = group_id("export")
+"""`kllm export`'s reader: it assigns partitions and never commits."""
+DASHBOARD_GROUP = group_id("dashboard")
+"""The dashboard's tail of every topic: it assigns partitions and never commits."""
+
+
+def inference_group(pool: str = "") -> ConsumerGroup:
+    """The group of an inference pool's workers, reading that pool's job topic."""
+    topic = inference_topic(pool)
+    return ConsumerGroup(stage_group("inference", pool), "inference", (topic,), pool=pool)
+
+
+STAGES: tuple[str, ...] = (
+    "ingestion",
+    "retrieval",
+    "inference",
+    "moderation",
+    "feedback",
+    "drift",
+    "gateway",
+)
+"""Every kind of process the pipeline runs (`python -m services.<stage>`), in start order."""
+GROUPLESS = frozenset({"gateway"})
+"""Stages with no consumer group (the gateway reads replies from every partition)."""
+
+_FIXED: dict[str, tuple[ConsumerGroup, ...]] = {
+    "ingestion": (INGESTION_GROUP,),
+    "retrieval": (RETRIEVAL_GROUP, INDEXER_GROUP, CACHE_GROUP),
+    "moderation": (MODERATION_GROUP,),
+    "feedback": (FEEDBACK_GROUP,),
+    "drift": (DRIFT_GROUP,),
+    "gateway": (),
+}
+
+
+def stage_groups(stage: str, pool: str = "") -> tuple[ConsumerGroup, ...]:
+    """The groups one process of ``stage`` joins (serving ``pool`` if inference); the
+    first is the one the stage scales by."""
+    if stage == "inference":
+        return (inference_group(pool),)
+    if stage not in _FIXED:
+        raise KeyError(f"no stage {stage!r} (stages: {', '.join(STAGES)})")
+    return _FIXED[stage]
+
+
+def primary_group(stage: str, pool: str = "") -> ConsumerGroup:
+    """The group ``stage`` scales by (its main input)."""
+    found = stage_groups(stage, pool)
+    if not found:
+        raise KeyError(f"stage {stage!r} has no consumer group")
+    return found[0]
+
+
+def groups(pools: Iterable[str] = ()) -> tuple[ConsumerGroup, ...]:
+    """Every consumer group the pipeline runs: each stage's, and one per inference pool."""
+    fixed = tuple(g for s in STAGES for g in stage_groups(s))
+    return fixed + tuple(inference_group(p) for p in dict.fromkeys(pools) if p)
+
+
+def group_topics(pools: Iterable[str] = ()) -> dict[str, tuple[str, ...]]:
+    """Group name -> the names of the topics it reads, for every group."""
+    return {g.name: g.topic_names for g in groups(pools)}
