@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from processors.base import Emit
 from processors.drift import Alert, DriftMonitor, Observation, rating_score
+from processors.drift_signals import DriftStage
+from schemas import Message, Response
 
 SHIFTS = {
     "prompt_distance": "mean +0.2 (beta, 0.30 -> 0.50, sd 0.08)",
@@ -106,3 +109,45 @@ def run(
     for event in events(signal, n, seed, shift_at):
         alerts.extend(feed(monitor, signal, event))
     return alerts
+
+
+# -- messages for the drift stage ---------------------------------------------------------
+
+NOISE = (100.0, 110.0, 95.0, 105.0, 90.0, 115.0, 100.0, 98.0, 102.0, 108.0)
+"""Ten latencies around 100 (mean 102.3), repeated every ten requests: a stationary stream
+small enough to reason about; scale it to shift the stream."""
+
+
+def latency_responses(
+    lo: int, values: Callable[[int], float], n: int = 10, tenant: str = "acme", model: str = "m"
+) -> list[Response]:
+    """Responses ``r<lo>`` to ``r<lo + n - 1>``, request i taking ``values(i)`` ms, with no
+    time to first token."""
+    return [
+        Response(
+            request_id=f"r{i}",
+            tenant=tenant,
+            text="an answer",
+            verdict="allowed",
+            model=model,
+            finish_reason="stop",
+            pipeline_ms=values(i),
+            ttft_ms=None,
+        )
+        for i in range(lo, lo + n)
+    ]
+
+
+def process_in_batches(
+    stage: DriftStage,
+    batch: Callable[[int], Sequence[Message]],
+    start: int,
+    end: int,
+    step: int = 10,
+) -> list[Emit]:
+    """Run ``batch(lo)`` through the stage for lo = start, start + step, ... below end, each
+    batch at ``now = lo``; the alerts they raise."""
+    out: list[Emit] = []
+    for lo in range(start, end, step):
+        out.extend(stage.process_batch(list(batch(lo)), now=float(lo)))
+    return out

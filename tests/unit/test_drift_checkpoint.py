@@ -11,14 +11,13 @@ from typing import Any
 import pytest
 
 from kllm.core.errors import ConfigError
+from kllm.testing.drift_streams import NOISE, latency_responses, process_in_batches
 from processors.base import Emit
 from processors.drift import DriftMonitor, PromptReference
 from processors.drift_signals import DriftStage
-from schemas import Message, Request, Response
+from schemas import Message, Request
 from services.drift import CHECKPOINT_VERSION, Checkpoint, Settings, build
 from tests.unit.conftest import FakeEmbedder
-
-NOISE = (100.0, 110.0, 95.0, 105.0, 90.0, 115.0, 100.0, 98.0, 102.0, 108.0)
 
 
 @pytest.fixture(autouse=True)
@@ -34,19 +33,7 @@ def new_stage(embedder: FakeEmbedder) -> DriftStage:
 
 def batch(lo: int, latency: float) -> list[Message]:
     """Ten responses and two requests, tenant acme."""
-    out: list[Message] = [
-        Response(
-            request_id=f"r{i}",
-            tenant="acme",
-            text="a",
-            verdict="allowed",
-            model="m",
-            finish_reason="stop",
-            pipeline_ms=latency * NOISE[i % 10] / 100,
-            ttft_ms=None,
-        )
-        for i in range(lo, lo + 10)
-    ]
+    out: list[Message] = [*latency_responses(lo, lambda i: latency * NOISE[i % 10] / 100)]
     words = ("kafka topics", "partition offsets", "consumer groups")
     out += [
         Request(request_id=f"q{i}", tenant="acme", prompt=words[i % 3], created_at=float(i))
@@ -56,10 +43,7 @@ def batch(lo: int, latency: float) -> list[Message]:
 
 
 def feed(stage: DriftStage, start: int, end: int, latency: float) -> list[Emit]:
-    out: list[Emit] = []
-    for lo in range(start, end, 10):
-        out.extend(stage.process_batch(batch(lo, latency), now=float(lo)))
-    return out
+    return process_in_batches(stage, lambda lo: batch(lo, latency), start, end)
 
 
 def test_save_then_load_continues_identically(tmp_path: Path, embedder: FakeEmbedder) -> None:

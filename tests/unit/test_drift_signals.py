@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from kllm.testing.drift_streams import NOISE, latency_responses, process_in_batches
 from processors.base import Emit
 from processors.drift import Alert, DriftMonitor, PromptReference
 from processors.drift_signals import (
@@ -30,8 +31,6 @@ from schemas import (
 )
 from tests.unit.conftest import FakeEmbedder
 from topics import DRIFT_ALERTS
-
-NOISE = (100.0, 110.0, 95.0, 105.0, 90.0, 115.0, 100.0, 98.0, 102.0, 108.0)
 
 
 class Recorder(DriftMonitor):
@@ -263,13 +262,7 @@ def test_feedback_features() -> None:
 def run_latency(
     stage: DriftStage, values: Callable[[int], float], start: int, end: int
 ) -> list[Emit]:
-    out: list[Emit] = []
-    for lo in range(start, end, 10):
-        batch: list[Message] = [
-            response(i, pipeline_ms=values(i), ttft_ms=None) for i in range(lo, lo + 10)
-        ]
-        out.extend(stage.process_batch(batch, now=float(lo)))
-    return out
+    return process_in_batches(stage, lambda lo: latency_responses(lo, values), start, end)
 
 
 def test_latency_shift_raises_one_alert(stage: DriftStage) -> None:
