@@ -13,16 +13,16 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import Consumer, Producer, TopicPartition
 from opentelemetry.trace import Span
 
-from kllm.core.errors import BrokerError
 from kllm.runtime import tracing
-from kllm.runtime.dispatch import RecordRef
+from kllm.runtime.delivery import commit, next_offsets, publish_acked
+from kllm.runtime.dispatch import RecordRef, ref_of
 from kllm.runtime.kafka import records_only
 from kllm.runtime.metrics import StageMetrics
+from kllm.runtime.ports import Consumer, Producer
+from kllm.runtime.stop import StopFlag
 from processors.base import Emit
-from schemas import encode
 from topics import TopicSpec
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,7 @@ class BatchRunner:
         spans: list[Span] = []
         carried: dict[str | None, tracing.Headers] = {}
         for msg in records_only(msgs):
-            key = msg.key()
-            ref = RecordRef(
-                self.source, msg.partition(), msg.offset(), key.decode() if key else None
-            )
+            ref = ref_of(self.source, msg)
             records.append((ref, msg.value() or b""))
             where = tracing.Where(self.stage, self.source.name, ref.partition, ref.offset)
             spans.append(tracing.start_record_span(where, msg.headers(), ref.key or ""))
@@ -75,11 +72,13 @@ class BatchRunner:
         t0 = time.perf_counter()
         try:
             outputs = self.handler(records)
-            self._publish(outputs, carried)
+            # Not committed if this raises: the batch is replayed after the restart.
+            publish_acked(self.producer, outputs, carried)
         finally:
             for span in spans:
                 span.end()
-        self._commit(records)
+        offsets = next_offsets((self.source.name, r.partition, r.offset) for r, _ in records)
+        commit(self.consumer, offsets, asynchronous=True)
         if self.metrics is not None:
             self.metrics.observe(self.source.name, len(records), outputs, time.perf_counter() - t0)
         log.info(
@@ -92,31 +91,20 @@ class BatchRunner:
         )
         return len(records)
 
-    def _publish(self, outputs: list[Emit], carried: dict[str | None, tracing.Headers]) -> None:
-        errors: list[str] = []
-
-        def on_delivery(err: object, _msg: object) -> None:
-            if err is not None:
-                errors.append(str(err))
-
-        for emit in outputs:
-            self.producer.produce(
-                emit.topic.name,
-                key=emit.key,
-                value=encode(emit.message),
-                headers=carried.get(emit.key),
-                on_delivery=on_delivery,
-            )
-        if self.producer.flush(30) > 0 or errors:
-            # Not committed: the batch is replayed after the restart this causes.
-            raise BrokerError(f"publishing a batch failed: {errors[:3] or 'flush timed out'}")
-
-    def _commit(self, records: list[tuple[RecordRef, bytes]]) -> None:
-        last: dict[int, int] = {}
-        for ref, _ in records:
-            last[ref.partition] = max(last.get(ref.partition, -1), ref.offset)
-        offsets = [TopicPartition(self.source.name, p, o + 1) for p, o in last.items()]
-        self.consumer.commit(offsets=offsets, asynchronous=True)
-
     def close(self) -> None:
         self.consumer.close()
+
+
+def run_batches(runners: Sequence[BatchRunner], stop: StopFlag) -> None:
+    """Step each runner in turn until ``stop``, then close them all. The last waits for
+    records up to its own ``max_wait_s``; those before it do not wait, and come first
+    (a fresh document is searchable before the next query)."""
+    *first, last = runners
+    try:
+        while not stop.is_set():
+            for runner in first:
+                runner.step(wait_s=0)
+            last.step()
+    finally:
+        for runner in runners:
+            runner.close()

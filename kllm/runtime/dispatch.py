@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 from kllm.core.errors import ConfigError, PipelineError
 from kllm.core.refs import where
+from kllm.runtime.ports import Record
 from processors.admission import KeyedState
 from processors.base import Emit, Rejected
 from schemas import DeadLetter, Message, Response, decode, peek_field, peek_request_id
@@ -38,6 +39,18 @@ class RecordRef:
 
     def __str__(self) -> str:
         return where(self.topic.name, self.partition, self.offset)
+
+
+def ref_of(source: TopicSpec, record: Record) -> RecordRef:
+    """Where ``record`` came from. A key that is not UTF-8 is kept readable, never fatal."""
+    key = record.key()
+    partition, offset = record.partition(), record.offset()
+    return RecordRef(
+        source,
+        -1 if partition is None else partition,
+        -1 if offset is None else offset,
+        key.decode(errors="replace") if key is not None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -95,13 +108,25 @@ def dead_letter_record(stage: str, ref: RecordRef, value: bytes, reason: str) ->
 
 
 def dead_letter(
-    stage: str, ref: RecordRef, value: bytes, reason: str, exc: PipelineError | None = None
+    stage: str,
+    ref: RecordRef,
+    value: bytes,
+    reason: str,
+    exc: PipelineError | None = None,
+    *,
+    owner: bool = True,
 ) -> list[Emit]:
-    """DLQ record, plus an error response when the caller can be identified."""
-    if not ref.topic.has_dlq:
-        # A topic read by a side consumer (e.g. the feedback join reading responses): its
-        # producer answers for its records; skipping one here loses nothing of the caller's.
-        log.error("unprocessable record skipped", extra={"record": str(ref), "reason": reason})
+    """DLQ record, plus an error response when the caller can be identified.
+
+    Only the stage that owns a topic dead-letters its records. A side reader
+    (``owner=False``: the drift stage reading retrieval jobs), or a reader of a topic
+    with no DLQ (the feedback join reading responses), skips the record: the topic's
+    own stage answers for it, so skipping loses nothing of the caller's."""
+    if not owner or not ref.topic.has_dlq:
+        log.error(
+            "unprocessable record skipped",
+            extra={"request_id": peek_request_id(value), "record": str(ref), "reason": reason},
+        )
         return []
     out = [dead_letter_record(stage, ref, value, reason)]
     request_id = peek_request_id(value)

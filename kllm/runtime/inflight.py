@@ -27,18 +27,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from kllm.core.errors import BrokerError
 from kllm.runtime import tracing
-from kllm.runtime.dispatch import RecordRef
+from kllm.runtime.delivery import commit, produce, produce_acked_async
+from kllm.runtime.dispatch import RecordRef, ref_of
 from kllm.runtime.kafka import records_only
 from kllm.runtime.metrics import StageMetrics
 from kllm.runtime.offsets import OffsetTracker
+from kllm.runtime.ports import Consumer, Producer
+from kllm.runtime.ports import Record as Message
+from kllm.runtime.stop import StopFlag
 from processors.base import Emit
-from schemas import encode
 from topics import TopicSpec
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class InflightRunner:
 
     # -- the loop -------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
+    async def run(self, stop: StopFlag, on_ready: Callable[[], None] | None = None) -> None:
         self.consumer.subscribe(
             [self.source.name], on_assign=self._on_assign, on_revoke=self._on_revoke
         )
@@ -159,9 +161,8 @@ class InflightRunner:
     # -- one record -----------------------------------------------------------------------
 
     def _start(self, msg: Message) -> None:
-        partition, offset = msg.partition(), msg.offset()
-        raw_key = msg.key()
-        ref = RecordRef(self.source, partition, offset, raw_key.decode() if raw_key else None)
+        ref = ref_of(self.source, msg)
+        partition, offset = ref.partition, ref.offset
         work = self._work(ref, msg.value() or b"", msg.headers())
         task = asyncio.create_task(work, name=str(ref))
         self.tasks[(partition, offset)] = task
@@ -205,33 +206,11 @@ class InflightRunner:
 
     def _publish(self, emit: Emit) -> None:
         """Publish without waiting (streamed deltas): losing one to a crash costs nothing."""
-        self.producer.produce(
-            emit.topic.name,
-            key=emit.key,
-            value=encode(emit.message),
-            headers=tracing.headers_for(),
-        )
+        produce(self.producer, emit, tracing.headers_for())
 
     def _publish_acked(self, emit: Emit) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def on_delivery(err: Any, _msg: Any) -> None:
-            # Runs inside producer.poll(), on the loop's thread.
-            if fut.done():
-                return
-            if err is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(BrokerError(f"publishing to {emit.topic.name} failed: {err}"))
-
-        self.producer.produce(
-            emit.topic.name,
-            key=emit.key,
-            value=encode(emit.message),
-            headers=tracing.headers_for(),
-            on_delivery=on_delivery,
-        )
-        return fut
+        # Acknowledged inside producer.poll(), which the loop calls on this thread.
+        return produce_acked_async(self.producer, emit, tracing.headers_for())
 
     # -- offsets and rebalances -----------------------------------------------------------
 
@@ -243,10 +222,9 @@ class InflightRunner:
         offsets = self.offsets.to_commit(unchanged=force)
         if not offsets:
             return
-        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
-            self.consumer.commit(offsets=tps, asynchronous=not force)
-        except Exception as exc:  # noqa: BLE001 - librdkafka raises KafkaException for many causes
+            commit(self.consumer, offsets, asynchronous=not force)
+        except BrokerError as exc:
             log.warning("commit failed; will retry", extra={"error": str(exc)})
             return
         self.offsets.committed(offsets)

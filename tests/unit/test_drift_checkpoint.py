@@ -12,12 +12,21 @@ import pytest
 
 from kllm.core.errors import ConfigError
 from kllm.testing.drift_streams import NOISE, latency_responses, process_in_batches
+from processors import drift_state
 from processors.base import Emit
 from processors.drift import DriftMonitor, PromptReference
 from processors.drift_signals import DriftStage
 from schemas import Message, Request
-from services.drift import CHECKPOINT_VERSION, Checkpoint, Settings, build
+from services.drift import Checkpoint, Settings, build
 from tests.unit.conftest import FakeEmbedder
+
+
+def checkpoint_at(path: Path) -> Checkpoint:
+    return Checkpoint(path, drift_state.dumps, drift_state.loads)
+
+
+def state_of(stage: DriftStage) -> drift_state.State:
+    return stage.monitor, stage.reference
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +58,8 @@ def feed(stage: DriftStage, start: int, end: int, latency: float) -> list[Emit]:
 def test_save_then_load_continues_identically(tmp_path: Path, embedder: FakeEmbedder) -> None:
     original = new_stage(embedder)
     assert feed(original, 0, 60, 100.0) == []
-    checkpoint = Checkpoint(tmp_path / "drift" / "state.pkl")
-    checkpoint.save(original)  # creates the folder
+    checkpoint = checkpoint_at(tmp_path / "drift" / "state.pkl")
+    checkpoint.save(state_of(original))  # creates the folder
 
     loaded = checkpoint.load()
     assert loaded is not None
@@ -74,7 +83,7 @@ def test_save_then_load_continues_identically(tmp_path: Path, embedder: FakeEmbe
 
 
 def test_missing_file_loads_nothing(tmp_path: Path) -> None:
-    assert Checkpoint(tmp_path / "none.pkl").load() is None
+    assert checkpoint_at(tmp_path / "none.pkl").load() is None
 
 
 @pytest.mark.parametrize(
@@ -84,7 +93,7 @@ def test_corrupt_file_is_a_config_error_naming_it(tmp_path: Path, body: bytes) -
     path = tmp_path / "s.pkl"
     path.write_bytes(body)
     with pytest.raises(ConfigError) as info:
-        Checkpoint(path).load()
+        checkpoint_at(path).load()
     assert str(path) in str(info.value)
 
 
@@ -92,10 +101,10 @@ def test_truncated_checkpoint_is_a_config_error(tmp_path: Path, embedder: FakeEm
     stage = new_stage(embedder)
     feed(stage, 0, 30, 100.0)
     path = tmp_path / "s.pkl"
-    Checkpoint(path).save(stage)
+    checkpoint_at(path).save(state_of(stage))
     path.write_bytes(path.read_bytes()[:-50])
     with pytest.raises(ConfigError, match=re.escape(str(path))):
-        Checkpoint(path).load()
+        checkpoint_at(path).load()
 
 
 @pytest.mark.parametrize(
@@ -110,17 +119,17 @@ def test_damaged_bytes_are_a_config_error(tmp_path: Path, body: bytes) -> None:
     path = tmp_path / "s.pkl"
     path.write_bytes(body)
     with pytest.raises(ConfigError, match=re.escape(str(path))):
-        Checkpoint(path).load()
+        checkpoint_at(path).load()
 
 
 @pytest.mark.parametrize(
-    "saved", [None, [1, 2], {"version": CHECKPOINT_VERSION}], ids=["none", "list", "no-state"]
+    "saved", [None, [1, 2], {"version": drift_state.VERSION}], ids=["none", "list", "no-state"]
 )
 def test_a_pickle_of_something_else_is_a_config_error(tmp_path: Path, saved: Any) -> None:
     path = tmp_path / "s.pkl"
     path.write_bytes(pickle.dumps(saved))
     with pytest.raises(ConfigError, match=re.escape(str(path))):
-        Checkpoint(path).load()
+        checkpoint_at(path).load()
 
 
 def test_a_checkpoint_of_moved_code_is_a_config_error(tmp_path: Path) -> None:
@@ -128,26 +137,26 @@ def test_a_checkpoint_of_moved_code_is_a_config_error(tmp_path: Path) -> None:
     # protocol 4: STACK_GLOBAL of ("processors.gone", "DriftMonitor")
     path.write_bytes(b"\x80\x04\x8c\x0fprocessors.gone\x94\x8c\x0cDriftMonitor\x94\x93\x94.")
     with pytest.raises(ConfigError, match=re.escape(str(path))):
-        Checkpoint(path).load()
+        checkpoint_at(path).load()
 
 
-@pytest.mark.parametrize("version", [CHECKPOINT_VERSION + 1, 0, None])
+@pytest.mark.parametrize("version", [drift_state.VERSION + 1, 0, None])
 def test_wrong_version_is_a_config_error(tmp_path: Path, version: int | None) -> None:
     path = tmp_path / "s.pkl"
     body = {"version": version, "monitor": DriftMonitor(), "reference": PromptReference()}
     path.write_bytes(pickle.dumps(body))
     with pytest.raises(ConfigError, match="another version"):
-        Checkpoint(path).load()
+        checkpoint_at(path).load()
 
 
 def test_save_is_atomic_and_replaces(tmp_path: Path, embedder: FakeEmbedder) -> None:
     stage = new_stage(embedder)
     path = tmp_path / "s.pkl"
-    checkpoint = Checkpoint(path)
-    checkpoint.save(stage)
+    checkpoint = checkpoint_at(path)
+    checkpoint.save(state_of(stage))
     first = path.read_bytes()
     feed(stage, 0, 20, 100.0)
-    checkpoint.save(stage)
+    checkpoint.save(state_of(stage))
     assert path.read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pkl"]  # no .tmp left behind
     loaded = checkpoint.load()
@@ -160,17 +169,17 @@ def test_save_writes_a_temporary_file_first(
 ) -> None:
     stage = new_stage(embedder)
     path = tmp_path / "s.pkl"
-    checkpoint = Checkpoint(path)
-    checkpoint.save(stage)
+    checkpoint = checkpoint_at(path)
+    checkpoint.save(state_of(stage))
     before = path.read_bytes()
     feed(stage, 0, 20, 100.0)
 
     def crash(_src: Any, _dst: Any) -> None:
         raise OSError("disk gone")
 
-    monkeypatch.setattr("services.drift.os.replace", crash)
+    monkeypatch.setattr("kllm.runtime.checkpointed.os.replace", crash)
     with pytest.raises(OSError, match="disk gone"):
-        checkpoint.save(stage)
+        checkpoint.save(state_of(stage))
     assert path.read_bytes() == before  # a crash mid-save leaves the old checkpoint whole
 
 
@@ -197,7 +206,7 @@ def test_build_starts_fresh_then_resumes(tmp_path: Path, embedder: FakeEmbedder)
     assert stage.embed == embedder.embed
 
     feed(stage, 0, 40, 100.0)
-    checkpoint.save(stage)
+    checkpoint.save(state_of(stage))
 
     resumed, checkpoint2 = build(s, embed=embedder.embed)
     assert checkpoint2.path == checkpoint.path
