@@ -4,7 +4,6 @@ that resumes its detectors from the checkpoint instead of relearning."""
 from __future__ import annotations
 
 import random
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +14,8 @@ from kllm.ops.broker import EmbeddedBroker
 from kllm.ops.supervisor import Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer
 from schemas import DriftAlert, Response, decode, encode
-from tests.e2e.conftest import CONSUMER, FAST_GROUPS
-from topics import ALL, DRIFT_ALERTS, RESPONSES, provision
+from tests.e2e.conftest import CONSUMER, FAST_GROUPS, Delivered, wait_committed
+from topics import ALL, DRIFT_ALERTS, DRIFT_GROUP, RESPONSES, provision
 
 WARMUP = 100
 
@@ -42,8 +41,11 @@ def drift(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, Supervisor]]:
             sup.stop_all()
 
 
-def publish_latencies(bootstrap: str, values: list[float], tenant: str) -> None:
-    producer = make_producer(bootstrap)
+def publish_latencies(
+    bootstrap: str, values: list[float], tenant: str
+) -> dict[tuple[str, int], int]:
+    """Publish one Response per value; return the end offsets delivered, per partition."""
+    producer, delivered = make_producer(bootstrap), Delivered()
     for ms in values:
         rid = f"d-{uuid.uuid4()}"
         r = Response(
@@ -56,9 +58,9 @@ def publish_latencies(bootstrap: str, values: list[float], tenant: str) -> None:
             pipeline_ms=ms,
             ttft_ms=ms / 5,
         )
-        producer.produce(RESPONSES.name, key=rid, value=encode(r))
+        producer.produce(RESPONSES.name, key=rid, value=encode(r), on_delivery=delivered)
         producer.poll(0)
-    producer.flush(10)
+    return delivered.flushed(producer)
 
 
 def alerts_for(reader: TailReader, tenant: str, seconds: float) -> list[DriftAlert]:
@@ -81,9 +83,11 @@ def test_a_restarted_detector_resumes_and_catches_the_shift(
     slow = [3 * rng.lognormvariate(6.2, 0.3) for _ in range(400)]
     reader = TailReader(broker.bootstrap, DRIFT_ALERTS.name, CONSUMER)
     try:
-        publish_latencies(broker.bootstrap, calm, "steady")
-        assert alerts_for(reader, "steady", 5) == []  # stationary: no alarm
-        time.sleep(1.5)  # at least one checkpoint after the calm traffic
+        ends = publish_latencies(broker.bootstrap, calm, "steady")
+        # The stage commits only after its checkpoint (and after flushing its alerts):
+        # once all the calm traffic is committed, it is in a checkpoint.
+        wait_committed(broker.bootstrap, DRIFT_GROUP.name, ends, 60)
+        assert alerts_for(reader, "steady", 2) == []  # stationary: no alarm
         sup.stop_all()  # SIGTERM: a last checkpoint too
         sup.start_all()
         sup.wait_ready(120, bootstrap=broker.bootstrap)
