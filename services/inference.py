@@ -8,12 +8,10 @@ or any OpenAI-compatible server over HTTP.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
-from confluent_kafka import Consumer, Producer
 from pydantic import BaseModel, Field
 
 from kllm.core.errors import ConfigError, PipelineError
@@ -23,6 +21,7 @@ from kllm.runtime.inflight import Handler, InflightRunner
 from kllm.runtime.kafka import make_consumer, make_producer
 from kllm.runtime.ready import mark_ready
 from kllm.runtime.settings import StageSettings
+from kllm.runtime.stop import Stop
 from processors.base import Emit
 from processors.inference import Engine, Generator, Price, Router
 from schemas import InferenceJob, decode
@@ -157,42 +156,27 @@ def make_handler(generator: Generator) -> Handler:
     return handle
 
 
-def clients(settings: Settings) -> tuple[Consumer, Producer]:
-    bootstrap = settings.bootstrap()
-    group = inference_group(settings.pool)
-    return (
-        make_consumer(bootstrap, group.name, settings.consumer_config()),
-        make_producer(bootstrap, settings.producer_config()),
-    )
-
-
-async def serve(settings: Settings, generator: Generator, capacity: int) -> None:
-    consumer, producer = clients(settings)
+def main() -> None:
+    settings = Settings()
+    logs.configure(settings.log_level)
+    tracing.configure(STAGE, settings.trace_export, settings.run_dir)
+    generator, capacity = build(settings)
     stage_metrics = metrics.for_stage(STAGE)
     stage_metrics.serve(settings.metrics_port)
+    bootstrap = settings.bootstrap()
+    group = inference_group(settings.pool)
     runner = InflightRunner(
-        consumer,
-        producer,
-        inference_group(settings.pool).inputs[0],
+        make_consumer(bootstrap, group.name, settings.consumer_config()),
+        make_producer(bootstrap, settings.producer_config()),
+        group.inputs[0],
         make_handler(generator),
         capacity,
         prefetch=settings.prefetch or None,
         commit_interval_s=min(settings.commit_interval_s, 0.2),
         metrics=stage_metrics,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await runner.run(stop, on_ready=lambda: mark_ready(settings.ready_file))
-
-
-def main() -> None:
-    settings = Settings()
-    logs.configure(settings.log_level)
-    tracing.configure(STAGE, settings.trace_export, settings.run_dir)
-    generator, capacity = build(settings)
-    asyncio.run(serve(settings, generator, capacity))
+    stop = Stop().install()
+    asyncio.run(runner.run(stop, on_ready=lambda: mark_ready(settings.ready_file)))
 
 
 if __name__ == "__main__":

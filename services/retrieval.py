@@ -10,11 +10,9 @@ embedding model sees batches.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TypeVar
 
 from pydantic import Field
@@ -22,18 +20,19 @@ from pydantic import Field
 from kllm.adapters.retrieval.documents import document_for
 from kllm.core.errors import PipelineError
 from kllm.runtime import logs, metrics, tracing
-from kllm.runtime.batch import BatchHandler, BatchRunner
+from kllm.runtime.batch import BatchHandler, BatchRunner, run_batches
 from kllm.runtime.dispatch import RecordRef, dead_letter
 from kllm.runtime.kafka import make_consumer, make_producer
 from kllm.runtime.ready import mark_ready
 from kllm.runtime.settings import DOCS_DIR, PROMPTS_DIR, StageSettings
+from kllm.runtime.stop import Stop
 from processors.base import Emit, Rejected
 from processors.cache import ResponseCache
 from processors.indexing import Indexer
 from processors.retrieval import PUBLIC_TENANT, Embedder, Retriever, VectorStore
 from processors.templates import load_templates
 from schemas import Document, DocumentIndexed, Message, Request, Response, decode
-from topics import CACHE_GROUP, INDEXER_GROUP, RETRIEVAL_GROUP
+from topics import CACHE_GROUP, INDEXER_GROUP, RETRIEVAL_GROUP, ConsumerGroup
 
 STAGE = "retrieval"
 INDEXER = "indexer"
@@ -166,67 +165,34 @@ def document_handler(indexer: Indexer, cache: ResponseCache | None = None) -> Ba
     return handle
 
 
-class _Stop:
-    requested = False
-
-    def __call__(self, _sig: int, _frame: FrameType | None) -> None:
-        self.requested = True
-
-
-def serve(settings: Settings, retriever: Retriever, indexer: Indexer) -> None:
+def runners(settings: Settings, retriever: Retriever, indexer: Indexer) -> list[BatchRunner]:
+    """The indexer, the cache filler and the query path, in the order they are stepped."""
     stage_metrics = metrics.for_stage(STAGE)
-    stage_metrics.serve(settings.metrics_port)
     bootstrap = settings.bootstrap()
     producer = make_producer(bootstrap, settings.producer_config())
-    queries = BatchRunner(
-        make_consumer(bootstrap, RETRIEVAL_GROUP.name, settings.consumer_config()),
-        producer,
-        RETRIEVAL_GROUP.inputs[0],
-        query_handler(retriever),
-        settings.max_batch,
-        settings.max_wait_ms / 1000,
-        stage_metrics,
-        stage=STAGE,
-    )
-    documents = BatchRunner(
-        make_consumer(bootstrap, INDEXER_GROUP.name, settings.consumer_config()),
-        producer,
-        INDEXER_GROUP.inputs[0],
-        document_handler(indexer, retriever.cache),
-        settings.max_batch,
-        metrics=stage_metrics,
-        stage=INDEXER,
-    )
-    fills = (
-        BatchRunner(
-            make_consumer(bootstrap, CACHE_GROUP.name, settings.consumer_config()),
+
+    def runner(
+        group: ConsumerGroup, handler: BatchHandler, stage: str, wait_s: float
+    ) -> BatchRunner:
+        consumer = make_consumer(bootstrap, group.name, settings.consumer_config())
+        return BatchRunner(
+            consumer,
             producer,
-            CACHE_GROUP.inputs[0],
-            cache_fill_handler(retriever.cache),
+            group.inputs[0],
+            handler,
             settings.max_batch,
-            metrics=stage_metrics,
-            stage=CACHE,
+            wait_s,
+            stage_metrics,
+            stage=stage,
         )
-        if retriever.cache is not None
-        else None
+
+    out = [runner(INDEXER_GROUP, document_handler(indexer, retriever.cache), INDEXER, 0)]
+    if retriever.cache is not None:
+        out.append(runner(CACHE_GROUP, cache_fill_handler(retriever.cache), CACHE, 0))
+    out.append(
+        runner(RETRIEVAL_GROUP, query_handler(retriever), STAGE, settings.max_wait_ms / 1000)
     )
-    stop = _Stop()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    mark_ready(settings.ready_file)
-    log.info("stage running", extra={"stage": STAGE})
-    try:
-        while not stop.requested:
-            documents.step(wait_s=0)  # changes first: a fresh document is searchable next
-            if fills is not None:
-                fills.step(wait_s=0)
-            queries.step()
-    finally:
-        if fills is not None:
-            fills.close()
-        queries.close()
-        documents.close()
-        producer.flush(10)
+    return out
 
 
 def main() -> None:
@@ -234,7 +200,13 @@ def main() -> None:
     logs.configure(settings.log_level)
     tracing.configure(STAGE, settings.trace_export, settings.run_dir)
     retriever, indexer = build(settings)
-    serve(settings, retriever, indexer)
+    metrics.for_stage(STAGE).serve(settings.metrics_port)
+    loops = runners(settings, retriever, indexer)
+    stop = Stop().install()
+    mark_ready(settings.ready_file)
+    log.info("stage running", extra={"stage": STAGE})
+    # Documents first: a fresh document is searchable by the next query.
+    run_batches(loops, stop)
 
 
 if __name__ == "__main__":

@@ -40,11 +40,18 @@ class Acks:
         self.errors: list[str] = []
 
     def produce(self, emit: Emit, headers: Headers | None = None) -> None:
+        self.produce_bytes(emit.topic.name, emit.key, encode(emit.message), headers)
+
+    def produce_bytes(
+        self, topic: str, key: str | None, value: bytes, headers: Headers | None = None
+    ) -> None:
         def on_delivery(err: Any, _msg: Any) -> None:
             if err is not None:
-                self.errors.append(f"{emit.topic.name}: {err}")
+                self.errors.append(f"{topic}: {err}")
 
-        produce(self._producer, emit, headers, on_delivery=on_delivery)
+        self._producer.produce(
+            topic, key=key, value=value, headers=headers, on_delivery=on_delivery
+        )
 
     def wait(self, timeout_s: float) -> None:
         left = self._producer.flush(timeout_s)

@@ -10,6 +10,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kllm.core.errors import BrokerError
+from kllm.runtime.delivery import Acks
 from topics import TopicSpec
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,9 @@ def make_producer(bootstrap: str, extra: Mapping[str, str | int | bool] | None =
 
 def produce_sync(producer: Producer, topic: str, key: str | None, value: bytes) -> None:
     """Produce one record and wait for the broker's acknowledgement."""
-    errors: list[str] = []
-
-    def on_delivery(err: object, _msg: object) -> None:
-        if err is not None:
-            errors.append(str(err))
-
-    producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
-    if producer.flush(15.0) > 0:
-        raise BrokerError(f"timed out publishing to {topic}")
-    if errors:
-        raise BrokerError(f"publishing to {topic} failed: {errors[0]}")
+    acks = Acks(producer)
+    acks.produce_bytes(topic, key, value)
+    acks.wait(15.0)
 
 
 def end_offsets(consumer: Consumer, topic: str) -> list[TopicPartition]:
