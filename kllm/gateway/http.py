@@ -3,7 +3,6 @@ replayed as a stream."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
@@ -19,15 +18,6 @@ class HttpError(PipelineError):
     def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.code, self.retry_after = status, code, retry_after
-
-
-def settle(acked: asyncio.Future[None], err: object) -> None:
-    if acked.done():
-        return
-    if err is None:
-        acked.set_result(None)
-    else:
-        acked.set_exception(HttpError(503, "unavailable", f"cannot publish the request: {err}"))
 
 
 def error_response(exc: HttpError) -> HttpResponse:

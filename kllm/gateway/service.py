@@ -19,13 +19,15 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
 from starlette.responses import StreamingResponse
 
+from kllm.core.errors import BrokerError
 from kllm.gateway.config import STAGE, GatewayConfig
-from kllm.gateway.http import HttpError, reply_error, settle
+from kllm.gateway.http import HttpError, reply_error
 from kllm.gateway.keys import KeyStore
 from kllm.gateway.live import LiveStream
 from kllm.gateway.monitor import PipelineMonitor
 from kllm.gateway.replies import Reply, ReplyRouter
 from kllm.runtime import tracing
+from kllm.runtime.delivery import produce_acked_async
 from kllm.runtime.metrics import GatewayMetrics
 from schemas import DeadLetter, Request, Response, encode
 from topics import REQUESTS, RESPONSES
@@ -206,23 +208,13 @@ class Gateway:
 
     async def publish(self, topic: str, key: str, value: bytes) -> None:
         """Produce and wait for the broker's acknowledgement (503 if it fails)."""
-        loop = asyncio.get_running_loop()
-        acked: asyncio.Future[None] = loop.create_future()
-
-        def on_delivery(err: object, _msg: object) -> None:
-            loop.call_soon_threadsafe(settle, acked, err)
-
         try:
-            self.producer.produce(
-                topic,
-                key=key,
-                value=value,
-                headers=tracing.headers_for(),  # the caller's span: the trace goes on in Kafka
-                on_delivery=on_delivery,
+            # The caller's span goes with it: the trace goes on in Kafka.
+            await produce_acked_async(
+                self.producer, (topic, key, value), tracing.headers_for(), polled_elsewhere=True
             )
-        except (BufferError, KafkaException) as exc:
+        except (BufferError, KafkaException, BrokerError) as exc:
             raise HttpError(503, "unavailable", f"cannot publish the request: {exc}") from exc
-        await acked
 
     async def _reply(self, queue: asyncio.Queue[Reply], request: Request) -> Reply:
         left = (request.deadline_at or time.time()) - time.time() + 1.0

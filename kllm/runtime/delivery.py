@@ -73,21 +73,37 @@ def publish_acked(
 
 
 def produce_acked_async(
-    producer: Producer, emit: Emit, headers: Headers | None = None
+    producer: Producer,
+    emit: Emit | tuple[str, str | None, bytes],
+    headers: Headers | None = None,
+    *,
+    polled_elsewhere: bool = False,
 ) -> asyncio.Future[None]:
-    """Produce one output; the future resolves on its acknowledgement. The caller polls
-    the producer on the loop's thread (delivery reports run inside ``poll``)."""
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    """Produce one output (an Emit, or topic, key and bytes); the future resolves on its
+    acknowledgement and fails with BrokerError. Delivery reports run inside
+    ``producer.poll``: on the loop's thread, or, with ``polled_elsewhere``, on a thread
+    of the caller's that polls it (the gateway's)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    topic, key, value = (
+        (emit.topic.name, emit.key, encode(emit.message)) if isinstance(emit, Emit) else emit
+    )
 
-    def on_delivery(err: Any, _msg: Any) -> None:
+    def settle(err: Any) -> None:
         if fut.done():
             return
         if err is None:
             fut.set_result(None)
         else:
-            fut.set_exception(BrokerError(f"publishing to {emit.topic.name} failed: {err}"))
+            fut.set_exception(BrokerError(f"publishing to {topic} failed: {err}"))
 
-    produce(producer, emit, headers, on_delivery=on_delivery)
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if polled_elsewhere:
+            loop.call_soon_threadsafe(settle, err)
+        else:
+            settle(err)
+
+    producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
     return fut
 
 
