@@ -70,7 +70,6 @@ class KafkaSettings(BaseSettings):
         return {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
 
 
-
 def write_state(run_dir: Path, bootstrap_servers: str) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / STATE_FILE

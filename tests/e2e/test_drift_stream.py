@@ -31,6 +31,7 @@ from kllm.ops.broker import EmbeddedBroker
 from kllm.ops.supervisor import Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer
 from kllm.testing.drift_streams import RATING_P_SHIFTED, sample
+from processors import drift_state
 from processors.drift import SIGNALS
 from schemas import (
     ChatTurn,
@@ -368,7 +369,9 @@ class Stage:
     def streams(self, tenant: str) -> set[str]:
         """The signals of ``tenant`` that reached the detectors, as of the last checkpoint
         (written before the offsets it covers are committed)."""
-        saved = Checkpoint(self.run_dir / "drift" / "state.pkl").load()
+        saved = Checkpoint(
+            self.run_dir / "drift" / "state.pkl", drift_state.dumps, drift_state.loads
+        ).load()
         assert saved is not None, "no drift checkpoint"
         return {signal for t, m, signal in saved[0].streams() if (t, m) == (tenant, MODEL)}
 
