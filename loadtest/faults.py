@@ -29,8 +29,7 @@ from harness import free_port, supervised
 from scripted_engine import scripted_engine
 
 from kllm.gateway.keys import KeyStore
-
-STAGES = ("ingestion", "retrieval", "inference", "moderation", "feedback", "drift", "gateway")
+from topics import STAGES
 
 
 @dataclass

@@ -10,32 +10,27 @@ import orjson
 
 from kllm.core.errors import PipelineError
 from kllm.runtime.settings import KafkaSettings
-from topics import FEEDBACK, GENERATIONS, INFERENCE, REQUESTS, RETRIEVAL
+from topics import GROUPLESS, STAGES, primary_group
 
 GATEWAY_MAX = 16
 
 
 def max_replicas(stage: str, qdrant_server: bool) -> tuple[int, str]:
-    """How many processes of ``stage`` can do work, and why no more."""
+    """How many processes of ``stage`` can do work, and why no more: the declared
+    group the stage scales by (topics.groups) caps it at its inputs' partitions."""
     if stage == "retrieval" and not qdrant_server:
         return 1, "embedded Qdrant is opened by one process; set KLLM_QDRANT_URL to scale"
-    if stage == "drift":
-        return 1, "every detector must see all of a tenant's events"
-    if stage == "gateway":
+    if stage in GROUPLESS:
         return GATEWAY_MAX, "replicas share the port; more than the cores rarely helps"
-    topic = {
-        "ingestion": REQUESTS,
-        "retrieval": RETRIEVAL,
-        "inference": INFERENCE,
-        "moderation": GENERATIONS,
-        "feedback": FEEDBACK,
-    }[stage]
-    return topic.partitions, f"{topic.name} has {topic.partitions} partitions"
+    group = primary_group(stage)
+    if group.single_replica:
+        return 1, group.single_replica
+    topics = ", ".join(group.topic_names)
+    n = group.max_replicas
+    return n, f"{group.name} reads {topics}; the fewest partitions among them: {n}"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from kllm.ops.supervisor import STAGES
-
     p = sub.add_parser(
         "scale",
         help="run N processes of a stage (in its consumer group) in the running `kllm up`",
@@ -46,14 +41,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def cmd_scale(args: argparse.Namespace, settings: KafkaSettings) -> int:
-    import os
+    from services.retrieval import Settings as RetrievalSettings
 
     run_dir = settings.run_dir
     status = run_dir / "status.json"
     # `kllm up` rewrites its status twice a second: an old file is a pipeline that died.
     if not status.exists() or time.time() - status.stat().st_mtime > 10:
         raise PipelineError(f"no running pipeline in {run_dir}: start it with `kllm up`")
-    cap, why = max_replicas(args.stage, bool(os.environ.get("KLLM_QDRANT_URL")))
+    cap, why = max_replicas(args.stage, bool(RetrievalSettings().qdrant_url))
     if not 0 <= args.replicas <= cap:
         raise PipelineError(f"{args.stage} runs 0 to {cap} processes: {why}")
     request = run_dir / "control" / f"scale-{args.stage}.json"

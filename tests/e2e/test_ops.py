@@ -21,7 +21,7 @@ from kllm.runtime.lag import consumer_lag
 from kllm.runtime.tracing import TRACES_DIR
 from tests import needs
 from tests.e2e.conftest import Client, wait_until
-from topics import DOCUMENTS_INDEXED
+from topics import DOCUMENTS_INDEXED, RESPONSES, inference_group
 
 OUT = Path(__file__).resolve().parents[2] / ".pytest-output"
 
@@ -120,7 +120,8 @@ def test_dashboard_renders_live_figures_in_chromium(pipeline: Supervisor, tmp_pa
     ).stdout
     dom.write_text(page)
     assert shot.stat().st_size > 10_000
-    assert "llm.responses" in page and "kllm-inference" in page  # figures, not the empty page
+    # Figures, not the empty page:
+    assert RESPONSES.name in page and inference_group().name in page
     print(f"dashboard screenshot: {shot}")
 
 

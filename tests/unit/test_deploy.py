@@ -354,7 +354,8 @@ def test_scaled_object_is_valid_and_capped_by_partitions(so: dict[str, Any]) -> 
 
 
 def test_scaled_object_checks_can_fail() -> None:
-    (so,) = [s for s in scaled_objects() if s["metadata"]["name"] == "kllm-feedback"]
+    target = deployment_of("feedback")["metadata"]["name"]
+    (so,) = [s for s in scaled_objects() if s["spec"]["scaleTargetRef"]["name"] == target]
 
     def broken(change: Any) -> list[str]:
         copy = json.loads(json.dumps(so))

@@ -10,7 +10,7 @@ import pytest
 
 import topics
 from schemas import DeadLetter, Message, registry
-from topics import ALL, TopicSpec, by_name, provision
+from topics import ALL, DASHBOARD_GROUP, EXPORT_GROUP, TopicSpec, by_name, groups, provision
 from topics.catalog import _PRIMARY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -238,9 +238,48 @@ def test_literal_scan_flags_code_but_not_docs(tmp_path: Path) -> None:
 def test_no_topic_name_literals_outside_topics() -> None:
     files = [
         p
-        for pkg in ("services", "processors", "kllm", "schemas")
+        for pkg in ("services", "processors", "kllm", "schemas", "loadtest")
         for p in sorted((REPO / pkg).rglob("*.py"))
     ]
     assert len(files) > 10
     offenders = [hit for f in files for hit in _topic_literals(f)]
     assert offenders == [], "topic names belong in topics/ only:\n" + "\n".join(offenders)
+
+
+# --- consumer group names are spelled only in topics/groups.py ----------------------------
+
+GROUP_NAMES = sorted({g.name for g in groups()} | {EXPORT_GROUP, DASHBOARD_GROUP})
+_GROUP_RE = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, GROUP_NAMES)) + r")(?![\w-])")
+
+
+def _group_literals(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    skip = _docstring_nodes(tree)
+    return [
+        f"{path}:{node.lineno}: {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in skip
+        and _GROUP_RE.search(node.value)
+    ]
+
+
+def test_group_pattern_catches_group_names_only() -> None:
+    assert _GROUP_RE.search('"group.id": "kllm-drift"')
+    assert _GROUP_RE.search("kllm-cache")
+    assert not _GROUP_RE.search("kllm-drift-state")  # a volume claim, not a group
+    assert not _GROUP_RE.search("x-kllm-cache")
+    assert not _GROUP_RE.search("kllm-gateway")  # the gateway has no group
+
+
+def test_no_group_name_literals_outside_the_declaration() -> None:
+    files = [
+        p
+        for pkg in ("services", "processors", "kllm", "schemas", "topics", "tests", "loadtest")
+        for p in sorted((REPO / pkg).rglob("*.py"))
+        if p.resolve() != Path(__file__).resolve()
+    ]
+    assert len(files) > 10
+    offenders = [hit for f in files for hit in _group_literals(f)]
+    assert offenders == [], "group names belong in topics/groups.py only:\n" + "\n".join(offenders)
