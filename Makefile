@@ -45,32 +45,36 @@ check: install
 clean:
 	rm -rf .kllm .pytest_cache .mypy_cache .ruff_cache
 
-bench: install  ## pipeline latency: end-to-end vs engine time, overhead percentiles
-	$(BIN)/python loadtest/pipeline_latency.py
+# Every benchmark ends within the limit in its help (startup and teardown included): the
+# script enforces it and stops every process it started; `timeout` is the last resort.
+LIMIT = timeout --foreground -k 15
 
-bench-inference: install  ## inference worker tokens/s through Kafka vs the engine's own, one run
-	$(BIN)/python loadtest/inference_throughput.py
+bench: install  ## pipeline latency: end-to-end vs engine time, overhead percentiles (at most 10 min)
+	$(LIMIT) 630 $(BIN)/python loadtest/pipeline_latency.py --limit-s 600
 
-bench-retrieval: install  ## retrieval stage vs raw embedding throughput; search latency at 100k chunks
-	$(BIN)/python loadtest/retrieval_throughput.py
+bench-inference: install  ## inference worker tokens/s through Kafka vs the engine's own, one run (at most 15 min)
+	$(LIMIT) 930 $(BIN)/python loadtest/inference_throughput.py --limit-s 900
 
-bench-gateway: install  ## gateway overhead p50/p99 at 50 and 200 requests/s, answers from the cache
-	$(BIN)/python loadtest/gateway_overhead.py
+bench-retrieval: install  ## retrieval stage vs raw embedding throughput; search latency at 100k chunks (at most 15 min)
+	$(LIMIT) 930 $(BIN)/python loadtest/retrieval_throughput.py --limit-s 900
 
-bench-moderation: install  ## moderation stage: answers/s, added latency p50/p99, streamed windows
-	$(BIN)/python loadtest/moderation_throughput.py
+bench-gateway: install  ## gateway overhead p50/p99 at 50 and 200 requests/s, answers from the cache (at most 7 min)
+	$(LIMIT) 450 $(BIN)/python loadtest/gateway_overhead.py --limit-s 420
 
-eval-moderation: install  ## output moderation precision/recall per check on eval/moderation.jsonl
-	$(BIN)/python eval/run_moderation.py
+bench-moderation: install  ## moderation stage: answers/s, added latency p50/p99, streamed windows (at most 10 min)
+	$(LIMIT) 630 $(BIN)/python loadtest/moderation_throughput.py --limit-s 600
 
-load: install  ## open-loop load through the gateway: latency p50/p95/p99, TTFT, errors, a PNG plot
-	$(BIN)/python loadtest/openloop.py --engine scripted --rate 30 --seconds 20 --png openloop.png
+eval-moderation: install  ## output moderation precision/recall per check on eval/moderation.jsonl (at most 5 min)
+	$(LIMIT) 300 $(BIN)/python eval/run_moderation.py
 
-bench-overhead: install  ## pipeline overhead p50/p99 at 10, 50 and 200 requests/s, with a per-stage breakdown
-	$(BIN)/python loadtest/overhead.py
+load: install  ## open-loop load through the gateway: latency p50/p95/p99, TTFT, errors, a PNG plot (at most 6 min)
+	$(LIMIT) 390 $(BIN)/python loadtest/openloop.py --engine scripted --rate 30 --seconds 20 --png openloop.png --limit-s 360
 
-bench-overload: install  ## 3x capacity through the gateway: 429 shedding, bounded memory, recovery
-	$(BIN)/python loadtest/overload.py
+bench-overhead: install  ## pipeline overhead p50/p99 at 10, 50 and 200 requests/s, with a per-stage breakdown (at most 8 min)
+	$(LIMIT) 510 $(BIN)/python loadtest/overhead.py --limit-s 480
 
-bench-faults: install  ## SIGKILL each stage under load through the gateway: lost, duplicated, recovery time
-	$(BIN)/python loadtest/faults.py
+bench-overload: install  ## 3x capacity through the gateway: 429 shedding, bounded memory, recovery (at most 7 min)
+	$(LIMIT) 450 $(BIN)/python loadtest/overload.py --limit-s 420
+
+bench-faults: install  ## SIGKILL each stage under load through the gateway: lost, duplicated, recovery time (at most 10 min)
+	$(LIMIT) 630 $(BIN)/python loadtest/faults.py --limit-s 600

@@ -12,17 +12,26 @@ The synthetic signals (and their shifts) are those in ``SHIFTS``; the unit tests
 same generators (kllm.testing.drift_streams).
 
     .venv/bin/python loadtest/drift_eval.py --seeds 10 --events 10000
+
+Time limit: ends within --limit-s (default 300 s): in process, no broker or stages; a
+signal not reached by the limit is reported NOT RUN.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
+from harness import Deadline, run_limited
+
 from kllm.testing.drift_streams import SHIFTS, run
 from processors.drift import DETECTORS, SIGNALS
+
+LIMIT_S = 300
+"""The whole run (default settings) ends within this many seconds; --limit-s changes it."""
 
 
 @dataclass(frozen=True)
@@ -45,11 +54,23 @@ def evaluate(signal: str, n: int, seed: int) -> SeedResult:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument(
+        "--limit-s",
+        type=float,
+        default=LIMIT_S,
+        help=f"the whole run ends within this (default {LIMIT_S})",
+    )
     args = parser.parse_args()
+    return run_limited(lambda deadline: _main(args, deadline), args.limit_s)
+
+
+def _main(args: argparse.Namespace, deadline: Deadline) -> int:
     n, seeds = args.events, args.seeds
     started = time.perf_counter()
     print(
@@ -65,6 +86,9 @@ def main() -> None:
     print("-" * len(header))
     per_10k = 10_000 / n
     for signal in SIGNALS:
+        if deadline.expired():
+            print(f"{signal:<21} NOT RUN (time limit)")
+            continue
         results = [evaluate(signal, n, seed) for seed in range(seeds)]
         fa = [r.false_alarms * per_10k for r in results]
         delays = [r.delay for r in results if r.delay is not None]
@@ -77,7 +101,8 @@ def main() -> None:
             f"{SHIFTS[signal]}"
         )
     print(f"\n({time.perf_counter() - started:.1f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

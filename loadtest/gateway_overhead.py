@@ -7,6 +7,11 @@ gateway reports, in headers, the pipeline time (publish to reply) and its own
 time around it (parsing, auth, routing, serialising). Overhead is the second.
 
     python loadtest/gateway_overhead.py --rates 50 200 --seconds 10
+
+Time limit: the whole run, startup and teardown included, ends within --limit-s
+(default 420 s). Each rate waits at most 30 s past its sending for answers; a rate
+cut short is marked INCOMPLETE, one with no time left NOT RUN. Ctrl-C or SIGTERM stops
+every process it started.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from harness import free_port, pct, running
+from harness import Deadline, current, free_port, pct, run_limited, running
 
 from kllm.gateway.keys import KeyStore
 
@@ -36,6 +41,9 @@ QUESTIONS = [
     "How are tenants kept apart?",
 ]
 
+LIMIT_S = 420
+"""The whole run (default settings) ends within this many seconds; --limit-s changes it."""
+
 
 @dataclass
 class Run:
@@ -46,7 +54,8 @@ class Run:
     ok_client_ms: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     cached: int = 0
-    sending_s: float = 0.0
+    sending_s: float = 1e-9
+    unanswered: int = 0  # still waiting at the deadline (cancelled)
 
 
 def body(question: str) -> dict[str, object]:
@@ -60,6 +69,8 @@ async def warm(http: httpx.AsyncClient, url: str, in_a_row: int = 25) -> None:
     for q in QUESTIONS:
         streak = 0
         for _ in range(200):
+            if current().expired():
+                raise TimeoutError("the time limit passed while warming the cache")
             r = await http.post(url, json=body(q))
             r.raise_for_status()
             streak = streak + 1 if r.json()["kllm"]["cached"] else 0
@@ -87,13 +98,20 @@ async def load(http: httpx.AsyncClient, url: str, rate: float, seconds: float) -
     n = int(rate * seconds)
     t0 = time.perf_counter()
     tasks = []
+    until = current().within(seconds + 30)
     for i in range(n):
+        if until.expired():
+            break
         delay = t0 + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await asyncio.sleep(max(0.0, min(delay, until.left())))
         tasks.append(asyncio.create_task(one(http, url, QUESTIONS[i % len(QUESTIONS)], run)))
     run.sending_s = time.perf_counter() - t0
-    await asyncio.gather(*tasks)
+    if tasks:
+        _done, pending = await asyncio.wait(tasks, timeout=max(until.left(), 0.01))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        run.unanswered = len(pending) + n - len(tasks)
     return run
 
 
@@ -104,26 +122,39 @@ def report(run: Run) -> str:
     return (
         f"{run.rate:>5.0f} req/s offered, sent at {total / run.sending_s:6.1f}/s: "
         f"{ok}/{total} answered ({run.cached} from cache), statuses {run.statuses}\n"
-        f"    gateway overhead  p50 {pct(run.overhead_ms, 0.5):6.2f} ms  "
+        + (
+            f"    INCOMPLETE: {run.unanswered} requests not sent or unanswered at the deadline\n"
+            if run.unanswered
+            else ""
+        )
+        + f"    gateway overhead  p50 {pct(run.overhead_ms, 0.5):6.2f} ms  "
         f"p99 {pct(run.overhead_ms, 0.99):6.2f} ms  (target p50 < 5, p99 < 20)\n"
         f"    pipeline          p50 {pct(run.pipeline_ms, 0.5):6.2f} ms  "
         f"p99 {pct(run.pipeline_ms, 0.99):6.2f} ms\n"
         f"    client end to end p50 {pct(run.client_ms, 0.5):6.2f} ms  "
-        f"p99 {pct(run.client_ms, 0.99):6.2f} ms  mean {statistics.fmean(run.client_ms):.2f}\n"
+        f"p99 {pct(run.client_ms, 0.99):6.2f} ms  "
+        f"mean {statistics.fmean(run.client_ms or [0]):.2f}\n"
         f"    client minus pipeline p50 {pct(client_extra, 0.5):6.2f} ms  "
         f"p99 {pct(client_extra, 0.99):6.2f} ms  (adds HTTP, the event loop's queue and the "
         "load generator, all on the same cores)"
     )
 
 
-async def bench(port: int, key: str, rates: list[float], seconds: float) -> list[Run]:
+async def bench(
+    port: int, key: str, rates: list[float], seconds: float, runs: list[Run]
+) -> list[Run]:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
     headers = {"authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60) as http:
         await warm(http, url)
         await load(http, url, max(rates), 2)  # connections opened, code paths warm
-        return [await load(http, url, rate, seconds) for rate in rates]
+        for rate in rates:
+            if current().left() < seconds:
+                print(f"{rate:.0f} req/s NOT RUN (time limit)", flush=True)
+                continue
+            runs.append(await load(http, url, rate, seconds))
+        return runs
 
 
 def main() -> int:
@@ -132,7 +163,17 @@ def main() -> int:
     )
     p.add_argument("--rates", type=float, nargs="+", default=[50, 200], help="requests/s")
     p.add_argument("--seconds", type=float, default=10, help="seconds per rate (default 10)")
+    p.add_argument(
+        "--limit-s",
+        type=float,
+        default=LIMIT_S,
+        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
+    )
     args = p.parse_args()
+    return run_limited(lambda deadline: _main(args, deadline), args.limit_s)
+
+
+def _main(args: argparse.Namespace, deadline: Deadline) -> int:
     port = free_port()
     keys = Path(tempfile.mkdtemp()) / "keys.json"
     key = KeyStore(keys).create("bench")[1]
@@ -143,11 +184,15 @@ def main() -> int:
         "KLLM_GATEWAY_MAX_WAITING": "2000",
         "KLLM_LOG_LEVEL": "WARNING",
     }
-    with running(env=env):
-        runs = asyncio.run(bench(port, key, args.rates, args.seconds))
-    for run in runs:
-        print(report(run), flush=True)
-    return 0 if all(run.statuses.keys() == {200} for run in runs) else 1
+    runs: list[Run] = []
+    try:
+        with running(env=env):
+            asyncio.run(bench(port, key, args.rates, args.seconds, runs))
+    finally:
+        for run in runs:
+            print(report(run), flush=True)
+    complete = len(runs) == len(args.rates) and not any(r.unanswered for r in runs)
+    return 0 if complete and all(run.statuses.keys() == {200} for run in runs) else 1
 
 
 if __name__ == "__main__":

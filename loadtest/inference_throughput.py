@@ -10,6 +10,11 @@
 The ratio of (2) to (1) is what the worker costs; the target is at least 0.9.
 
     python loadtest/inference_throughput.py --jobs 48 --concurrency 4 --max-tokens 32
+
+Time limit: the whole run, startup and teardown included, ends within --limit-s
+(default 900 s). Each measurement gets at most half of what is left; generations not
+back by then are reported as lost (INCOMPLETE). Ctrl-C or SIGTERM stops every process it
+started.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 import time
 import uuid
 
-from harness import running
+from harness import current, run_limited, running
 
 from kllm.adapters.engines.xllama import XLlamaEngine
 from kllm.runtime.kafka import TailReader, make_producer
@@ -37,6 +42,9 @@ PROMPTS = (
     "What is the capital of France and why is it famous?",
     "Write a short note about Kafka topics.",
 )
+
+LIMIT_S = 900
+"""The whole run (default settings) ends within this many seconds; --limit-s changes it."""
 
 
 def make_jobs(n: int, max_tokens: int) -> list[InferenceJob]:
@@ -68,10 +76,16 @@ async def engine_direct(jobs: list[InferenceJob], concurrency: int) -> tuple[int
 
     await one(jobs[0])  # warm-up, not counted
     t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(j) for j in jobs))
+    tasks = [asyncio.create_task(one(j)) for j in jobs]
+    done, pending = await asyncio.wait(tasks, timeout=max(current().left() / 2, 1.0))
     elapsed = time.perf_counter() - t0
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
     engine.close()
-    return sum(counts), elapsed
+    if pending:
+        print(f"engine-direct INCOMPLETE: {len(pending)} jobs unfinished at the time limit")
+    return sum(t.result() for t in done if t.exception() is None), elapsed
 
 
 def through_kafka(jobs: list[InferenceJob], concurrency: int) -> tuple[int, float, int]:
@@ -85,14 +99,15 @@ def through_kafka(jobs: list[InferenceJob], concurrency: int) -> tuple[int, floa
         warm = make_jobs(1, jobs[0].request.max_tokens or 32)[0]
         producer.produce(INFERENCE.name, key=warm.request.request_id, value=encode(warm))
         producer.flush(10)
-        reader.wait_for({warm.request.request_id}, 60, lambda _k, _v: None)
+        reader.wait_for({warm.request.request_id}, min(60, current().left()), lambda _k, _v: None)
         wanted = {j.request.request_id for j in jobs}
         got: dict[str, Generation] = {}
         t0 = time.perf_counter()
         for j in jobs:
             producer.produce(INFERENCE.name, key=j.request.request_id, value=encode(j))
         producer.flush(10)
-        reader.wait_for(wanted, 600, lambda k, v: got.__setitem__(k, decode(v, Generation)))
+        budget = min(600, current().left())
+        reader.wait_for(wanted, budget, lambda k, v: got.__setitem__(k, decode(v, Generation)))
         elapsed = time.perf_counter() - t0
         reader.close()
     tokens = sum(g.usage.completion_tokens for g in got.values())
@@ -106,7 +121,17 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=48, help="requests per measurement (default 48)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight, N (default 4)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    p.add_argument(
+        "--limit-s",
+        type=float,
+        default=LIMIT_S,
+        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
+    )
     args = p.parse_args()
+    return run_limited(lambda _deadline: _main(args), args.limit_s)
+
+
+def _main(args: argparse.Namespace) -> int:
     jobs = make_jobs(args.jobs, args.max_tokens)
     print(f"{args.jobs} jobs, {args.max_tokens} max tokens, N = {args.concurrency}", flush=True)
     d_tokens, d_s = asyncio.run(engine_direct(jobs, args.concurrency))

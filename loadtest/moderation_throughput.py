@@ -12,6 +12,11 @@
    the time from a sentence's last delta to its moderated window.
 
     python loadtest/moderation_throughput.py --answers 1000 --rate 50
+
+Time limit: the whole run, startup and teardown included, ends within --limit-s
+(default 600 s). Every wait for the stage's output has a timeout and none goes past the
+limit; what did not come back counts as lost. Ctrl-C or SIGTERM stops every process it
+started.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import sys
 import time
 import uuid
 
-from harness import pct, running
+from harness import current, pct, run_limited, running
 
 from kllm.runtime.kafka import TailReader, make_producer
 from processors.moderation import Context
@@ -39,6 +44,9 @@ ANSWERS = [
     "Globex runs a similar setup, but this answer is about our own pipeline.",
     "Inference workers keep N requests in flight and commit in order [2].",
 ]
+
+LIMIT_S = 600
+"""The whole run (default settings) ends within this many seconds; --limit-s changes it."""
 
 
 def generation(i: int) -> Generation:
@@ -66,7 +74,8 @@ def throughput(bootstrap: str, n: int) -> tuple[float, int]:
         producer.produce(GENERATIONS.name, key=g.request.request_id, value=encode(g))
         producer.poll(0)
     producer.flush(30)
-    missing = reader.wait_for({g.request.request_id for g in gens}, 300, lambda _k, _v: None)
+    budget = min(300, current().left())
+    missing = reader.wait_for({g.request.request_id for g in gens}, budget, lambda _k, _v: None)
     rate = (n - len(missing)) / (time.perf_counter() - t0)
     reader.close()
     return rate, len(missing)
@@ -79,6 +88,8 @@ def added_latency(bootstrap: str, n: int, rate: float) -> tuple[float, float]:
     lat: list[float] = []
     t0 = time.perf_counter()
     for i in range(n):
+        if current().expired():
+            break
         g = generation(i)
         while time.perf_counter() < t0 + i / rate:
             for key, _value in reader.records(0.001):
@@ -88,7 +99,7 @@ def added_latency(bootstrap: str, n: int, rate: float) -> tuple[float, float]:
         producer.produce(GENERATIONS.name, key=g.request.request_id, value=encode(g))
         producer.poll(0)
     producer.flush(10)
-    deadline = time.perf_counter() + 60
+    deadline = time.perf_counter() + min(60, current().left())
     while sent and time.perf_counter() < deadline:
         for key, _value in reader.records(0.05):
             if key in sent:
@@ -115,7 +126,7 @@ def streams(bootstrap: str, n: int) -> tuple[float, float, float]:
         closing.add(rid)
     producer.flush(30)
     window_lat: list[float] = []
-    deadline = time.perf_counter() + 300
+    deadline = time.perf_counter() + min(300, current().left())
     while closing and time.perf_counter() < deadline:
         for key, value in reader.records(0.05):
             d = decode(value, TokenDelta)
@@ -133,13 +144,15 @@ def _paced_windows(bootstrap: str, n: int) -> list[float]:
     producer = make_producer(bootstrap, {"linger.ms": 0})
     lat = []
     for i in range(n):
+        if current().expired():
+            break
         rid, text = f"w-{uuid.uuid4()}", ANSWERS[i % len(ANSWERS)] + " "
         for j, piece in enumerate(text[k : k + 6] for k in range(0, len(text), 6)):
             d = TokenDelta(request_id=rid, index=j, text=piece, model="m")
             producer.produce(TOKENS.name, key=rid, value=encode(d))
         producer.flush(5)
         t_last = time.perf_counter()
-        for key, _value in reader.records(10):
+        for key, _value in reader.records(min(10, current().left())):
             if key == rid:
                 lat.append((time.perf_counter() - t_last) * 1000)
                 break
@@ -153,7 +166,17 @@ def main() -> int:
     )
     p.add_argument("--answers", type=int, default=1000, help="answers per run (default 1000)")
     p.add_argument("--rate", type=float, default=50, help="paced answers/s (default 50)")
+    p.add_argument(
+        "--limit-s",
+        type=float,
+        default=LIMIT_S,
+        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
+    )
     args = p.parse_args()
+    return run_limited(lambda _deadline: _main(args), args.limit_s)
+
+
+def _main(args: argparse.Namespace) -> int:
     c50, c99 = checks_alone(args.answers)
     print(f"checks alone (in process):  p50 {c50:.2f} ms, p99 {c99:.2f} ms per answer")
     with running(("moderation",)) as bootstrap:

@@ -11,6 +11,12 @@ Against a running pipeline (`kllm up` prints the gateway and a key):
 Or self-contained (embedded broker, every stage; --engine scripted answers instantly,
 so what is measured is the pipeline):
     python loadtest/openloop.py --rate 50 --seconds 20 --engine scripted --png load.png
+
+Time limit: the whole run, startup and teardown included, ends within --limit-s
+(default 360 s). Sending stops at --seconds, waiting for answers --drain-s later (or at
+the limit); requests not answered by then are reported as unanswered and the figures
+marked INCOMPLETE. Ctrl-C or SIGTERM stops every process it started, and prints what
+was measured.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from pathlib import Path
 
 import httpx
 import orjson
-from harness import pct
+from harness import Deadline, pct, run_limited
+
+LIMIT_S = 360
+"""The whole run (default settings) ends within this many seconds; --limit-s changes it."""
 
 SHORT = ["What is a DLQ?", "How are offsets committed?", "What does retrieval do?"]
 LONG = [
@@ -130,24 +139,79 @@ async def _streamed(
     )
 
 
+@dataclass
+class Phase:
+    """What one open-loop run offered, sent and left unanswered."""
+
+    rate: float
+    seconds: float
+    samples: list[Sample] = field(default_factory=list)
+    offered: int = 0  # requests the schedule called for
+    sent: int = 0  # requests started before the phase's deadline
+    sending_s: float = 0.0
+    unanswered: int = 0  # still waiting at the deadline: cancelled, not in ``samples``
+
+    @property
+    def complete(self) -> bool:
+        return self.sent == self.offered and self.unanswered == 0
+
+    def note(self) -> str:
+        """Empty when the phase ran as asked; else why its figures are partial."""
+        if self.complete:
+            return ""
+        return (
+            f"INCOMPLETE: sent {self.sent}/{self.offered} requests before it stopped, "
+            f"{self.unanswered} still unanswered when it passed (cancelled, not counted)"
+        )
+
+
 async def run(
-    url: str, keys: dict[str, str], model: str, rate: float, seconds: float
-) -> list[Sample]:
-    mix, out = Mix(tenants=len(keys)), []
+    url: str,
+    keys: dict[str, str],
+    model: str,
+    rate: float,
+    seconds: float,
+    deadline: Deadline | None = None,
+    phase: Phase | None = None,
+) -> Phase:
+    """Send ``rate`` requests/s for ``seconds`` and wait for the answers, never past
+    ``deadline`` (default: ``seconds`` plus 30 s to drain). At the deadline, requests not
+    yet sent are not sent and those unanswered are cancelled and counted as such. Pass
+    ``phase`` to keep what was measured if the run is interrupted."""
+    deadline = deadline or Deadline(seconds + 30)
+    phase = phase or Phase(rate, seconds)
+    mix = Mix(tenants=len(keys))
     tenants = sorted(keys)
+    phase.offered = int(rate * seconds)
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+    # A bound on each request as a whole (httpx's timeout is per connect, read or write).
+    per_request_s = 90.0
+    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
         t0 = time.perf_counter()
-        tasks = []
-        for i in range(int(rate * seconds)):
+        tasks: list[asyncio.Task[None]] = []
+        for i in range(phase.offered):
+            if deadline.expired():
+                break
             delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # Always yield to the loop, even when behind schedule: a generator that only
+            # creates tasks starves the requests it started (the client's own backlog).
+            await asyncio.sleep(max(0.0, min(delay, deadline.left())))
             body, tenant = mix.request(i, model)
             key = keys[tenants[int(tenant.rsplit("-", 1)[1]) % len(tenants)]]
-            tasks.append(asyncio.create_task(one(http, url, key, body, t0, out)))
-        await asyncio.gather(*tasks)
-    return out
+            request = one(http, url, key, body, t0, phase.samples)
+            tasks.append(asyncio.create_task(asyncio.wait_for(request, per_request_s)))
+            phase.sent += 1
+        phase.sending_s = time.perf_counter() - t0
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=max(deadline.left(), 0.01))
+            for task in pending:
+                task.cancel()
+            phase.unanswered = len(pending)
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in tasks:
+            if not task.cancelled() and isinstance(task.exception(), TimeoutError):
+                phase.samples.append(Sample(0.0, 0, per_request_s * 1000))  # gave up on it
+    return phase
 
 
 def report(samples: list[Sample], rate: float, seconds: float) -> str:
@@ -231,24 +295,43 @@ def main() -> int:
         action="store_true",
         help="self-contained run: trace every request and report each stage's wait and work",
     )
+    p.add_argument(
+        "--drain-s", type=float, default=30, help="at most this long for the last answers"
+    )
+    p.add_argument(
+        "--limit-s",
+        type=float,
+        default=LIMIT_S,
+        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
+    )
     args = p.parse_args()
-    with ExitStack() as stack:
-        if args.url:
-            if not args.key:
-                p.error("--url needs --key")
-            url, keys, model = args.url.rstrip("/"), {"tenant-0": args.key}, "smollm2-135m"
-        else:
-            url, keys, model, run_dir = stack.enter_context(
-                _pipeline(args.engine, args.breakdown, cache=not args.no_cache)
-            )
-        samples = asyncio.run(run(url, keys, model, args.rate, args.seconds))
-        if args.breakdown and not args.url:
-            time.sleep(1.5)  # the stages export their spans every half second
-            print_breakdown(run_dir)
-    print(report(samples, args.rate, args.seconds))
-    if plot(samples, args.png):
+    if args.url and not args.key:
+        p.error("--url needs --key")
+    return run_limited(lambda deadline: _main(args, deadline), args.limit_s)
+
+
+def _main(args: argparse.Namespace, deadline: Deadline) -> int:
+    phase = Phase(args.rate, args.seconds)
+    try:
+        with ExitStack() as stack:
+            if args.url:
+                url, keys, model = args.url.rstrip("/"), {"tenant-0": args.key}, "smollm2-135m"
+            else:
+                url, keys, model, run_dir = stack.enter_context(
+                    _pipeline(args.engine, args.breakdown, cache=not args.no_cache)
+                )
+            until = deadline.within(args.seconds + args.drain_s)
+            asyncio.run(run(url, keys, model, args.rate, args.seconds, until, phase))
+            if args.breakdown and not args.url:
+                time.sleep(1.5)  # the stages export their spans every half second
+                print_breakdown(run_dir)
+    finally:
+        if phase.sent:
+            print(report(phase.samples, args.rate, args.seconds))
+            print(phase.note() or "complete: every request sent and answered")
+    if plot(phase.samples, args.png):
         print(f"plot: {args.png}")
-    return 0
+    return 0 if phase.complete else 1
 
 
 def print_breakdown(run_dir: Path) -> None:
@@ -264,9 +347,9 @@ def _pipeline(
     engine: str, traced: bool, cache: bool = True
 ) -> Iterator[tuple[str, dict[str, str], str, Path]]:
     from harness import free_port, supervised
-    from scripted_engine import scripted_engine
 
     from kllm.gateway.keys import KeyStore
+    from kllm.testing.scripted_engine import scripted_engine
 
     with ExitStack() as stack:
         port = free_port()

@@ -20,6 +20,11 @@ comes within the time to answer the callers admitted during the overload
 
     python loadtest/overload.py                   # 4 slots x 0.25 s: 16 answers/s
     python loadtest/overload.py --slots 8 --delay 0.2 --overload-s 60
+
+Time limit: the whole run, startup and teardown included, ends within --limit-s
+(default 420 s). Nothing is sent or awaited past the end of the phases plus --drain-s
+(or the limit); a phase cut short is reported, and the verdict says INCOMPLETE. Ctrl-C
+or SIGTERM stops every process it started and prints what was measured.
 """
 
 from __future__ import annotations
@@ -31,16 +36,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import orjson
-from harness import free_port, pct, supervised
-from scripted_engine import scripted_engine
+from harness import Deadline, free_port, pct, run_limited, supervised
 
 from kllm.gateway.keys import KeyStore
 from kllm.ops.supervisor import Supervisor
+from kllm.testing.scripted_engine import scripted_engine
+
+LIMIT_S = 420
+"""The whole run (default settings) ends within this many seconds; --limit-s changes it."""
 
 
 @dataclass
@@ -144,25 +153,41 @@ async def _one(http: httpx.AsyncClient, url: str, phase: str, i: int, t0: float)
     )
 
 
-async def offer(url: str, key: str, phases: list[Phase]) -> tuple[list[Sample], dict[str, float]]:
+async def offer(
+    url: str, key: str, phases: list[Phase], deadline: Deadline, out: list[Sample]
+) -> tuple[list[Sample], dict[str, float], int]:
     """Open loop: requests start on schedule whatever the answers do. Also returns when
-    each phase began (monotonic)."""
+    each phase began (monotonic) and how many requests were still unanswered at the
+    deadline (cancelled; not in the samples). Nothing is sent or awaited past
+    ``deadline``; ``out`` keeps the samples if the run is interrupted."""
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500)
     headers = {"authorization": f"Bearer {key}"}
     began: dict[str, float] = {}
-    tasks: list[asyncio.Task[Sample]] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def keep(coro: Coroutine[None, None, Sample]) -> None:
+        out.append(await coro)
+
     async with httpx.AsyncClient(limits=limits, timeout=120, headers=headers) as http:
         for phase in phases:
+            if deadline.expired():
+                break
             began[phase.name] = time.monotonic()
             t0 = time.perf_counter()
             print(f"{phase.name}: {phase.rate:.0f}/s for {phase.seconds:.0f} s", flush=True)
             for i in range(int(phase.rate * phase.seconds)):
+                if deadline.expired():
+                    print(f"{phase.name}: stopped at the deadline after {i} requests")
+                    break
                 delay = t0 + i / phase.rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(_one(http, url, phase.name, i, t0)))
+                await asyncio.sleep(max(0.0, min(delay, deadline.left())))
+                tasks.append(asyncio.create_task(keep(_one(http, url, phase.name, i, t0))))
         began["end"] = time.monotonic()
-        return list(await asyncio.gather(*tasks)), began
+        _done, pending = await asyncio.wait(tasks, timeout=max(deadline.left(), 0.01))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return out, began, len(pending)
 
 
 # -- verdict -------------------------------------------------------------------------------
@@ -203,7 +228,7 @@ def verdict(
             f"{pct(inside, 0.5):.0f}/{pct(inside, 0.99):.0f} ms publish to reply; "
             f"429s p50/p99 {pct(refused, 0.5):.0f}/{pct(refused, 0.99):.0f} ms"
         )
-    over = by_phase["overload"]
+    over = by_phase.get("overload", [])
     shed = [s for s in over if s.status == 429]
     other = [s for s in over if s.status not in (200, 429)]
     if not shed:
@@ -220,9 +245,11 @@ def verdict(
     )
     if second_half > first_half + rss_slack_mb:
         failures.append(f"memory grew under overload: {first_half:.0f} -> {second_half:.0f} MB")
-    base_ok = [s.ms for s in by_phase["baseline"] if s.status == 200]
+    base_ok = [s.ms for s in by_phase.get("baseline", []) if s.status == 200]
     limit = 2 * pct(base_ok, 0.99)
-    after = recovered_after_s(by_phase["recovery"], limit)
+    after = (
+        recovered_after_s(by_phase.get("recovery", []), limit) if "recovery" in by_phase else None
+    )
     lines.append(
         "recovery: every request answered within 2x the baseline p99 "
         f"({limit:.0f} ms) from {after:.1f} s into the phase"
@@ -263,7 +290,23 @@ def main() -> int:
         default=5,
         help="seconds allowed to recover beyond draining the admitted callers (default 5)",
     )
+    p.add_argument(
+        "--drain-s",
+        type=float,
+        default=30,
+        help="after the last phase, wait at most this long for answers (default 30)",
+    )
+    p.add_argument(
+        "--limit-s",
+        type=float,
+        default=LIMIT_S,
+        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
+    )
     args = p.parse_args()
+    return run_limited(lambda deadline: _main(args, deadline), args.limit_s)
+
+
+def _main(args: argparse.Namespace, deadline: Deadline) -> int:
     capacity = args.slots / args.delay
     phases = [
         Phase("baseline", capacity / 2, args.baseline_s),
@@ -274,33 +317,57 @@ def main() -> int:
     port = free_port()
     keys = Path(tempfile.mkdtemp()) / "keys.json"
     key = KeyStore(keys).create("overload")[1]
-    with scripted_engine(args.delay) as script:
-        env = {
-            "KLLM_GATEWAY_PORT": str(port),
-            "KLLM_GATEWAY_KEYS_FILE": str(keys),
-            "KLLM_GATEWAY_MAX_WAITING": str(args.max_waiting),
-            "KLLM_MODELS": orjson.dumps(
-                [{"name": "scripted", "engine": "openai", "url": script, "slots": args.slots}]
-            ).decode(),
-            "KLLM_GATEWAY_MODELS": '["scripted"]',
-        }
-        with supervised(env=env) as (_bootstrap, sup):
-            pids = {sp.name: sp.proc.pid if sp.proc else None for sp in sup.procs}
-            watch = MemoryWatch()
-            threading.Thread(target=watch.run, daemon=True).start()
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            samples, began = asyncio.run(offer(url, key, phases))
-            watch.stop.set()
-            middle = began["overload"] + args.overload_s / 2
-            memory = (
-                watch.peak(began["overload"], middle),
-                watch.peak(middle, began["recovery"]),
-            )
-            gone = troubled(sup, pids)
+    samples: list[Sample] = []
+    began: dict[str, float] = {}
+    unanswered, finished = 0, False
+    memory: tuple[float, float] = (0.0, 0.0)
+    gone: list[str] = []
+    try:
+        with scripted_engine(args.delay) as script:
+            env = {
+                "KLLM_GATEWAY_PORT": str(port),
+                "KLLM_GATEWAY_KEYS_FILE": str(keys),
+                "KLLM_GATEWAY_MAX_WAITING": str(args.max_waiting),
+                "KLLM_MODELS": orjson.dumps(
+                    [{"name": "scripted", "engine": "openai", "url": script, "slots": args.slots}]
+                ).decode(),
+                "KLLM_GATEWAY_MODELS": '["scripted"]',
+            }
+            with supervised(env=env) as (_bootstrap, sup):
+                pids = {sp.name: sp.proc.pid if sp.proc else None for sp in sup.procs}
+                watch = MemoryWatch()
+                threading.Thread(target=watch.run, daemon=True).start()
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                until = deadline.within(sum(p.seconds for p in phases) + args.drain_s)
+                try:
+                    _, began, unanswered = asyncio.run(offer(url, key, phases, until, samples))
+                finally:
+                    watch.stop.set()
+                if "recovery" in began:
+                    middle = began["overload"] + args.overload_s / 2
+                    memory = (
+                        watch.peak(began["overload"], middle),
+                        watch.peak(middle, began["recovery"]),
+                    )
+                gone = troubled(sup, pids)
+        finished = True
+    finally:
+        if not finished and samples:
+            print("INTERRUPTED: what was measured before the stop")
+            ran = [p for p in phases if any(s.phase == p.name for s in samples)]
+            print("\n".join(verdict(samples, ran, memory, [], 0, 0)[0]))
     # The callers admitted at the end of the overload are answered first: that takes
     # max_waiting / capacity seconds before new requests see baseline latency again.
     recover_within = args.max_waiting / capacity + args.recovery_slack_s
-    lines, failures = verdict(samples, phases, memory, gone, args.rss_slack_mb, recover_within)
+    ran = [p for p in phases if p.name in began]
+    lines, failures = verdict(samples, ran, memory, gone, args.rss_slack_mb, recover_within)
+    if len(ran) < len(phases) or unanswered:
+        missing = [p.name for p in phases if p.name not in began]
+        failures.insert(
+            0,
+            f"INCOMPLETE at the time limit: phases not run {missing}, "
+            f"{unanswered} requests unanswered at the deadline",
+        )
     print("\n".join(lines))
     print("PASS" if not failures else "FAIL: " + "; ".join(failures))
     return 0 if not failures else 1

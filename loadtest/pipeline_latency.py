@@ -7,6 +7,11 @@ engine's time, and the pipeline's overhead (end-to-end minus engine) as
 percentiles, all measured in one run.
 
     python loadtest/pipeline_latency.py --requests 30 --rate 0.5 --max-tokens 24
+
+Time limit: the whole run, startup and teardown included, ends within --limit-s
+(default 600 s). Answers are awaited at most 60 s past the last request (and never past
+the limit); requests still unanswered then are reported as lost. Ctrl-C or SIGTERM stops
+every process it started.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import threading
 import time
 import uuid
 
-from harness import pct, running
+from harness import current, pct, run_limited, running
 
 from kllm.runtime.kafka import TailReader, make_producer
 from kllm.runtime.settings import KafkaSettings
@@ -33,6 +38,9 @@ PROMPTS = (
     "How do I scale the inference stage?",
 )
 
+LIMIT_S = 600
+"""The whole run (default settings) ends within this many seconds; --limit-s changes it."""
+
 
 def run(bootstrap: str, n: int, rate: float, max_tokens: int) -> int:
     reader = TailReader(bootstrap, RESPONSES.name, {"fetch.wait.max.ms": 10})
@@ -41,7 +49,7 @@ def run(bootstrap: str, n: int, rate: float, max_tokens: int) -> int:
     got: dict[str, tuple[float, Response]] = {}
 
     def receive() -> None:
-        for key, value in reader.records(timeout_s=60 + n / rate * 3):
+        for key, value in reader.records(timeout_s=min(60 + n / rate, current().left())):
             if key in sent and key not in got:
                 got[key] = (time.monotonic(), decode(value, Response))
                 print(f"\r  answered {len(got)}/{n}", end="", file=sys.stderr, flush=True)
@@ -52,7 +60,10 @@ def run(bootstrap: str, n: int, rate: float, max_tokens: int) -> int:
     receiver.start()
     t0 = time.monotonic()
     for i in range(n):
-        time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+        if current().expired():
+            print(f"\nINCOMPLETE: time limit; {i} of {n} requests sent", file=sys.stderr)
+            break
+        time.sleep(max(0.0, min(t0 + i / rate - time.monotonic(), current().left())))
         req = Request(
             request_id=f"bench-{uuid.uuid4()}",
             prompt=PROMPTS[i % len(PROMPTS)],
@@ -62,7 +73,7 @@ def run(bootstrap: str, n: int, rate: float, max_tokens: int) -> int:
         producer.produce(REQUESTS.name, key=req.tenant, value=encode(req))
         producer.poll(0)
     producer.flush(10)
-    receiver.join()
+    receiver.join(current().left() + 1)
     reader.close()
     print(file=sys.stderr)
     elapsed = time.monotonic() - t0
@@ -100,7 +111,17 @@ def main() -> int:
         action="store_true",
         help="use the running pipeline at KLLM_BOOTSTRAP_SERVERS instead of starting one",
     )
+    p.add_argument(
+        "--limit-s",
+        type=float,
+        default=LIMIT_S,
+        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
+    )
     args = p.parse_args()
+    return run_limited(lambda _deadline: _main(args), args.limit_s)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.external:
         return run(KafkaSettings().bootstrap(), args.requests, args.rate, args.max_tokens)
     with running() as bootstrap:

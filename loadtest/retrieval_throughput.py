@@ -9,6 +9,11 @@
 The ratio of (2) to (1) is what the stage costs around the model (target >= 0.8).
 
     python loadtest/retrieval_throughput.py --questions 1024 --chunks 100000
+
+Time limit: the whole run, startup and teardown included, ends within --limit-s
+(default 900 s). Jobs not back from the stage by the limit count as lost; loading the
+chunks stops at the limit and the search is measured on what was loaded (INCOMPLETE).
+Ctrl-C or SIGTERM stops every process it started.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from harness import running
+from harness import current, run_limited, running
 
 from kllm.adapters.retrieval.embedder import SentenceTransformerEmbedder
 from kllm.adapters.retrieval.qdrant_edge import EdgeStore
@@ -31,6 +36,9 @@ from schemas import Request, encode
 from topics import INFERENCE, RETRIEVAL
 
 TOPICS = ("offsets", "partitions", "moderation", "tenants", "deadlines", "retries", "the DLQ")
+
+LIMIT_S = 900
+"""The whole run (default settings) ends within this many seconds; --limit-s changes it."""
 
 
 def questions(n: int) -> list[str]:
@@ -56,13 +64,14 @@ def through_kafka(texts: list[str]) -> tuple[float, int]:
         warm = Request(request_id="warm-up", prompt=texts[0])
         producer.produce(RETRIEVAL.name, key=warm.request_id, value=encode(warm))
         producer.flush(10)
-        reader.wait_for({warm.request_id}, 60, lambda _k, _v: None)
+        reader.wait_for({warm.request_id}, min(60, current().left()), lambda _k, _v: None)
         t0 = time.perf_counter()
         for r in reqs:
             producer.produce(RETRIEVAL.name, key=r.request_id, value=encode(r))
             producer.poll(0)
         producer.flush(10)
-        missing = reader.wait_for({r.request_id for r in reqs}, 600, lambda _k, _v: None)
+        budget = min(600, current().left() - 120)  # and some left for the search run
+        missing = reader.wait_for({r.request_id for r in reqs}, budget, lambda _k, _v: None)
         rate = (len(reqs) - len(missing)) / (time.perf_counter() - t0)
         reader.close()
     return rate, len(missing)
@@ -90,6 +99,10 @@ def search_latency(n_chunks: int, queries: int = 500, dim: int = 384) -> None:
         store.ensure_collection(dim)
         t0 = time.perf_counter()
         for start in range(0, n_chunks, 2000):
+            if current().left() < 60:
+                print(f"\nINCOMPLETE: time limit; {start} of {n_chunks} chunks loaded")
+                n_chunks = start
+                break
             n = min(2000, n_chunks - start)
             vecs = rng.standard_normal((n, dim)).astype(np.float32)
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
@@ -126,7 +139,17 @@ def main() -> int:
     p.add_argument(
         "--chunks", type=int, default=100_000, help="chunks for the latency run; 0 skips"
     )
+    p.add_argument(
+        "--limit-s",
+        type=float,
+        default=LIMIT_S,
+        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
+    )
     args = p.parse_args()
+    return run_limited(lambda _deadline: _main(args), args.limit_s)
+
+
+def _main(args: argparse.Namespace) -> int:
     texts = questions(args.questions)
     raw_rate = raw(texts)
     print(f"raw embedding (batch 64):  {raw_rate:.0f} questions/s", flush=True)
