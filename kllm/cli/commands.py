@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kllm",
         description=(
-            "Kafka-native LLM serving pipeline. Stages (ingestion, retrieval, inference, "
-            "moderation) run as separate processes that talk only through Kafka topics. "
+            "Kafka-native LLM serving pipeline. Its stages (gateway, ingestion, retrieval, "
+            "inference, moderation, feedback, drift) run as separate processes that talk "
+            "only through Kafka topics. "
             "Configuration comes from KLLM_* environment variables; with no "
             "KLLM_BOOTSTRAP_SERVERS, `up` starts an embedded broker."
         ),

