@@ -47,7 +47,7 @@ clean:
 
 # Every benchmark ends within the limit in its help (startup and teardown included): the
 # script enforces it and stops every process it started; `timeout` is the last resort.
-LIMIT = timeout --foreground -k 15
+LIMIT = timeout --foreground -k 60
 
 bench: install  ## pipeline latency: end-to-end vs engine time, overhead percentiles (at most 10 min)
 	$(LIMIT) 630 $(BIN)/python loadtest/pipeline_latency.py --limit-s 600
