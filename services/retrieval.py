@@ -13,15 +13,13 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from pydantic import Field
 
 from kllm.adapters.retrieval.documents import document_for
-from kllm.core.errors import PipelineError
 from kllm.runtime import logs, metrics, tracing
 from kllm.runtime.batch import BatchHandler, BatchRunner, run_batches
-from kllm.runtime.dispatch import RecordRef, dead_letter
+from kllm.runtime.dispatch import RecordRef, decode_batch
 from kllm.runtime.kafka import make_consumer, make_producer
 from kllm.runtime.ready import mark_ready
 from kllm.runtime.settings import DOCS_DIR, PROMPTS_DIR, StageSettings
@@ -31,13 +29,12 @@ from processors.cache import ResponseCache
 from processors.indexing import Indexer
 from processors.retrieval import PUBLIC_TENANT, Embedder, Retriever, VectorStore
 from processors.templates import load_templates
-from schemas import Document, DocumentIndexed, Message, Request, Response, decode
+from schemas import Document, DocumentIndexed, Request, Response
 from topics import CACHE_GROUP, INDEXER_GROUP, RETRIEVAL_GROUP, ConsumerGroup
 
 STAGE = "retrieval"
 INDEXER = "indexer"
 CACHE = "cache"
-M = TypeVar("M", bound=Message)
 log = logging.getLogger(__name__)
 
 
@@ -111,26 +108,14 @@ def build(
     return retriever, indexer
 
 
-def _decode_all(
-    stage: str, records: Sequence[tuple[RecordRef, bytes]], schema: type[M]
-) -> tuple[list[M], list[Emit]]:
-    """The readable messages of a batch, and DLQ records for the rest."""
-    good: list[M] = []
-    rejected: list[Emit] = []
-    for ref, value in records:
-        try:
-            msg = decode(value, schema)
-            if isinstance(msg, Document) and msg.op == "upsert" and not msg.text.strip():
-                raise Rejected("upsert of a document with no text (to remove it, send op=delete)")
-            good.append(msg)
-        except PipelineError as exc:
-            rejected.extend(dead_letter(stage, ref, value, f"{type(exc).__name__}: {exc}", exc))
-    return good, rejected
+def _has_text(doc: Document) -> None:
+    if doc.op == "upsert" and not doc.text.strip():
+        raise Rejected("upsert of a document with no text (to remove it, send op=delete)")
 
 
 def query_handler(retriever: Retriever) -> BatchHandler:
     def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
-        requests, rejected = _decode_all(STAGE, records, Request)
+        requests, rejected = decode_batch(STAGE, records, Request)
         return rejected + retriever.process_batch(requests)
 
     return handle
@@ -140,19 +125,19 @@ def cache_fill_handler(cache: ResponseCache) -> BatchHandler:
     """Answers coming back fill the cache for the questions this process embedded."""
 
     def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
-        responses, _unreadable = _decode_all(CACHE, records, Response)
+        responses, _ = decode_batch(CACHE, records, Response, owner=False)
         now = time.time()
         stored = sum(cache.learn_one(r, now) for r in responses)
         if stored:
             log.info("cache filled", extra={"stored": stored, "entries": len(cache)})
-        return []  # a response this stage cannot read is the moderation stage's to report
+        return []
 
     return handle
 
 
 def document_handler(indexer: Indexer, cache: ResponseCache | None = None) -> BatchHandler:
     def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
-        docs, rejected = _decode_all(INDEXER, records, Document)
+        docs, rejected = decode_batch(INDEXER, records, Document, _has_text)
         receipts = indexer.process_batch(docs)
         if cache is not None:
             # A changed document may be the source of cached answers: drop them.

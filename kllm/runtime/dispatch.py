@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -138,6 +138,31 @@ def dead_letter(
         response = error_response(request_id, tenant, reason, code, retry)
         out.append(Emit(RESPONSES, request_id, response))
     return out
+
+
+def decode_batch(
+    stage: str,
+    records: Sequence[tuple[RecordRef, bytes]],
+    schema: type[M],
+    check: Callable[[M], None] | None = None,
+    *,
+    owner: bool = True,
+) -> tuple[list[M], list[Emit]]:
+    """The readable messages of a batch (that pass ``check``, which raises to refuse),
+    and the dead-letter outputs for the rest: one bad record never fails its batch."""
+    good: list[M] = []
+    rejected: list[Emit] = []
+    for ref, value in records:
+        try:
+            message = decode(value, schema)
+            if check is not None:
+                check(message)
+        except PipelineError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            rejected.extend(dead_letter(stage, ref, value, reason, exc, owner=owner))
+            continue
+        good.append(message)
+    return good, rejected
 
 
 def dispatch(
