@@ -193,7 +193,12 @@ class InflightRunner:
             )
 
     def _done(self, ref: RecordRef, task: asyncio.Task[None]) -> None:
-        self.tasks.pop((ref.partition, ref.offset), None)
+        key = (ref.partition, ref.offset)
+        if self.tasks.get(key) is not task:
+            # Revoked and started again (by a rebalance that gave the partition back)
+            # before this callback ran: the newer task owns the offset now.
+            return
+        del self.tasks[key]
         if task.cancelled():
             return  # its partition was revoked: the new owner processes it again
         exc = task.exception()
@@ -232,12 +237,24 @@ class InflightRunner:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
         self.assigned = {p.partition for p in partitions}
-        self.paused = set()  # a new assignment starts unpaused; the loop pauses again if full
+        # Unpaused: _on_revoke resumed what it took away paused; the loop pauses again if full.
+        self.paused = set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {p.partition for p in partitions}
-        log.info("partitions revoked", extra={"partitions": sorted(revoked)})
+        log.info(
+            "partitions revoked",
+            extra={"partitions": sorted(revoked), "paused": sorted(revoked & self.paused)},
+        )
         self._commit(force=True)
+        # librdkafka keeps a partition's pause flag across a revoke and a later assign
+        # (Java's consumer drops it). An eager rebalance revokes everything, so a survivor
+        # gets its own partitions straight back: one revoked while paused stayed paused for
+        # good, since self.paused forgets it below (the kill -9 test's lost records).
+        if revoked & self.paused:
+            self.consumer.resume(
+                [TopicPartition(self.source.name, p) for p in revoked & self.paused]
+            )
         for (partition, _offset), task in list(self.tasks.items()):
             if partition in revoked:
                 task.cancel()

@@ -81,12 +81,12 @@ class FakeConsumer:
         self.on_assign, self.on_revoke = on_assign, on_revoke
 
     def assign(self, partitions: set[int]) -> None:
-        """A rebalance: revoke what is no longer ours, resume at the committed offsets."""
-        revoked = self.assigned - partitions
-        if revoked and self.on_revoke:
-            self.on_revoke(self, [TopicPartition(self.topic, p) for p in sorted(revoked)])
+        """An eager rebalance (the range assignor's): revoke everything, then assign
+        ``partitions`` at their committed offsets. As in librdkafka, a pause belongs to
+        the partition and outlives the revoke (Java's consumer drops it)."""
+        if self.assigned and self.on_revoke:
+            self.on_revoke(self, [TopicPartition(self.topic, p) for p in sorted(self.assigned)])
         self.assigned = set(partitions)
-        self.paused &= self.assigned
         for p in self.assigned:
             self.positions[p] = self.committed.get((self.topic, p), 0)
         if self.on_assign:

@@ -183,6 +183,28 @@ def test_inflight_revoke_cancels_and_the_new_owner_replays_what_was_unfinished()
     assert answered == {"r0-0", "r0-1", "r0-2", "r0-3"}
 
 
+def test_inflight_partition_paused_when_revoked_is_read_again_when_reassigned() -> None:
+    """The kill -9 loss: the survivor's partition, paused (its buffer full) when a peer's
+    death rebalanced the group, came back still paused in librdkafka, and was never read
+    again. The doubles keep a pause across the revoke, as librdkafka does."""
+
+    async def scenario() -> FakeConsumer:
+        consumer, gate, stop = filled({0: 10}), asyncio.Event(), Stop()
+        runner = inflight(consumer, FakeProducer(), gate, capacity=1, prefetch=1)
+        task = asyncio.create_task(runner.run(stop))
+        await asyncio.sleep(0)
+        consumer.assign({0})
+        await until(lambda: 0 in consumer.paused)
+        consumer.assign({0})  # revoked while paused, given straight back
+        gate.set()
+        await until(lambda: consumer.committed.get((SOURCE.name, 0)) == 10)
+        stop.set()
+        await task
+        return consumer
+
+    assert asyncio.run(scenario()).committed[(SOURCE.name, 0)] == 10
+
+
 def test_inflight_failed_output_stops_the_runner_uncommitted() -> None:
     async def scenario() -> FakeConsumer:
         consumer, gate = filled({0: 1}), asyncio.Event()
