@@ -11,6 +11,7 @@ by the model that answered for the rest.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from processors.base import Emit
 from processors.drift import Alert, DriftMonitor, Observation, PromptReference, rating_score
 from schemas import DriftAlert, FeedbackEnriched, InferenceJob, Message, Request, Response
 from topics import DRIFT_ALERTS
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 Embed = Callable[[Sequence[str]], Sequence[Sequence[float]]]
@@ -99,6 +102,15 @@ class DriftStage:
                         m.feedback_at,
                     )
                 )
+        for a in alerts:
+            log.warning(
+                "drift alert",
+                extra={
+                    "alert": f"{a.tenant}/{a.model}",
+                    "signal": a.signal,
+                    "detector": a.detector,
+                },
+            )
         return [Emit(DRIFT_ALERTS, f"{a.tenant}/{a.model}", to_message(a)) for a in alerts]
 
     @staticmethod

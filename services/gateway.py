@@ -56,6 +56,7 @@ class Settings(StageSettings):
             timeout_s=self.gateway_timeout_s,
             max_body_bytes=self.gateway_max_body_bytes,
             replay_ttl_s=self.gateway_replay_ttl_s,
+            pools=tuple(self.inference_pools),
         )
 
     def server(self) -> ServerConfig:

@@ -82,6 +82,13 @@ EXPORT_GROUP = group_id("export")
 """`kllm export`'s reader: it assigns partitions and never commits."""
 DASHBOARD_GROUP = group_id("dashboard")
 """The dashboard's tail of every topic: it assigns partitions and never commits."""
+REPLIES_GROUP = group_id("gateway-replies")
+"""The gateway's reply readers: they assign every partition and never join or commit."""
+TAIL_GROUP = group_id("tail-reader")
+"""TailReader (CLI, tests): it assigns partitions from their end and never commits."""
+READER_GROUPS = (EXPORT_GROUP, DASHBOARD_GROUP, REPLIES_GROUP, TAIL_GROUP)
+"""Group ids of the readers that assign partitions themselves: librdkafka requires one,
+but none of them joins its group or commits, so none has lag."""
 
 
 def inference_group(pool: str = "") -> ConsumerGroup:

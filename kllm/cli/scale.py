@@ -7,12 +7,22 @@ import time
 from pathlib import Path
 
 import orjson
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kllm.core.errors import PipelineError
 from kllm.runtime.settings import KafkaSettings
 from topics import GROUPLESS, STAGES, primary_group
 
 GATEWAY_MAX = 16
+
+
+class StoreSettings(BaseSettings):
+    """The one retrieval setting scaling depends on, read alone: an unrelated bad
+    setting of the retrieval stage must not break `kllm scale`."""
+
+    model_config = SettingsConfigDict(env_prefix="KLLM_", frozen=True, extra="ignore")
+
+    qdrant_url: str = ""
 
 
 def max_replicas(stage: str, qdrant_server: bool) -> tuple[int, str]:
@@ -41,14 +51,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def cmd_scale(args: argparse.Namespace, settings: KafkaSettings) -> int:
-    from services.retrieval import Settings as RetrievalSettings
-
     run_dir = settings.run_dir
     status = run_dir / "status.json"
     # `kllm up` rewrites its status twice a second: an old file is a pipeline that died.
     if not status.exists() or time.time() - status.stat().st_mtime > 10:
         raise PipelineError(f"no running pipeline in {run_dir}: start it with `kllm up`")
-    cap, why = max_replicas(args.stage, bool(RetrievalSettings().qdrant_url))
+    cap, why = max_replicas(args.stage, bool(StoreSettings().qdrant_url))
     if not 0 <= args.replicas <= cap:
         raise PipelineError(f"{args.stage} runs 0 to {cap} processes: {why}")
     request = run_dir / "control" / f"scale-{args.stage}.json"

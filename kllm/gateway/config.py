@@ -22,6 +22,8 @@ class GatewayConfig:
     max_body_bytes: int
     replay_ttl_s: float
     """How long an answer is kept for a caller repeating its Idempotency-Key (0: never)."""
+    pools: tuple[str, ...] = ()
+    """The inference pools (KLLM_INFERENCE_POOLS): the dashboard shows their groups too."""
 
 
 @dataclass(frozen=True)

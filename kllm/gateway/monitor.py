@@ -23,7 +23,6 @@ from confluent_kafka import Consumer
 from kllm.core.errors import BrokerError, PipelineError
 from kllm.runtime.kafka import end_offsets
 from kllm.runtime.lag import Lag, consumer_lag, lag_groups
-from kllm.runtime.settings import KafkaSettings
 from schemas import DeadLetter, DriftAlert, decode, peek_request_id
 from topics import (
     DASHBOARD_GROUP,
@@ -67,13 +66,11 @@ class Snapshot:
 
 
 class PipelineMonitor:
-    def __init__(
-        self, bootstrap: str, pools: Iterable[str] | None = None, lag_every_s: float = 5.0
-    ) -> None:
-        """``pools``: the inference pools whose groups and topics to show too; None: the
-        configured ones (KLLM_INFERENCE_POOLS)."""
+    def __init__(self, bootstrap: str, pools: Iterable[str] = (), lag_every_s: float = 5.0) -> None:
+        """``pools``: the inference pools whose groups and topics to show too (the
+        gateway passes its KLLM_INFERENCE_POOLS)."""
         self.bootstrap = bootstrap
-        self.pools = tuple(KafkaSettings().inference_pools if pools is None else pools)
+        self.pools = tuple(pools)
         self.groups = lag_groups(self.pools)
         """Every group whose lag is shown: group -> the topics it reads."""
         self.lag_every_s = lag_every_s

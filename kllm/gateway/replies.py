@@ -21,7 +21,7 @@ from confluent_kafka import Consumer
 from kllm.core.errors import PipelineError
 from kllm.runtime.kafka import end_offsets
 from schemas import Message, decode
-from topics import TopicSpec
+from topics import REPLIES_GROUP, TopicSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ReplyRouter:
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
-                "group.id": "kllm-gateway-replies",  # required by librdkafka; never joined
+                "group.id": REPLIES_GROUP,  # required by librdkafka; never joined
                 "enable.auto.commit": False,
                 **(extra or {}),
             }

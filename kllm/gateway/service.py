@@ -73,7 +73,7 @@ class Gateway:
     def monitor(self) -> PipelineMonitor:
         """Started on the first dashboard visit: until then no replica tails every topic."""
         if self._monitor is None:
-            self._monitor = PipelineMonitor(self.config.bootstrap)
+            self._monitor = PipelineMonitor(self.config.bootstrap, self.config.pools)
             self._monitor.start()
         return self._monitor
 

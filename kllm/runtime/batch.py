@@ -50,6 +50,7 @@ class BatchRunner:
         self.handler = handler
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self._committed: dict[tuple[str, int], int] = {}
         consumer.subscribe([source.name])
 
     def step(self, wait_s: float | None = None) -> int:
@@ -79,6 +80,7 @@ class BatchRunner:
                 span.end()
         offsets = next_offsets((self.source.name, r.partition, r.offset) for r, _ in records)
         commit(self.consumer, offsets, asynchronous=True)
+        self._committed.update(offsets)
         if self.metrics is not None:
             self.metrics.observe(self.source.name, len(records), outputs, time.perf_counter() - t0)
         log.info(
@@ -92,7 +94,12 @@ class BatchRunner:
         return len(records)
 
     def close(self) -> None:
-        self.consumer.close()
+        """Commit once more, synchronously (an async commit may still be in flight), and
+        leave the group."""
+        try:
+            commit(self.consumer, self._committed, asynchronous=False)
+        finally:
+            self.consumer.close()
 
 
 def run_batches(runners: Sequence[BatchRunner], stop: StopFlag) -> None:

@@ -54,6 +54,7 @@ class CheckpointedRunner:
         self.stage = stage
         self.every_s = every_s
         self.metrics = metrics
+        self.producer = producer
         self.acks = Acks(producer)
         self.offsets: dict[tuple[str, int], int] = {}
 
@@ -68,8 +69,10 @@ class CheckpointedRunner:
                 if time.monotonic() - last >= self.every_s:
                     self.persist()
                     last = time.monotonic()
-        finally:
             self.persist()
+        finally:
+            # Leave the group even after a failed persist: the restarted process gets
+            # its partitions at once, not after the session timeout.
             self.consumer.close()
 
     def step(self, wait_s: float = 0.2) -> int:
@@ -80,7 +83,7 @@ class CheckpointedRunner:
         outputs = self.process(messages, time.time())
         for emit in outputs:
             self.acks.produce(emit)
-            log.info("published", extra={"topic": emit.topic.name, "key": emit.key})
+        self.producer.poll(0)  # serve delivery reports between checkpoints
         self.offsets.update(
             next_offsets((r.topic() or "", r.partition() or 0, r.offset() or 0) for r in records)
         )
@@ -91,7 +94,8 @@ class CheckpointedRunner:
     def persist(self) -> None:
         """Outputs acknowledged, state saved, then offsets: never an offset past unsaved
         state. Raises (and commits nothing) when an output was not acknowledged."""
-        self.acks.wait(10.0)
+        acks, self.acks = self.acks, Acks(self.producer)
+        acks.wait(10.0)
         self.save()
         commit(self.consumer, self.offsets, asynchronous=False)
         self.offsets = {}

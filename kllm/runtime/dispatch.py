@@ -92,8 +92,13 @@ def error_response(
 
 
 def dead_letter_record(stage: str, ref: RecordRef, value: bytes, reason: str) -> Emit:
-    """The DLQ twin of a record: the reason, where it came from, its bytes."""
+    """The DLQ twin of a record: the reason, where it came from, its bytes. Every
+    dead-lettered record is logged here, once (no payload text: it may hold PII)."""
     request_id = peek_request_id(value)
+    log.warning(
+        "dead-lettered",
+        extra={"request_id": request_id, "record": str(ref), "stage": stage, "reason": reason},
+    )
     letter = DeadLetter(
         stage=stage,
         reason=reason,
@@ -176,12 +181,7 @@ def dispatch(
         else:
             out = stage.process(message)
     except PipelineError as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        log.warning(
-            "dead-lettered",
-            extra={"request_id": peek_request_id(value), "record": str(ref), "reason": reason},
-        )
-        return dead_letter(stage.name, ref, value, reason, exc)
+        return dead_letter(stage.name, ref, value, f"{type(exc).__name__}: {exc}", exc)
     log.info(
         "processed",
         extra={

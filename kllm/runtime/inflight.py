@@ -16,7 +16,7 @@ the last partition's waited tens of seconds (seen in traces at 3x capacity).
 
 Offsets: a record's offset is committed only once its outputs are acknowledged
 by the broker and every earlier record of its partition is done too
-(:class:`processors.offsets.OffsetTracker`). A SIGKILL replays what was not
+(:class:`kllm.runtime.offsets.OffsetTracker`). A SIGKILL replays what was not
 committed; nothing is lost, duplicates are possible.
 """
 
@@ -204,7 +204,11 @@ class InflightRunner:
         exc = task.exception()
         if exc is not None:
             # Not committed, so it is replayed after the restart this failure causes.
-            log.error("record failed; stopping", extra={"record": str(ref)}, exc_info=exc)
+            log.error(
+                "record failed; stopping",
+                extra={"request_id": ref.key, "record": str(ref)},
+                exc_info=exc,
+            )
             self._failure = exc
             return
         self.offsets.finish((self.source.name, ref.partition), ref.offset)

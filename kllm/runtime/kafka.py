@@ -11,7 +11,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from kllm.core.errors import BrokerError
 from kllm.runtime.delivery import Acks
-from topics import TopicSpec
+from topics import TAIL_GROUP, TopicSpec
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class TailReader:
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
-                "group.id": "kllm-tail-reader",  # required by librdkafka; never used to commit
+                "group.id": TAIL_GROUP,  # required by librdkafka; never used to commit
                 "enable.auto.commit": False,
                 **{k: v for k, v in extra.items() if k == "fetch.wait.max.ms"},
             }

@@ -1,4 +1,4 @@
-"""kllm.export: time parsing, filters, dedup, row shapes and the JSONL/Parquet writers."""
+"""kllm.ops.export: time parsing, filters, dedup, row shapes and the JSONL/Parquet writers."""
 
 from __future__ import annotations
 

@@ -12,12 +12,16 @@ import topics
 from kllm.cli.scale import max_replicas
 from kllm.core.errors import ConfigError
 from kllm.gateway import monitor as monitor_module
+from kllm.gateway.keys import KeyStore
 from kllm.gateway.monitor import PipelineMonitor
 from kllm.ops.supervisor import ChildSettings, Supervisor
 from kllm.runtime import lag as lag_module
 from kllm.runtime.lag import Lag, consumer_lag, lag_groups
 from kllm.runtime.quix import build_app
 from kllm.runtime.settings import StageSettings
+from kllm.testing.kafka import FakeProducer
+from services.gateway import Settings as GatewaySettings
+from services.gateway import build as build_gateway
 from topics import (
     CACHE_GROUP,
     GROUP_PREFIX,
@@ -149,11 +153,15 @@ def test_the_dashboard_polls_and_shows_every_declared_group(
     assert {key.split(" / ")[0] for key in data["lag"]} == set(expected())
 
 
-def test_the_dashboard_takes_the_configured_pools_by_default(
-    monkeypatch: pytest.MonkeyPatch,
+def test_the_gateway_dashboard_shows_the_configured_pools(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("KLLM_INFERENCE_POOLS", '["gpu"]')
-    assert PipelineMonitor("unused:9092").groups == expected()
+    settings = GatewaySettings(bootstrap_servers="unused:9092")
+    keys = KeyStore(tmp_path / "keys.json")
+    gateway = build_gateway(settings, producer=FakeProducer(), router=object(), keys=keys)  # type: ignore[arg-type]
+    monkeypatch.setattr(PipelineMonitor, "start", lambda self: None)
+    assert gateway.monitor().groups == expected()
 
 
 # --- supervisor, `kllm scale`, the stage applications ---------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 import topics
 from schemas import DeadLetter, Message, registry
-from topics import ALL, DASHBOARD_GROUP, EXPORT_GROUP, TopicSpec, by_name, groups, provision
+from topics import ALL, READER_GROUPS, TopicSpec, by_name, groups, provision
 from topics.catalog import _PRIMARY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -248,7 +248,7 @@ def test_no_topic_name_literals_outside_topics() -> None:
 
 # --- consumer group names are spelled only in topics/groups.py ----------------------------
 
-GROUP_NAMES = sorted({g.name for g in groups()} | {EXPORT_GROUP, DASHBOARD_GROUP})
+GROUP_NAMES = sorted({g.name for g in groups()} | set(READER_GROUPS))
 _GROUP_RE = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, GROUP_NAMES)) + r")(?![\w-])")
 
 
