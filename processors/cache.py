@@ -11,14 +11,20 @@ crosses tenants or A/B variants. The state is plain data: it pickles.
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from processors.base import Emit
 from schemas import Citation, Request, Response
+
+log = logging.getLogger(__name__)
 
 Scope = tuple[str, str, str]  # tenant, model, template
 Kind = Literal["exact", "semantic"]
@@ -129,6 +135,15 @@ class ResponseCache:
         )
         while len(self._pending) > self.max_pending:
             self._pending.popitem(last=False)
+
+    def learn_batch(self, responses: Sequence[Response], now: float | None = None) -> list[Emit]:
+        """Store the answers to expected requests (the cache filler's batch); it
+        publishes nothing."""
+        when = time.time() if now is None else now
+        stored = sum(self.learn_one(r, when) for r in responses)
+        if stored:
+            log.info("cache filled", extra={"stored": stored, "entries": len(self)})
+        return []
 
     def learn_one(self, response: Response, now: float) -> bool:
         """Store the answer to an expected request; True when it was stored."""

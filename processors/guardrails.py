@@ -1,7 +1,7 @@
 """Ingestion guardrails: score a prompt for prompt injection and redact its PII.
 
 The models stay behind two small protocols (``Redactor``, ``InjectionScorer``); the
-adapters in ``kllm.adapters.guardrails.pii`` and ``kllm.adapters.guardrails.injection`` implement them with
+adapters in ``kllm.adapters.guardrails`` (``pii``, ``injection``) implement them with
 presidio and guardify. What is decided here is pure: the verdict per tenant policy.
 Injection is scored on the original prompt: the classifier was trained on raw prompts,
 never on placeholders such as ``<PERSON>``, and the sender's own words carry the intent.

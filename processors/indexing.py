@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from processors.base import Emit
-from processors.retrieval import Embedder, StoredChunk, VectorStore
+from processors.base import Emit, Rejected
+from processors.cache import ResponseCache
+from processors.retrieval import PUBLIC_TENANT, Embedder, StoredChunk, VectorStore
 from schemas import Document, DocumentIndexed
 from topics import DOCUMENTS_INDEXED
 
@@ -117,6 +118,12 @@ class _Planned:
     pieces: list[str]
 
 
+def require_text(doc: Document) -> None:
+    """Refuse an upsert with no text: it would delete the document silently."""
+    if doc.op == "upsert" and not doc.text.strip():
+        raise Rejected("upsert of a document with no text (to remove it, send op=delete)")
+
+
 class Indexer:
     def __init__(
         self,
@@ -125,15 +132,28 @@ class Indexer:
         count_tokens: CountTokens,
         max_tokens: int = 200,
         overlap_tokens: int = 40,
+        cache: ResponseCache | None = None,
     ) -> None:
+        """``cache``: the response cache whose answers a changed document may have
+        sourced; they are dropped when it changes."""
         self.embedder = embedder
         self.store = store
         self.count_tokens = count_tokens
         self.max_tokens = max_tokens
         self.overlap_tokens = overlap_tokens
+        self.cache = cache
 
     def process_batch(self, docs: Sequence[Document]) -> list[Emit]:
         """Apply a batch of changes; one receipt per document, in the batch's order."""
+        receipts = self._apply(docs)
+        if self.cache is not None:
+            for r in receipts:
+                if isinstance(r.message, DocumentIndexed) and r.message.op != "skipped":
+                    tenant = r.message.tenant
+                    self.cache.invalidate(tenant, everyone=tenant == PUBLIC_TENANT)
+        return receipts
+
+    def _apply(self, docs: Sequence[Document]) -> list[Emit]:
         latest: dict[tuple[str, str], Document] = {}
         for doc in docs:  # same key, same partition: later records are newer
             latest[(doc.tenant, doc.doc_id)] = doc

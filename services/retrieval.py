@@ -10,26 +10,22 @@ embedding model sees batches.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import Field
 
-from kllm.adapters.retrieval.documents import document_for
+from kllm.adapters.retrieval.documents import seed_documents
 from kllm.runtime import logs, metrics, tracing
-from kllm.runtime.batch import BatchHandler, BatchRunner, run_batches
-from kllm.runtime.dispatch import RecordRef, decode_batch
+from kllm.runtime.batch import BatchHandler, BatchRunner, decoded, run_batches
 from kllm.runtime.kafka import make_consumer, make_producer
 from kllm.runtime.ready import mark_ready
 from kllm.runtime.settings import DOCS_DIR, PROMPTS_DIR, StageSettings
 from kllm.runtime.stop import Stop
-from processors.base import Emit, Rejected
 from processors.cache import ResponseCache
-from processors.indexing import Indexer
+from processors.indexing import Indexer, require_text
 from processors.retrieval import PUBLIC_TENANT, Embedder, Retriever, VectorStore
 from processors.templates import load_templates
-from schemas import Document, DocumentIndexed, Request, Response
+from schemas import Document, Request, Response
 from topics import CACHE_GROUP, INDEXER_GROUP, RETRIEVAL_GROUP, ConsumerGroup
 
 STAGE = "retrieval"
@@ -62,16 +58,13 @@ class Settings(StageSettings):
     cache_max_per_tenant: int = Field(default=1000, ge=1)
 
 
-def seed_documents(seed_dir: Path) -> list[Document]:
-    """The seed corpus (Markdown and text files) as public documents, read as `kllm ingest`
-    reads files: the relative path is the id, the mtime the version."""
-    files = sorted(p for p in seed_dir.glob("**/*") if p.suffix in {".md", ".txt"})
-    return [document_for(p, seed_dir, PUBLIC_TENANT) for p in files]
-
-
 def build(
     settings: Settings, *, embedder: Embedder | None = None, store: VectorStore | None = None
-) -> tuple[Retriever, Indexer]:
+) -> list[tuple[ConsumerGroup, str, BatchHandler]]:
+    """The stage's handlers, each with its consumer group and the name it reports (DLQ
+    records, spans, metrics), in the order the loop steps them: the
+    indexer first (a fresh document is searchable by the next query), the cache filler
+    (when the cache is on), then the query path. The seed corpus is indexed here."""
     if embedder is None:
         from kllm.adapters.retrieval.embedder import SentenceTransformerEmbedder
 
@@ -83,12 +76,6 @@ def build(
 
         store = open_store(settings.qdrant_url, settings.qdrant_path, settings.collection)
     store.ensure_collection(embedder.dim)
-    indexer = Indexer(
-        embedder, store, embedder.count_tokens, settings.chunk_tokens, settings.chunk_overlap_tokens
-    )
-    if settings.seed_dir.is_dir():
-        receipts = indexer.process_batch(seed_documents(settings.seed_dir))
-        log.info("seed corpus indexed", extra={"documents": len(receipts)})
     cache = (
         ResponseCache(
             settings.cache_similarity, settings.cache_ttl_s, settings.cache_max_per_tenant
@@ -96,6 +83,17 @@ def build(
         if settings.cache
         else None
     )
+    indexer = Indexer(
+        embedder,
+        store,
+        embedder.count_tokens,
+        settings.chunk_tokens,
+        settings.chunk_overlap_tokens,
+        cache=cache,
+    )
+    if settings.seed_dir.is_dir():
+        receipts = indexer.process_batch(seed_documents(settings.seed_dir, PUBLIC_TENANT))
+        log.info("seed corpus indexed", extra={"documents": len(receipts)})
     retriever = Retriever(
         embedder,
         store,
@@ -105,92 +103,43 @@ def build(
         cache=cache,
         templates=load_templates(settings.templates_dir),
     )
-    return retriever, indexer
-
-
-def _has_text(doc: Document) -> None:
-    if doc.op == "upsert" and not doc.text.strip():
-        raise Rejected("upsert of a document with no text (to remove it, send op=delete)")
-
-
-def query_handler(retriever: Retriever) -> BatchHandler:
-    def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
-        requests, rejected = decode_batch(STAGE, records, Request)
-        return rejected + retriever.process_batch(requests)
-
-    return handle
-
-
-def cache_fill_handler(cache: ResponseCache) -> BatchHandler:
-    """Answers coming back fill the cache for the questions this process embedded."""
-
-    def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
-        responses, _ = decode_batch(CACHE, records, Response, owner=False)
-        now = time.time()
-        stored = sum(cache.learn_one(r, now) for r in responses)
-        if stored:
-            log.info("cache filled", extra={"stored": stored, "entries": len(cache)})
-        return []
-
-    return handle
-
-
-def document_handler(indexer: Indexer, cache: ResponseCache | None = None) -> BatchHandler:
-    def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
-        docs, rejected = decode_batch(INDEXER, records, Document, _has_text)
-        receipts = indexer.process_batch(docs)
-        if cache is not None:
-            # A changed document may be the source of cached answers: drop them.
-            for r in receipts:
-                if isinstance(r.message, DocumentIndexed) and r.message.op != "skipped":
-                    tenant = r.message.tenant
-                    cache.invalidate(tenant, everyone=tenant == PUBLIC_TENANT)
-        return rejected + receipts
-
-    return handle
-
-
-def runners(settings: Settings, retriever: Retriever, indexer: Indexer) -> list[BatchRunner]:
-    """The indexer, the cache filler and the query path, in the order they are stepped."""
-    stage_metrics = metrics.for_stage(STAGE)
-    bootstrap = settings.bootstrap()
-    producer = make_producer(bootstrap, settings.producer_config())
-
-    def runner(
-        group: ConsumerGroup, handler: BatchHandler, stage: str, wait_s: float
-    ) -> BatchRunner:
-        consumer = make_consumer(bootstrap, group.name, settings.consumer_config())
-        return BatchRunner(
-            consumer,
-            producer,
-            group.inputs[0],
-            handler,
-            settings.max_batch,
-            wait_s,
-            stage_metrics,
-            stage=stage,
+    handlers = [
+        (INDEXER_GROUP, INDEXER, decoded(INDEXER, Document, indexer.process_batch, require_text))
+    ]
+    if cache is not None:
+        # A side reader of the responses: their own stage reports what it cannot read.
+        handlers.append(
+            (CACHE_GROUP, CACHE, decoded(CACHE, Response, cache.learn_batch, owner=False))
         )
-
-    out = [runner(INDEXER_GROUP, document_handler(indexer, retriever.cache), INDEXER, 0)]
-    if retriever.cache is not None:
-        out.append(runner(CACHE_GROUP, cache_fill_handler(retriever.cache), CACHE, 0))
-    out.append(
-        runner(RETRIEVAL_GROUP, query_handler(retriever), STAGE, settings.max_wait_ms / 1000)
-    )
-    return out
+    handlers.append((RETRIEVAL_GROUP, STAGE, decoded(STAGE, Request, retriever.process_batch)))
+    return handlers
 
 
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
     tracing.configure(STAGE, settings.trace_export, settings.run_dir)
-    retriever, indexer = build(settings)
-    metrics.for_stage(STAGE).serve(settings.metrics_port)
-    loops = runners(settings, retriever, indexer)
+    handlers = build(settings)
+    stage_metrics = metrics.for_stage(STAGE)
+    stage_metrics.serve(settings.metrics_port)
+    bootstrap = settings.bootstrap()
+    producer = make_producer(bootstrap, settings.producer_config())
+    loops = [
+        BatchRunner(
+            make_consumer(bootstrap, group.name, settings.consumer_config()),
+            producer,
+            group.inputs[0],
+            handler,
+            settings.max_batch,
+            settings.max_wait_ms / 1000,  # the last, the query path, waits; the others not
+            stage_metrics,
+            stage=name,
+        )
+        for group, name, handler in handlers
+    ]
     stop = Stop().install()
     mark_ready(settings.ready_file)
     log.info("stage running", extra={"stage": STAGE})
-    # Documents first: a fresh document is searchable by the next query.
     run_batches(loops, stop)
 
 

@@ -12,22 +12,46 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from opentelemetry.trace import Span
 
 from kllm.runtime import tracing
 from kllm.runtime.delivery import commit, next_offsets, publish_acked
-from kllm.runtime.dispatch import RecordRef, ref_of
+from kllm.runtime.dispatch import RecordRef, decode_batch, ref_of
 from kllm.runtime.kafka import records_only
 from kllm.runtime.metrics import StageMetrics
 from kllm.runtime.ports import Consumer, Producer
 from kllm.runtime.stop import StopFlag
 from processors.base import Emit
+from schemas import Message
 from topics import TopicSpec
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=Message)
+
 BatchHandler = Callable[[Sequence[tuple[RecordRef, bytes]]], list[Emit]]
+
+
+def decoded(
+    stage: str,
+    schema: type[M],
+    process: Callable[[list[M]], list[Emit]],
+    check: Callable[[M], None] | None = None,
+    *,
+    owner: bool = True,
+) -> BatchHandler:
+    """A batch handler from a processor of messages: the records that do not decode, or
+    that ``check`` refuses, are dead-lettered (kllm.runtime.dispatch.decode_batch); the
+    rest go to ``process`` in one call. ``owner=False``: a side reader, which never
+    dead-letters another stage's records."""
+
+    def handle(records: Sequence[tuple[RecordRef, bytes]]) -> list[Emit]:
+        good, rejected = decode_batch(stage, records, schema, check, owner=owner)
+        return rejected + process(good)
+
+    return handle
 
 
 class BatchRunner:

@@ -289,3 +289,12 @@ def test_an_answer_asked_before_a_change_is_not_stored_after_it() -> None:
     cache.expect(other, E1, NOW)
     cache.invalidate("public", everyone=True)
     assert cache.learn_one(resp(request_id="o", tenant="other"), NOW) is False
+
+
+def test_learn_batch_stores_the_expected_answers_and_publishes_nothing() -> None:
+    cache = ResponseCache()
+    cache.expect(req(request_id="a", tenant="acme"), E1, NOW)
+    out = cache.learn_batch([resp(request_id="a", tenant="acme"), resp(request_id="x")], NOW)
+    assert out == []
+    assert len(cache) == 1
+    assert cache.lookup_exact(req(tenant="acme"), NOW) is not None

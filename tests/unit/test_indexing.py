@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
+from processors.cache import ResponseCache
 from processors.indexing import Indexer, chunk_by_tokens, chunk_id, split_sentences
 from schemas import Document, DocumentIndexed
 from tests.unit.conftest import count_words
+from tests.unit.test_cache import E1, NOW, req, resp
 from topics import DOCUMENTS_INDEXED
 
 
@@ -402,3 +404,20 @@ def test_one_embed_call_per_batch(indexer: Indexer, embedder: Any, store: Any) -
         stored = store.doc_chunks(d.tenant, d.doc_id)
         assert [c.text for c in stored] == _pieces(d.text)
         assert all(c.vector == embedder.vector(c.text) for c in stored)
+
+
+def test_a_changed_document_drops_the_cached_answers_it_may_have_sourced(
+    embedder: Any, store: Any
+) -> None:
+    cache = ResponseCache()
+    for rid, tenant in (("a", "acme"), ("b", "other")):
+        cache.expect(req(request_id=rid, tenant=tenant), E1, NOW)
+        assert cache.learn_one(resp(request_id=rid, tenant=tenant), NOW)
+    store.ensure_collection(embedder.dim)
+    indexer = Indexer(embedder, store, count_words, MAX, OVERLAP, cache=cache)
+    indexer.process_batch([Document(tenant="acme", doc_id="d", text="New facts.")])
+    assert len(cache) == 1  # acme's answer is gone, other's stays
+    stale = Document(tenant="other", doc_id="d2", text="Old.", version=0)
+    indexer.process_batch([Document(tenant="other", doc_id="d2", text="New.", version=5)])
+    assert len(cache) == 0
+    indexer.process_batch([stale])  # skipped (older): changes nothing

@@ -11,13 +11,24 @@ from typing import Any
 import orjson
 import pytest
 
+from kllm.adapters.retrieval.documents import seed_documents as seed_documents_of
+from kllm.runtime.batch import BatchHandler, decoded
 from kllm.runtime.dispatch import RecordRef
-from processors.indexing import Indexer, chunk_by_tokens
+from processors.indexing import Indexer, chunk_by_tokens, require_text
 from processors.retrieval import PUBLIC_TENANT, Retriever, StoredChunk
 from schemas import DeadLetter, Document, DocumentIndexed, InferenceJob, Request, Response, encode
-from services.retrieval import Settings, build, document_handler, query_handler, seed_documents
+from services.retrieval import CACHE, INDEXER, STAGE, Settings, build
 from tests.unit.conftest import count_words
-from topics import DOCUMENTS, DOCUMENTS_INDEXED, INFERENCE, RESPONSES, RETRIEVAL
+from topics import (
+    CACHE_GROUP,
+    DOCUMENTS,
+    DOCUMENTS_INDEXED,
+    INDEXER_GROUP,
+    INFERENCE,
+    RESPONSES,
+    RETRIEVAL,
+    RETRIEVAL_GROUP,
+)
 
 MakeRequest = Callable[..., Request]
 
@@ -26,6 +37,19 @@ KAFKA = "kafka keeps a durable ordered log of records"
 
 def _ref(topic: Any, offset: int, key: str | None = None) -> RecordRef:
     return RecordRef(topic, 1, offset, key)
+
+
+# The handlers as build() makes them (test_build_wires_the_handlers checks it does).
+def query_handler(retriever: Retriever) -> BatchHandler:
+    return decoded(STAGE, Request, retriever.process_batch)
+
+
+def document_handler(indexer: Indexer) -> BatchHandler:
+    return decoded(INDEXER, Document, indexer.process_batch, require_text)
+
+
+def seed_documents(seed_dir: Path) -> list[Document]:
+    return seed_documents_of(seed_dir, PUBLIC_TENANT)
 
 
 @pytest.fixture
@@ -226,23 +250,37 @@ def _settings(seed_dir: Path, **kw: Any) -> Settings:
 def test_build_seeds_the_corpus(
     seed_dir: Path, embedder: Any, store: Any, make_request: MakeRequest
 ) -> None:
-    retriever, indexer = build(
-        _settings(seed_dir, top_k=1, min_score=-1.0), embedder=embedder, store=store
-    )
+    handlers = build(_settings(seed_dir, top_k=1, min_score=-1.0), embedder=embedder, store=store)
     assert store.dim == embedder.dim
-    assert (indexer.max_tokens, indexer.overlap_tokens) == (6, 1)
-    assert (retriever.top_k, retriever.min_score) == (1, -1.0)
     for doc in seed_documents(seed_dir):
         stored = store.doc_chunks(PUBLIC_TENANT, doc.doc_id)
         assert [c.text for c in stored] == chunk_by_tokens(doc.text, count_words, 6, 1)
         assert {c.version for c in stored} == {doc.version}
     assert {c.doc_id for c in store.points.values()} == {"a/b", "c/d/e", "top"}
     assert len(embedder.calls) == 1  # the seed corpus is one batch
-    # Any tenant now finds the seed corpus.
+    # Any tenant now finds the seed corpus, top 1.
+    query = handlers[-1][2]
     req = make_request(tenant="acme", prompt="Moderation scores every answer.")
-    (emit,) = retriever.process(req)
+    (emit,) = query([(_ref(RETRIEVAL, 0, req.request_id), encode(req))])
     assert isinstance(emit.message, InferenceJob)
-    assert emit.message.context.chunks[0].doc_id == "top"
+    assert [c.doc_id for c in emit.message.context.chunks] == ["top"]
+
+
+def test_build_wires_the_handlers(seed_dir: Path, embedder: Any, store: Any) -> None:
+    handlers = build(_settings(seed_dir), embedder=embedder, store=store)
+    assert [(g, name) for g, name, _ in handlers] == [
+        (INDEXER_GROUP, INDEXER),
+        (CACHE_GROUP, CACHE),
+        (RETRIEVAL_GROUP, STAGE),
+    ]
+    index = handlers[0][2]
+    empty = Document(tenant="acme", doc_id="x", text=" ")
+    (emit,) = index([(_ref(DOCUMENTS, 0, "acme/x"), encode(empty))])
+    assert "no text" in _letter(emit, DOCUMENTS).reason  # the text check is on
+    fill = handlers[1][2]
+    assert fill([(_ref(RESPONSES, 0, "k"), b"not json")]) == []  # a side reader: no DLQ
+    without_cache = build(_settings(seed_dir, cache=False), embedder=embedder, store=store)
+    assert [g for g, _, _ in without_cache] == [INDEXER_GROUP, RETRIEVAL_GROUP]
 
 
 def test_build_twice_reindexes_in_place(seed_dir: Path, embedder: Any, store: Any) -> None:
@@ -253,7 +291,7 @@ def test_build_twice_reindexes_in_place(seed_dir: Path, embedder: Any, store: An
 
 
 def test_build_without_a_seed_dir(tmp_path: Path, embedder: Any, store: Any) -> None:
-    retriever, _ = build(_settings(tmp_path / "missing"), embedder=embedder, store=store)
+    handlers = build(_settings(tmp_path / "missing"), embedder=embedder, store=store)
     assert store.points == {}
     assert embedder.calls == []
-    assert isinstance(retriever, Retriever)
+    assert len(handlers) == 3

@@ -77,3 +77,10 @@ def _version(path: Path) -> int:
         return path.stat().st_mtime_ns // 1_000_000
     except OSError:
         return 0
+
+
+def seed_documents(seed_dir: Path, tenant: str) -> list[Document]:
+    """The seed corpus (Markdown and text files) as ``tenant``'s documents, read as
+    `kllm ingest` reads files: the relative path is the id, the mtime the version."""
+    files = sorted(p for p in seed_dir.glob("**/*") if p.suffix in {".md", ".txt"})
+    return [document_for(p, seed_dir, tenant) for p in files]
