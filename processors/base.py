@@ -20,6 +20,15 @@ class Emit:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What a record produced; ``failure``, when set, is why the record must also be
+    dead-lettered (e.g. a generation that failed after its retries)."""
+
+    emits: list[Emit]
+    failure: str | None = None
+
+
 class Rejected(PipelineError):
     """The input is well-formed but not acceptable; ``reason`` is sent to the DLQ.
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kllm.core.errors import EngineError
-from processors.base import Emit, Rejected
+from processors.base import Emit, Outcome, Rejected
 from schemas import Generation, InferenceJob, Request, TokenDelta, Usage
 from schemas.messages import ChatTurn
-from topics import GENERATIONS
+from topics import GENERATIONS, TOKENS
 
 
 @dataclass(frozen=True)
@@ -129,14 +129,6 @@ class DeadlineExceeded(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a job produced; ``failure`` is set when it must also be dead-lettered."""
-
-    emits: list[Emit]
-    failure: str | None = None
-
-
 DeltaSink = Callable[[TokenDelta], None]
 
 
@@ -168,6 +160,11 @@ class Generator:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.clock = clock
+
+    async def handle(self, job: InferenceJob, publish: Callable[[Emit], None]) -> Outcome:
+        """Generate for ``job``, publishing a streamed request's deltas to the tokens topic
+        as they come (the in-flight runner's shape)."""
+        return await self.run(job, on_delta=lambda d: publish(Emit(TOKENS, d.request_id, d)))
 
     async def run(self, job: InferenceJob, on_delta: DeltaSink | None = None) -> Outcome:
         """Generate for ``job``; raises :class:`Rejected` for a model nobody serves.

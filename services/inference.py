@@ -8,24 +8,22 @@ or any OpenAI-compatible server over HTTP.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from kllm.core.errors import ConfigError, PipelineError
+from kllm.core.errors import ConfigError
 from kllm.runtime import logs, metrics, tracing
-from kllm.runtime.dispatch import RecordRef, dead_letter, dead_letter_record
-from kllm.runtime.inflight import Handler, InflightRunner
+from kllm.runtime.inflight import InflightRunner, decoded
 from kllm.runtime.kafka import make_consumer, make_producer
 from kllm.runtime.ready import mark_ready
 from kllm.runtime.settings import StageSettings
 from kllm.runtime.stop import Stop
-from processors.base import Emit
 from processors.inference import Engine, Generator, Price, Router
-from schemas import InferenceJob, decode
-from topics import TOKENS, inference_group
+from schemas import InferenceJob
+from topics import inference_group
 
 STAGE = "inference"
 
@@ -140,22 +138,6 @@ def build(
     return generator, settings.max_in_flight or engines[default].slots
 
 
-def make_handler(generator: Generator) -> Handler:
-    async def handle(ref: RecordRef, value: bytes, publish: Callable[[Emit], None]) -> list[Emit]:
-        try:
-            job = decode(value, InferenceJob)
-            outcome = await generator.run(
-                job, on_delta=lambda d: publish(Emit(TOKENS, d.request_id, d))
-            )
-        except PipelineError as exc:  # unreadable job, or a model nobody here serves
-            return dead_letter(STAGE, ref, value, f"{type(exc).__name__}: {exc}", exc)
-        if outcome.failure is None:
-            return outcome.emits
-        return [*outcome.emits, dead_letter_record(STAGE, ref, value, outcome.failure)]
-
-    return handle
-
-
 def main() -> None:
     settings = Settings()
     logs.configure(settings.log_level)
@@ -169,7 +151,7 @@ def main() -> None:
         make_consumer(bootstrap, group.name, settings.consumer_config()),
         make_producer(bootstrap, settings.producer_config()),
         group.inputs[0],
-        make_handler(generator),
+        decoded(STAGE, InferenceJob, generator.handle),
         capacity,
         prefetch=settings.prefetch or None,
         commit_interval_s=min(settings.commit_interval_s, 0.2),

@@ -27,26 +27,49 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from confluent_kafka import TopicPartition
 
-from kllm.core.errors import BrokerError
+from kllm.core.errors import BrokerError, PipelineError
 from kllm.runtime import tracing
 from kllm.runtime.delivery import commit, produce, produce_acked_async
-from kllm.runtime.dispatch import RecordRef, ref_of
+from kllm.runtime.dispatch import RecordRef, dead_letter, dead_letter_record, ref_of
 from kllm.runtime.kafka import records_only
 from kllm.runtime.metrics import StageMetrics
 from kllm.runtime.offsets import OffsetTracker
-from kllm.runtime.ports import Consumer, Producer
-from kllm.runtime.ports import Record as Message
+from kllm.runtime.ports import Consumer, Producer, Record
 from kllm.runtime.stop import StopFlag
-from processors.base import Emit
+from processors.base import Emit, Outcome
+from schemas import Message, decode
 from topics import TopicSpec
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=Message)
+
 Handler = Callable[[RecordRef, bytes, Callable[[Emit], None]], Awaitable[list[Emit]]]
 """(record, value, publish-now) -> outputs to publish before the offset may commit."""
+Publish = Callable[[Emit], None]
+
+
+def decoded(
+    stage: str, schema: type[M], run: Callable[[M, Publish], Awaitable[Outcome]]
+) -> Handler:
+    """A handler from a processor of messages: a record that does not decode, or whose
+    processing raises a PipelineError, is dead-lettered; an outcome with a ``failure``
+    is dead-lettered beside its outputs (the caller's error answer among them)."""
+
+    async def handle(ref: RecordRef, value: bytes, publish: Publish) -> list[Emit]:
+        try:
+            outcome = await run(decode(value, schema), publish)
+        except PipelineError as exc:  # unreadable, or e.g. a model nobody here serves
+            return dead_letter(stage, ref, value, f"{type(exc).__name__}: {exc}", exc)
+        if outcome.failure is None:
+            return outcome.emits
+        return [*outcome.emits, dead_letter_record(stage, ref, value, outcome.failure)]
+
+    return handle
 
 
 class InflightRunner:
@@ -71,7 +94,7 @@ class InflightRunner:
         self.handler = handler
         self.capacity = capacity
         self.prefetch = 2 * capacity if prefetch is None else prefetch
-        self.buffers: dict[int, deque[Message]] = {}
+        self.buffers: dict[int, deque[Record]] = {}
         self.assigned: set[int] = set()
         self.paused: set[int] = set()
         self.commit_interval_s = commit_interval_s
@@ -153,14 +176,14 @@ class InflightRunner:
         self.paused = full
         return share
 
-    def _give_back(self, msg: Message) -> None:
+    def _give_back(self, msg: Record) -> None:
         """A record beyond its partition's share, or fetched before its pause took effect:
         rewind the partition to it, to read it again once there is room."""
         self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
 
     # -- one record -----------------------------------------------------------------------
 
-    def _start(self, msg: Message) -> None:
+    def _start(self, msg: Record) -> None:
         ref = ref_of(self.source, msg)
         partition, offset = ref.partition, ref.offset
         work = self._work(ref, msg.value() or b"", msg.headers())

@@ -11,6 +11,7 @@ import pytest
 
 from kllm.core.errors import ConfigError
 from kllm.runtime.dispatch import RecordRef
+from kllm.runtime.inflight import decoded
 from processors import Emit
 from schemas import (
     DeadLetter,
@@ -22,7 +23,7 @@ from schemas import (
     Usage,
     encode,
 )
-from services.inference import ModelSpec, Settings, build, make_handler
+from services.inference import STAGE, ModelSpec, Settings, build
 from tests.unit.conftest import FakeEngine
 from topics import GENERATIONS, INFERENCE, RESPONSES, TOKENS
 
@@ -45,7 +46,7 @@ def _settings(**kw: Any) -> Settings:
 def _handle(engine: FakeEngine, value: bytes, **kw: Any) -> tuple[list[Emit], list[Emit]]:
     """(returned emits, published emits) for one record."""
     generator, _ = build(_settings(**kw), engines={engine.model: engine})
-    handler = make_handler(generator)
+    handler = decoded(STAGE, InferenceJob, generator.handle)  # as main() wires it
     published: list[Emit] = []
 
     async def main() -> list[Emit]:
