@@ -35,10 +35,11 @@ def build(
 
         redactor = PresidioRedactor(settings.comment_pii_entities)
     join = FeedbackJoin(redactor, settings.feedback_ttl_s)
+    # Only llm.feedback is this stage's own: the others' stages dead-letter their records.
     return [
-        (RETRIEVAL, StageLogic(STAGE, Request, keyed_only, process_keyed=join.on_request)),
-        (INFERENCE, StageLogic(STAGE, InferenceJob, keyed_only, process_keyed=join.on_job)),
-        (RESPONSES, StageLogic(STAGE, Response, keyed_only, process_keyed=join.on_response)),
+        (RETRIEVAL, StageLogic(STAGE, Request, keyed_only, join.on_request, owner=False)),
+        (INFERENCE, StageLogic(STAGE, InferenceJob, keyed_only, join.on_job, owner=False)),
+        (RESPONSES, StageLogic(STAGE, Response, keyed_only, join.on_response, owner=False)),
         (FEEDBACK, StageLogic(STAGE, Feedback, keyed_only, process_keyed=join.on_feedback)),
     ]
 

@@ -56,12 +56,16 @@ def ref_of(source: TopicSpec, record: Record) -> RecordRef:
 @dataclass(frozen=True)
 class StageLogic(Generic[M]):
     """A stage: its name, the schema it reads, and its processor. A stage that keeps
-    state per record key gives ``process_keyed``; the runtime then hands it the state."""
+    state per record key gives ``process_keyed``; the runtime then hands it the state.
+    ``owner`` False: a side reader of another stage's topic (the feedback join reading
+    retrieval jobs), which skips what it cannot use instead of dead-lettering it, so a
+    bad record is dead-lettered, and its caller answered, once."""
 
     name: str
     schema: type[M]
     process: Callable[[M], list[Emit]]
     process_keyed: Callable[[M, KeyedState], list[Emit]] | None = None
+    owner: bool = True
 
 
 def keyed_only(_message: Message) -> list[Emit]:
@@ -181,7 +185,8 @@ def dispatch(
         else:
             out = stage.process(message)
     except PipelineError as exc:
-        return dead_letter(stage.name, ref, value, f"{type(exc).__name__}: {exc}", exc)
+        reason = f"{type(exc).__name__}: {exc}"
+        return dead_letter(stage.name, ref, value, reason, exc, owner=stage.owner)
     log.info(
         "processed",
         extra={

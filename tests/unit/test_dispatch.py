@@ -12,7 +12,8 @@ from kllm.runtime.dispatch import RecordRef, StageLogic, dispatch
 from processors import Emit, Rejected
 from processors.ingestion import Ingestion
 from schemas import DeadLetter, Generation, Request, Response, decode, encode
-from topics import GENERATIONS, REQUESTS, RESPONSES, RETRIEVAL
+from services import feedback
+from topics import FEEDBACK, GENERATIONS, INFERENCE, REQUESTS, RESPONSES, RETRIEVAL
 
 MakeRequest = Callable[..., Request]
 REF = RecordRef(REQUESTS, 3, 42, "acme")
@@ -145,3 +146,24 @@ def test_dead_letter_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert record.request_id == "r"  # type: ignore[attr-defined]
     assert record.record == "llm.requests[3]@42"  # type: ignore[attr-defined]
     assert "missing field 'schema'" in record.reason  # type: ignore[attr-defined]
+
+
+def test_a_side_reader_skips_what_the_owner_dead_letters(make_request: MakeRequest) -> None:
+    """The feedback join reads the retrieval jobs too: a bad one must be dead-lettered
+    (and its caller answered) once, by the retrieval stage, not again by the join."""
+    bad = orjson.dumps({**orjson.loads(encode(make_request(request_id="r1"))), "prompt": ""})
+    ref = RecordRef(RETRIEVAL, 0, 7, "r1")
+    owner = dispatch(StageLogic("retrieval", Request, Recorder()), ref, bad)
+    assert [e.topic for e in owner] == [RETRIEVAL.dlq, RESPONSES]
+    side = dispatch(StageLogic("feedback", Request, Recorder(), owner=False), ref, bad)
+    assert side == []
+
+
+def test_the_feedback_stage_owns_only_the_feedback_topic() -> None:
+    flows = feedback.build(feedback.Settings(comment_pii_entities=[]))
+    assert {t.name: logic.owner for t, logic in flows} == {
+        RETRIEVAL.name: False,
+        INFERENCE.name: False,
+        RESPONSES.name: False,
+        FEEDBACK.name: True,
+    }
