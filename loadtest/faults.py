@@ -34,6 +34,7 @@ import orjson
 from harness import Deadline, free_port, run_limited, supervised
 
 from kllm.gateway.keys import KeyStore
+from kllm.ops.supervisor import Supervisor
 from kllm.testing.scripted_engine import scripted_engine
 from topics import STAGES
 
@@ -127,6 +128,31 @@ def main() -> int:
     return run_limited(lambda deadline: _main(args, deadline), args.limit_s)
 
 
+def kill_each_stage(
+    sup: Supervisor,
+    ledger: Ledger,
+    recoveries: dict[str, float | None],
+    args: argparse.Namespace,
+    deadline: Deadline,
+) -> None:
+    """SIGKILL each stage in turn; record how long until requests are answered again."""
+    time.sleep(min(args.settle, deadline.left()))
+    for stage in STAGES:
+        if deadline.left() < args.settle:
+            print(f"  {stage:10} NOT RUN (time limit)", flush=True)
+            continue
+        killed_at = time.monotonic()
+        sup.kill(stage, 0, signal.SIGKILL)
+        recoveries[stage] = recovery_s(ledger, killed_at, deadline.within(args.recovery_timeout_s))
+        print(
+            f"  {stage:10} killed; answering again after {recoveries[stage]:.1f} s"
+            if recoveries[stage] is not None
+            else f"  {stage:10} did not recover",
+            flush=True,
+        )
+        time.sleep(min(args.settle, deadline.left()))
+
+
 def _main(args: argparse.Namespace, deadline: Deadline) -> int:
     port = free_port()
     keys = Path(tempfile.mkdtemp()) / "keys.json"
@@ -157,26 +183,17 @@ def _main(args: argparse.Namespace, deadline: Deadline) -> int:
                         sup.restart_crashed()
                         restarter.wait(0.2)
 
-                threading.Thread(target=keep_restarting, daemon=True).start()
-                time.sleep(min(args.settle, deadline.left()))
-                for stage in STAGES:
-                    if deadline.left() < args.settle:
-                        print(f"  {stage:10} NOT RUN (time limit)", flush=True)
-                        continue
-                    killed_at = time.monotonic()
-                    sup.kill(stage, 0, signal.SIGKILL)
-                    recoveries[stage] = recovery_s(
-                        ledger, killed_at, deadline.within(args.recovery_timeout_s)
-                    )
-                    print(
-                        f"  {stage:10} killed; answering again after {recoveries[stage]:.1f} s"
-                        if recoveries[stage] is not None
-                        else f"  {stage:10} did not recover",
-                        flush=True,
-                    )
-                    time.sleep(min(args.settle, deadline.left()))
-                stop.set()
-                loader.join(deadline.left() + 5)
+                restarting = threading.Thread(target=keep_restarting, daemon=True)
+                restarting.start()
+                try:
+                    kill_each_stage(sup, ledger, recoveries, args, deadline)
+                    stop.set()
+                    loader.join(deadline.left() + 5)
+                finally:
+                    # Before the pipeline stops: a restart during its teardown would start
+                    # a stage again (into a log folder already removed).
+                    restarter.set()
+                    restarting.join(5)
     finally:
         stop.set()
         restarter.set()
