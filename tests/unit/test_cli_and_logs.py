@@ -13,7 +13,7 @@ from kllm.core.refs import where
 from kllm.ops.supervisor import STAGES, tail
 from kllm.runtime import logs
 from kllm.runtime.settings import STATE_FILE, KafkaSettings, write_state
-from topics import ALL
+from topics import ALL, REQUESTS
 
 # --- _parse_replicas -----------------------------------------------------------------------
 
@@ -75,13 +75,13 @@ def _record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
 
 
 def test_json_formatter_fields_and_extra() -> None:
-    rec = _record("processed %d", 3, request_id="r-1", record="llm.requests[0]@5", ms=1.25)
+    rec = _record("processed %d", 3, request_id="r-1", record=f"{REQUESTS.name}[0]@5", ms=1.25)
     body = orjson.loads(logs.JsonFormatter().format(rec))
     assert body["msg"] == "processed 3"
     assert body["level"] == "WARNING"
     assert body["logger"] == "kllm.test"
     assert body["request_id"] == "r-1"
-    assert body["record"] == "llm.requests[0]@5"
+    assert body["record"] == f"{REQUESTS.name}[0]@5"
     assert body["ms"] == 1.25
     assert isinstance(body["ts"], float)
     # standard LogRecord attributes stay out
@@ -114,7 +114,7 @@ def test_configure_writes_json_lines() -> None:
 
 
 def test_where() -> None:
-    assert where("llm.requests", 2, 17) == "llm.requests[2]@17"
+    assert where(REQUESTS.name, 2, 17) == f"{REQUESTS.name}[2]@17"
 
 
 # --- settings ------------------------------------------------------------------------------

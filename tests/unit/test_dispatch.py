@@ -42,7 +42,7 @@ def _letter(emit: Emit, ref: RecordRef = REF) -> DeadLetter:
 
 
 def test_record_ref_str() -> None:
-    assert str(REF) == "llm.requests[3]@42"
+    assert str(REF) == f"{REQUESTS.name}[3]@42"
 
 
 def test_valid_record_goes_to_processor(make_request: MakeRequest) -> None:
@@ -74,7 +74,7 @@ def test_bad_json_is_dead_lettered_without_response(key: str | None) -> None:
     assert out[0].key == (key or "")
     assert letter.stage == "ingestion"
     assert letter.reason.startswith("SchemaError: payload is not valid JSON")
-    assert letter.source_topic == "llm.requests"
+    assert letter.source_topic == REQUESTS.name
     assert (letter.partition, letter.offset, letter.key) == (1, 7, key)
     assert letter.request_id is None
     assert base64.b64decode(letter.payload_b64) == raw
@@ -135,7 +135,7 @@ def test_nested_request_id_on_generation_stage(
     assert [e.topic for e in out] == [GENERATIONS.dlq, RESPONSES]
     letter = _letter(out[0], ref)
     assert letter.reason == "SchemaError: missing field 'model'"
-    assert letter.source_topic == "llm.generations"
+    assert letter.source_topic == GENERATIONS.name
     assert out[1].message.request_id == "req-1"  # type: ignore[attr-defined]
 
 
@@ -144,7 +144,7 @@ def test_dead_letter_is_logged(caplog: pytest.LogCaptureFixture) -> None:
         dispatch(StageLogic("ingestion", Request, Recorder()), REF, b'{"request_id": "r"}')
     (record,) = [r for r in caplog.records if r.getMessage() == "dead-lettered"]
     assert record.request_id == "r"  # type: ignore[attr-defined]
-    assert record.record == "llm.requests[3]@42"  # type: ignore[attr-defined]
+    assert record.record == f"{REQUESTS.name}[3]@42"  # type: ignore[attr-defined]
     assert "missing field 'schema'" in record.reason  # type: ignore[attr-defined]
 
 

@@ -57,11 +57,11 @@ def _handle(engine: FakeEngine, value: bytes, **kw: Any) -> tuple[list[Emit], li
 
 def _letter(emit: Emit) -> DeadLetter:
     assert emit.topic == INFERENCE.dlq
-    assert emit.topic.name == "llm.inference.dlq"
+    assert emit.topic.name == f"{INFERENCE.name}.dlq"
     assert isinstance(emit.message, DeadLetter)
     letter = emit.message
     assert letter.stage == "inference"
-    assert (letter.source_topic, letter.partition, letter.offset) == ("llm.inference", 0, 5)
+    assert (letter.source_topic, letter.partition, letter.offset) == (INFERENCE.name, 0, 5)
     assert letter.key is None
     return letter
 

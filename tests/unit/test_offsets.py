@@ -7,9 +7,10 @@ import random
 import pytest
 
 from kllm.runtime.offsets import OffsetTracker
+from topics import INFERENCE
 
-TP = ("llm.inference", 0)
-TP1 = ("llm.inference", 1)
+TP = (INFERENCE.name, 0)
+TP1 = (INFERENCE.name, 1)
 
 
 def _committable(tracker: OffsetTracker, tp: tuple[str, int] = TP) -> int | None:

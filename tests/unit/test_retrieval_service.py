@@ -107,7 +107,7 @@ def test_query_handler_dead_letters_garbage_and_keeps_the_rest(
     assert [e.key for e in jobs] == ["g1", "g2"]
     (emit,) = dlq  # no request id in garbage: no error response, only the DLQ record
     letter = _letter(emit, RETRIEVAL)
-    assert emit.topic.name == "llm.retrieval.dlq"
+    assert emit.topic.name == f"{RETRIEVAL.name}.dlq"
     assert emit.key == "k-bad"
     assert (letter.stage, letter.source_topic, letter.partition, letter.offset, letter.key) == (
         "retrieval",
@@ -178,7 +178,7 @@ def test_document_handler_dead_letters_an_upsert_without_text(
     )
     assert [e.topic for e in out] == [DOCUMENTS.dlq, DOCUMENTS_INDEXED]
     letter = _letter(out[0], DOCUMENTS)
-    assert out[0].topic.name == "llm.documents.dlq"
+    assert out[0].topic.name == f"{DOCUMENTS.name}.dlq"
     assert "no text" in letter.reason
     assert (letter.stage, letter.offset, letter.key) == ("indexer", 5, "acme/keep")
     assert base64.b64decode(letter.payload_b64) == empty

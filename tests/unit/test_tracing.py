@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from kllm.cli.trace import find_trace, read_spans, render
 from kllm.runtime import tracing
 from kllm.runtime.logs import JsonFormatter
+from topics import GENERATIONS, REQUESTS, RETRIEVAL
 
 CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -36,7 +37,7 @@ def test_a_record_span_is_a_child_of_the_context_in_the_consumed_headers(
     spans.clear()
     consumed = [("other", b"x"), ("traceparent", CALLER.encode())]
     with tracing.record_span(
-        tracing.Where("ingestion", "llm.requests", 2, 41), consumed, "r-1"
+        tracing.Where("ingestion", REQUESTS.name, 2, 41), consumed, "r-1"
     ) as span:
         produced = tracing.headers_for(span)
     (done,) = spans.get_finished_spans()
@@ -55,10 +56,10 @@ def test_a_record_span_is_a_child_of_the_context_in_the_consumed_headers(
 
 def test_a_record_without_trace_context_starts_a_trace(spans: InMemorySpanExporter) -> None:
     spans.clear()
-    with tracing.record_span(tracing.Where("moderation", "llm.generations", 0, 0), None):
+    with tracing.record_span(tracing.Where("moderation", GENERATIONS.name, 0, 0), None):
         pass
     with tracing.record_span(
-        tracing.Where("moderation", "llm.generations", 0, 1), [("traceparent", b"junk")]
+        tracing.Where("moderation", GENERATIONS.name, 0, 1), [("traceparent", b"junk")]
     ):
         pass
     first, second = spans.get_finished_spans()
@@ -105,7 +106,7 @@ def test_a_log_line_inside_a_record_span_names_its_trace(spans: InMemorySpanExpo
     formatter = JsonFormatter()
     outside = orjson.loads(formatter.format(logging.makeLogRecord({"msg": "idle"})))
     with tracing.record_span(
-        tracing.Where("retrieval", "llm.retrieval", 1, 7), [("traceparent", CALLER)]
+        tracing.Where("retrieval", RETRIEVAL.name, 1, 7), [("traceparent", CALLER)]
     ):
         inside = orjson.loads(formatter.format(logging.makeLogRecord({"msg": "searched"})))
     assert "trace_id" not in outside
