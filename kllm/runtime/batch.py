@@ -74,7 +74,6 @@ class BatchRunner:
         self.handler = handler
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._committed: dict[tuple[str, int], int] = {}
         consumer.subscribe([source.name])
 
     def step(self, wait_s: float | None = None) -> int:
@@ -104,7 +103,6 @@ class BatchRunner:
                 span.end()
         offsets = next_offsets((self.source.name, r.partition, r.offset) for r, _ in records)
         commit(self.consumer, offsets, asynchronous=True)
-        self._committed.update(offsets)
         if self.metrics is not None:
             self.metrics.observe(self.source.name, len(records), outputs, time.perf_counter() - t0)
         log.info(
@@ -118,12 +116,9 @@ class BatchRunner:
         return len(records)
 
     def close(self) -> None:
-        """Commit once more, synchronously (an async commit may still be in flight), and
-        leave the group."""
-        try:
-            commit(self.consumer, self._committed, asynchronous=False)
-        finally:
-            self.consumer.close()
+        # No final commit of remembered offsets: after a rebalance they may belong to
+        # partitions another member has since moved past (it would rewind them).
+        self.consumer.close()
 
 
 def run_batches(runners: Sequence[BatchRunner], stop: StopFlag) -> None:
