@@ -6,11 +6,24 @@ consumer, whatever the number of consumers: that consumer's keyed state (the
 stage runtime's state store, scoped to the record's key) is the tenant's one
 counter. Quotas are a sliding window over the last minute, estimated from the
 current and previous one-minute buckets.
+
+Idempotency keys: the gateway names a request carrying an Idempotency-Key
+``idem-<key hash><body hash>[.<attempt>]`` (:func:`idempotent_id`), the same on
+every replica. Ingestion remembers, per key, the body it was first accepted with:
+the key reused with another body is refused (``idempotency_mismatch``, its own
+request id, so the original's callers never see that refusal). A repeat of an
+accepted id sends nothing while the original may still be answered (its callers,
+on any replica, get that answer); once the original's deadline has passed it has
+ended one way or the other, and the repeat runs again rather than wait for an
+answer that is not coming. A retry after an error answer, which every replica
+saw, takes the next attempt number, so it runs at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,6 +34,25 @@ from processors.base import Rejected
 from schemas import Request
 
 WINDOW_S = 60.0
+DEADLINE_GRACE_S = 2.0
+"""After the original's deadline the gateway waits about a second more for its answer."""
+_IDEM = re.compile(r"idem-([0-9a-f]{32})([0-9a-f]{16})(?:\.([1-9][0-9]{0,3}))?")
+
+
+def idempotent_id(tenant: str, key: str, body_hash: str, attempt: int = 1) -> str:
+    """The request id of a request carrying ``key`` (scoped by tenant: two tenants' keys
+    never name the same request) and a body whose canonical form hashes to ``body_hash``."""
+    scoped = hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()[:32]
+    rid = f"idem-{scoped}{body_hash[:16]}"
+    return rid if attempt == 1 else f"{rid}.{attempt}"
+
+
+def idempotency_parts(request_id: str) -> tuple[str, str, int] | None:
+    """(key hash, body hash, attempt) of an id made by :func:`idempotent_id`, else None."""
+    match = _IDEM.fullmatch(request_id)
+    if match is None:
+        return None
+    return match.group(1), match.group(2), int(match.group(3) or 1)
 
 
 class KeyedState(Protocol):
@@ -90,8 +122,17 @@ class Admission:
         return self.per_tenant.get(tenant, self.default)
 
     def admit(self, request: Request, state: KeyedState, now: float) -> None:
-        """Refuse a request id already accepted, or one over quota; else charge the quota."""
-        if state.get(f"seen:{request.request_id}") is not None:
+        """Refuse an Idempotency-Key reused with another body, a request id already
+        accepted and maybe still being answered, or one over quota; else charge the quota."""
+        parts = idempotency_parts(request.request_id)
+        if parts is not None:
+            used = state.get(f"idem:{parts[0]}")
+            if used is not None and used != parts[1]:
+                raise Rejected(
+                    "this Idempotency-Key was already used with a different request body",
+                    code="idempotency_mismatch",
+                )
+        if _in_flight(state.get(f"seen:{request.request_id}"), now):
             raise Rejected(
                 f"duplicate request id {request.request_id!r}: already accepted, answered once",
                 code="duplicate_request",
@@ -102,7 +143,12 @@ class Admission:
     def accepted(self, request: Request, state: KeyedState, now: float) -> None:
         """Remember the id once the request passed every check, so a retry of one that
         failed on the way (a screening model's hiccup) is not taken for a duplicate."""
-        state.set(f"seen:{request.request_id}", now, ttl=timedelta(seconds=self.dedupe_ttl_s))
+        ttl = timedelta(seconds=self.dedupe_ttl_s)
+        seen = {"at": now, "until": request.deadline_at}
+        state.set(f"seen:{request.request_id}", seen, ttl=ttl)
+        parts = idempotency_parts(request.request_id)
+        if parts is not None:
+            state.set(f"idem:{parts[0]}", parts[1], ttl=ttl)
 
     def _charge(self, request: Request, state: KeyedState, now: float) -> None:
         quota = self.quota_for(request.tenant)
@@ -129,3 +175,12 @@ class Admission:
         ttl = timedelta(seconds=2 * WINDOW_S)
         for name, cost in (("requests", 1), ("tokens", tokens)):
             state.set(f"{name}:{minute}", state.get(f"{name}:{minute}", 0) + cost, ttl=ttl)
+
+
+def _in_flight(seen: Any, now: float) -> bool:
+    """Whether an accepted request (its ``seen`` record) may still be answered. One
+    without a deadline, or remembered by an older version (a bare timestamp), may."""
+    if seen is None:
+        return False
+    until = seen.get("until") if isinstance(seen, dict) else None
+    return until is None or now <= float(until) + DEADLINE_GRACE_S

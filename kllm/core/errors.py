@@ -7,6 +7,8 @@ The hierarchy::
     ├── ConfigError                  settings, policy or template files missing or wrong
     ├── BrokerError                  the Kafka broker: start, reach, administer, publish
     ├── EngineError                  a generation engine failed on a request
+    │   └── ContextLengthError       the prompt does not fit the model's context (the
+    │                                caller's to fix: not retried, not the model's fault)
     ├── StoreError                   the vector store failed
     ├── SchemaError                  schemas.codec: a record that does not decode
     ├── Rejected                     processors.base: a stage refused a record on purpose
@@ -33,6 +35,10 @@ class BrokerError(PipelineError):
 
 class EngineError(PipelineError):
     """The generation engine failed on a request."""
+
+
+class ContextLengthError(EngineError):
+    """The engine refused the request because it does not fit the model's context."""
 
 
 class StoreError(PipelineError):

@@ -7,7 +7,14 @@ import pytest
 
 from kllm.core.errors import ConfigError
 from processors import Rejected
-from processors.admission import Admission, Quota, estimated_tokens, parse_quotas
+from processors.admission import (
+    Admission,
+    Quota,
+    estimated_tokens,
+    idempotency_parts,
+    idempotent_id,
+    parse_quotas,
+)
 from schemas import Request
 from tests.unit.conftest import FakeState
 
@@ -58,11 +65,54 @@ def test_distinct_ids_are_not_duplicates(make_request: MakeRequest) -> None:
     for i in range(5):
         c.admit(10.0 + i, make_request(request_id=f"id-{i}"))
     # Each id is remembered once, at its own time, and each was charged as a request.
-    assert {k: v for k, (v, _) in c.state.data.items() if k.startswith("seen:")} == {
+    assert {k: v["at"] for k, (v, _) in c.state.data.items() if k.startswith("seen:")} == {
         f"seen:id-{i}": 10.0 + i for i in range(5)
     }
     assert c.state.get("requests:0") == 5
     assert _refused(c, 20.0, request=make_request(request_id="id-3")).code == ("duplicate_request")
+
+
+def test_an_idempotency_key_reused_with_another_body_is_refused_under_its_own_id(
+    make_request: MakeRequest,
+) -> None:
+    c = Clocked(Admission())
+    first = idempotent_id("acme", "k1", "a" * 16)
+    other = idempotent_id("acme", "k1", "b" * 16)
+    assert first != other and first.startswith("idem-")
+    c.admit(10.0, make_request(request_id=first, deadline_at=70.0))
+    refused = _refused(c, 11.0, request=make_request(request_id=other, deadline_at=71.0))
+    # A caller-facing refusal (422), answered under the second body's id only.
+    assert (refused.code, refused.notify) == ("idempotency_mismatch", True)
+    # Another tenant's key of the same name is another key.
+    c.admit(12.0, make_request(request_id=idempotent_id("globex", "k1", "b" * 16)))
+
+
+def test_a_repeat_waits_for_the_original_until_its_deadline_then_runs_again(
+    make_request: MakeRequest,
+) -> None:
+    c = Clocked(Admission())
+    rid = idempotent_id("acme", "k1", "a" * 16)
+    c.admit(10.0, make_request(request_id=rid, deadline_at=70.0))
+    # The original may still be answered: the repeat sends nothing, its caller shares it.
+    assert _refused(c, 71.0, request=make_request(request_id=rid)).notify is False
+    # Past the deadline (and the gateway's grace) the original has ended: run the retry.
+    c.admit(73.0, make_request(request_id=rid, deadline_at=133.0))
+    assert c.state.get(f"seen:{rid}")["until"] == 133.0
+    # A request without a deadline stays a duplicate for the whole dedupe ttl.
+    c.admit(74.0, make_request(request_id="no-deadline"))
+    assert _refused(c, 5000.0, request=make_request(request_id="no-deadline")).notify is False
+
+
+def test_a_retry_after_an_error_answer_runs_as_the_next_attempt(
+    make_request: MakeRequest,
+) -> None:
+    c = Clocked(Admission())
+    rid = idempotent_id("acme", "k1", "a" * 16)
+    c.admit(10.0, make_request(request_id=rid, deadline_at=70.0))
+    retry = idempotent_id("acme", "k1", "a" * 16, attempt=2)
+    assert idempotency_parts(retry) == (*idempotency_parts(rid)[:2], 2)  # type: ignore[index]
+    c.admit(11.0, make_request(request_id=retry, deadline_at=71.0))  # same key, same body
+    assert idempotency_parts("idem-nothex") is None and idempotency_parts("chatcmpl-1") is None
 
 
 def test_duplicate_memory_expires_after_its_ttl(make_request: MakeRequest) -> None:
