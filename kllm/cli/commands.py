@@ -11,18 +11,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from kllm.cli import export as cli_export
 from kllm.cli import keys as cli_keys
 from kllm.cli import scale as cli_scale
+from kllm.cli import supervision
 from kllm.cli import trace as cli_trace
 from kllm.core.errors import PipelineError
 from kllm.runtime import logs
 from kllm.runtime.settings import STATE_FILE, KafkaSettings, write_state
-
-if TYPE_CHECKING:
-    from kllm.ops.supervisor import Supervisor
 from topics import ProvisionReport
 
 log = logging.getLogger(__name__)
@@ -73,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         default=180.0,
         help="seconds to wait for every stage to consume (default 180)",
     )
+    supervision.add_flags(up)
 
     ask = sub.add_parser("ask", help="publish a question to the request topic and print the answer")
     ask.add_argument("question", nargs="+", help="one or more questions, sent concurrently")
@@ -229,7 +227,8 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
         print(f"topics: {len(report.created)} created, {len(report.existing)} present", flush=True)
         sup = Supervisor(
             settings.run_dir,
-            {"KLLM_BOOTSTRAP_SERVERS": bootstrap, "KLLM_RUN_DIR": str(settings.run_dir)},
+            {"KLLM_BOOTSTRAP_SERVERS": bootstrap, "KLLM_RUN_DIR": str(settings.run_dir)}
+            | supervision.restart_env(args),
             replicas,
         )
         try:
@@ -246,8 +245,9 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
                     flush=True,
                 ),
                 bootstrap=bootstrap,
+                on_change=supervision.say,
             )
-            print(f"pipeline ready in {time.monotonic() - t0:.1f}s", flush=True)
+            print(supervision.ready_line(sup, time.monotonic() - t0), flush=True)
             print(_gateway_banner(), flush=True)
             if args.demo:
                 questions = args.question or list(SAMPLE_QUESTIONS)
@@ -255,7 +255,8 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
                 return code or _gateway_demo(questions[0])
             print('Ctrl-C stops everything. In another shell: kllm ask "your question"', flush=True)
             sup.write_status()
-            _wait_for_stop_signal(lambda: True, tick=lambda: _tick(sup))
+            # Only a signal stops the pipeline: a stage that keeps crashing is failed alone.
+            _wait_for_stop_signal(lambda: True, tick=lambda: supervision.tick(sup))
             return 0
         finally:
             print("stopping stages...", flush=True)
@@ -268,11 +269,6 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             broker.stop()
             (settings.run_dir / STATE_FILE).unlink(missing_ok=True)
         print("stopped", flush=True)
-
-
-def _tick(sup: Supervisor) -> None:
-    for change in sup.restart_crashed() + sup.apply_scale_requests():
-        print(f"  {change}", flush=True)
 
 
 def _gateway_banner() -> str:

@@ -10,6 +10,7 @@ import orjson
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kllm.core.errors import PipelineError
+from kllm.core.stage_status import STATUS_FILE, read_status
 from kllm.runtime.settings import KafkaSettings
 from topics import GROUPLESS, STAGES, primary_group
 
@@ -52,9 +53,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def cmd_scale(args: argparse.Namespace, settings: KafkaSettings) -> int:
     run_dir = settings.run_dir
-    status = run_dir / "status.json"
     # `kllm up` rewrites its status twice a second: an old file is a pipeline that died.
-    if not status.exists() or time.time() - status.stat().st_mtime > 10:
+    if read_status(run_dir / STATUS_FILE) is None:
         raise PipelineError(f"no running pipeline in {run_dir}: start it with `kllm up`")
     cap, why = max_replicas(args.stage, bool(StoreSettings().qdrant_url))
     if not 0 <= args.replicas <= cap:
@@ -74,13 +74,11 @@ def cmd_scale(args: argparse.Namespace, settings: KafkaSettings) -> int:
 
 
 def _ready(run_dir: Path, stage: str) -> list[str]:
-    path = run_dir / "status.json"
-    try:
-        status = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+    status = read_status(run_dir / STATUS_FILE)
+    if status is None:
         return []
     return [
-        f"{name} pid {info['pid']}"
-        for name, info in status.items()
-        if info["stage"] == stage and info["state"] == "ready"
+        f"{p.name} pid {p.pid}"
+        for p in status.processes
+        if p.stage == stage and p.state == "running"
     ]
