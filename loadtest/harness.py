@@ -29,7 +29,7 @@ from types import FrameType
 from kllm.ops.broker import EmbeddedBroker, free_port
 from kllm.ops.supervisor import STAGES, Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin
-from topics import ALL, provision
+from topics import declared, provision
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "KLLM_BENCH_RUN"
@@ -253,7 +253,7 @@ def supervised(
     stage is stopped (SIGTERM, then SIGKILL after 15 s), then the broker."""
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         run_dir = Path(tmp)
-        provision(ConfluentTopicAdmin(broker.bootstrap), ALL)
+        provision(ConfluentTopicAdmin(broker.bootstrap), declared())
         base = {
             "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
             "KLLM_RUN_DIR": str(run_dir),

@@ -286,7 +286,10 @@ class DriftAlert(Message):
 
 
 class DeadLetter(Message):
-    """A record a stage could not process, kept whole so it can be replayed."""
+    """A record a stage could not process. Its payload is kept whole when it is small
+    enough to replay from here (``payload_truncated`` False); a larger one keeps a prefix,
+    with the size and SHA-256 of the whole, so the DLQ record itself always fits the
+    broker. Records from before those fields have them unset."""
 
     SCHEMA: ClassVar[str] = "llm.dead_letter"
     VERSION: ClassVar[int] = 1
@@ -299,4 +302,7 @@ class DeadLetter(Message):
     key: str | None = None
     request_id: RequestId | None = None
     payload_b64: str
+    payload_size: int | None = None
+    payload_sha256: str | None = None
+    payload_truncated: bool = False
     failed_at: float = Field(default_factory=_now)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from schemas import (
@@ -114,12 +113,6 @@ def inference_topic(pool: str = "") -> TopicSpec:
     return TopicSpec(
         f"{INFERENCE.name}.{pool}", INFERENCE.partitions, INFERENCE.key, InferenceJob, has_dlq=True
     )
-
-
-def declared(pools: Iterable[str] = ()) -> tuple[TopicSpec, ...]:
-    """Every topic to provision: the catalog plus each pool's job topic and its DLQ."""
-    extra = [inference_topic(p) for p in dict.fromkeys(pools) if p]
-    return ALL + tuple(extra) + tuple(t.dlq for t in extra)
 
 
 def by_name(name: str) -> TopicSpec:

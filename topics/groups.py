@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from topics.catalog import (
+    ALL,
     DOCUMENTS,
     FEEDBACK,
     FEEDBACK_ENRICHED,
@@ -78,6 +79,38 @@ DRIFT_GROUP = ConsumerGroup(
     single_replica="every detector must see all of a tenant's events",
 )
 
+
+def changelog(group: ConsumerGroup, sources: tuple[TopicSpec, ...]) -> TopicSpec:
+    """The changelog of a keyed-state store, named as quixstreams names it: the state of
+    ``group`` over ``sources`` (one stream, or several merged). Compacted; one partition
+    per input partition, so a partition's state moves with it to its next owner."""
+    stream = "--".join(sorted(t.name for t in sources))
+    return TopicSpec(
+        f"changelog__{group.name}--{stream}--default",
+        max(t.partitions for t in sources),
+        "state key",
+        None,
+        retention_ms=-1,
+        cleanup_policy="compact",
+    )
+
+
+CHANGELOGS: tuple[TopicSpec, ...] = (
+    changelog(INGESTION_GROUP, (REQUESTS,)),  # quotas and the idempotency window
+    changelog(MODERATION_GROUP, (TOKENS,)),  # each stream's window, buffer and tail
+    changelog(FEEDBACK_GROUP, FEEDBACK_GROUP.inputs),  # pending joins
+)
+"""Every keyed-state changelog: provisioned with the topics (the stages never create
+topics), and checked against the stages' own state stores by the tests."""
+
+
+def declared(pools: Iterable[str] = ()) -> tuple[TopicSpec, ...]:
+    """Every topic to provision: the catalog, each pool's job topic and its DLQ, and the
+    keyed-state changelogs."""
+    extra = [inference_topic(p) for p in dict.fromkeys(pools) if p]
+    return ALL + tuple(extra) + tuple(t.dlq for t in extra) + CHANGELOGS
+
+
 EXPORT_GROUP = group_id("export")
 """`kllm export`'s reader: it assigns partitions and never commits."""
 DASHBOARD_GROUP = group_id("dashboard")
@@ -86,7 +119,9 @@ REPLIES_GROUP = group_id("gateway-replies")
 """The gateway's reply readers: they assign every partition and never join or commit."""
 TAIL_GROUP = group_id("tail-reader")
 """TailReader (CLI, tests): it assigns partitions from their end and never commits."""
-READER_GROUPS = (EXPORT_GROUP, DASHBOARD_GROUP, REPLIES_GROUP, TAIL_GROUP)
+DLQ_LEDGER_GROUP = group_id("dlq-ledger")
+"""Each stage's reader of its DLQs (kllm.runtime.ledger): it assigns and never commits."""
+READER_GROUPS = (EXPORT_GROUP, DASHBOARD_GROUP, REPLIES_GROUP, TAIL_GROUP, DLQ_LEDGER_GROUP)
 """Group ids of the readers that assign partitions themselves: librdkafka requires one,
 but none of them joins its group or commits, so none has lag."""
 

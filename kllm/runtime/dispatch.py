@@ -1,14 +1,19 @@
 """From raw record to output records: decode, process, and dead-letter what fails.
 
-Shared by every stage so that failure handling is the same everywhere: a
-record that cannot be processed goes to its topic's DLQ with the reason and
-the original bytes, and when its request id is readable the caller also gets
-an error response instead of waiting forever.
+Shared by every stage so that failure handling is the same everywhere: a record that
+cannot be processed, whatever its size or shape (a null value, bytes that are not UTF-8,
+a processor that raises, an output too large to publish), goes to its topic's DLQ once
+with the reason, and when its request id is readable the caller also gets an error
+response instead of waiting forever. The DLQ record always fits the broker: it keeps
+the payload whole only up to ``DLQ_WHOLE_BYTES``, else a prefix with the whole's size
+and SHA-256. A source offset already dead-lettered (a replay after a crash, or a
+partition that moved) is not dead-lettered again (kllm.runtime.ledger).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -17,15 +22,36 @@ from typing import Generic, TypeVar
 
 from kllm.core.errors import ConfigError, PipelineError
 from kllm.core.refs import where
+from kllm.runtime import ledger
 from kllm.runtime.ports import Record
 from processors.admission import KeyedState
 from processors.base import Emit, Rejected
-from schemas import DeadLetter, Message, Response, decode, peek_field, peek_request_id
+from schemas import (
+    DeadLetter,
+    Message,
+    Response,
+    SchemaError,
+    decode,
+    encode,
+    peek_field,
+    peek_request_id,
+)
 from topics import RESPONSES, TopicSpec
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
+
+DLQ_WHOLE_BYTES = 64 * 1024
+"""A payload up to this size is kept whole in its DLQ record; a larger one, a prefix."""
+DLQ_PREFIX_BYTES = 4 * 1024
+"""The prefix kept of a payload over ``DLQ_WHOLE_BYTES``."""
+OUTPUT_MAX_BYTES = 900_000
+"""The largest output a stage publishes: under the producers' 1,000,000-byte default
+and Kafka's default broker limit. A record whose outputs are larger is dead-lettered."""
+_REASON_CHARS = 1000
+_KEY_CHARS = 256
+_ID_CHARS = 128  # Request.request_id's limit
 
 
 @dataclass(frozen=True)
@@ -43,14 +69,26 @@ class RecordRef:
 
 def ref_of(source: TopicSpec, record: Record) -> RecordRef:
     """Where ``record`` came from. A key that is not UTF-8 is kept readable, never fatal."""
-    key = record.key()
     partition, offset = record.partition(), record.offset()
     return RecordRef(
         source,
         -1 if partition is None else partition,
         -1 if offset is None else offset,
-        key.decode(errors="replace") if key is not None else None,
+        readable_key(record.key()),
     )
+
+
+def readable_key(key: bytes | str | None) -> str | None:
+    """A record key as text: bytes that are not UTF-8 are replaced, never fatal."""
+    if isinstance(key, bytes):
+        return key.decode(errors="replace")
+    return key
+
+
+def request_id_of(value: bytes | None) -> str | None:
+    """The request id a payload names, if it could be one (a caller to answer)."""
+    found = peek_request_id(value)
+    return found if found and len(found) <= _ID_CHARS else None
 
 
 @dataclass(frozen=True)
@@ -95,31 +133,41 @@ def error_response(
     )
 
 
-def dead_letter_record(stage: str, ref: RecordRef, value: bytes, reason: str) -> Emit:
-    """The DLQ twin of a record: the reason, where it came from, its bytes. Every
-    dead-lettered record is logged here, once (no payload text: it may hold PII)."""
-    request_id = peek_request_id(value)
+def dead_letter_record(stage: str, ref: RecordRef, value: bytes | None, reason: str) -> list[Emit]:
+    """The DLQ twin of a record, or nothing when that source offset already has one.
+    Every dead-lettered record is logged here, once (no payload text: it may hold PII)."""
+    request_id = request_id_of(value)
+    book = ledger.installed()
+    if book is not None and book.already_lettered(ref.topic.name, ref.partition, ref.offset):
+        log.info("already dead-lettered", extra={"request_id": request_id, "record": str(ref)})
+        return []
     log.warning(
         "dead-lettered",
         extra={"request_id": request_id, "record": str(ref), "stage": stage, "reason": reason},
     )
+    payload = value or b""
+    truncated = len(payload) > DLQ_WHOLE_BYTES
     letter = DeadLetter(
         stage=stage,
-        reason=reason,
+        reason=reason[:_REASON_CHARS],
         source_topic=ref.topic.name,
         partition=ref.partition,
         offset=ref.offset,
-        key=ref.key,
+        key=ref.key[:_KEY_CHARS] if ref.key is not None else None,
         request_id=request_id,
-        payload_b64=base64.b64encode(value).decode(),
+        payload_b64=base64.b64encode(payload[:DLQ_PREFIX_BYTES] if truncated else payload).decode(),
+        payload_size=len(payload),
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        payload_truncated=truncated,
     )
-    return Emit(ref.topic.dlq, request_id or ref.key or "", letter)
+    key = request_id or (ref.key[:_KEY_CHARS] if ref.key else "")
+    return [Emit(ref.topic.dlq, key, letter)]
 
 
 def dead_letter(
     stage: str,
     ref: RecordRef,
-    value: bytes,
+    value: bytes | None,
     reason: str,
     exc: PipelineError | None = None,
     *,
@@ -130,28 +178,57 @@ def dead_letter(
     Only the stage that owns a topic dead-letters its records. A side reader
     (``owner=False``: the drift stage reading retrieval jobs), or a reader of a topic
     with no DLQ (the feedback join reading responses), skips the record: the topic's
-    own stage answers for it, so skipping loses nothing of the caller's."""
+    own stage answers for it, so skipping loses nothing of the caller's. The caller's
+    error answer is sent again on a replay: a caller takes the first answer it gets."""
+    request_id = request_id_of(value)
     if not owner or not ref.topic.has_dlq:
         log.error(
             "unprocessable record skipped",
-            extra={"request_id": peek_request_id(value), "record": str(ref), "reason": reason},
+            extra={"request_id": request_id, "record": str(ref), "reason": reason[:200]},
         )
         return []
-    out = [dead_letter_record(stage, ref, value, reason)]
-    request_id = peek_request_id(value)
+    out = dead_letter_record(stage, ref, value, reason)
     rejected = exc if isinstance(exc, Rejected) else None
     if request_id is not None and (rejected is None or rejected.notify):
         tenant = peek_field(value, "tenant") or "unknown"
         code = rejected.code if rejected else "invalid_request"
         retry = rejected.retry_after_s if rejected else None
-        response = error_response(request_id, tenant, reason, code, retry)
+        response = error_response(request_id, tenant[:64], reason[:_REASON_CHARS], code, retry)
         out.append(Emit(RESPONSES, request_id, response))
     return out
 
 
+def unusable(value: bytes | None) -> str | None:
+    """Why a payload cannot be read at all, before any schema: None when it may be."""
+    if value is None:
+        return "SchemaError: null value (a tombstone)"
+    return None
+
+
+def oversized(out: Sequence[Emit]) -> str | None:
+    """Why ``out`` cannot be published whole: an output over ``OUTPUT_MAX_BYTES``."""
+    for emit in out:
+        size = len(encode(emit.message)) + len(emit.key or "")
+        if size > OUTPUT_MAX_BYTES:
+            return (
+                f"OutputTooLarge: {emit.topic.name} record of {size} bytes (max {OUTPUT_MAX_BYTES})"
+            )
+    return None
+
+
+def internal_failure(stage: str, ref: RecordRef, value: bytes | None, exc: Exception) -> str:
+    """The reason for a record whose processing raised something unexpected (a bug, or a
+    library's error nobody translated): logged with its traceback, never its payload."""
+    log.exception(
+        "processing raised",
+        extra={"request_id": request_id_of(value), "record": str(ref), "stage": stage},
+    )
+    return f"InternalError: {type(exc).__name__}"
+
+
 def decode_batch(
     stage: str,
-    records: Sequence[tuple[RecordRef, bytes]],
+    records: Sequence[tuple[RecordRef, bytes | None]],
     schema: type[M],
     check: Callable[[M], None] | None = None,
     *,
@@ -163,7 +240,7 @@ def decode_batch(
     rejected: list[Emit] = []
     for ref, value in records:
         try:
-            message = decode(value, schema)
+            message = decode_value(value, schema)
             if check is not None:
                 check(message)
         except PipelineError as exc:
@@ -174,12 +251,20 @@ def decode_batch(
     return good, rejected
 
 
+def decode_value(value: bytes | None, schema: type[M]) -> M:
+    """``value`` as ``schema``; a null value is refused like any unreadable payload."""
+    if (why := unusable(value)) is not None:
+        raise SchemaError(why.removeprefix("SchemaError: "))
+    assert value is not None
+    return decode(value, schema)
+
+
 def dispatch(
-    stage: StageLogic[M], ref: RecordRef, value: bytes, state: KeyedState | None = None
+    stage: StageLogic[M], ref: RecordRef, value: bytes | None, state: KeyedState | None = None
 ) -> list[Emit]:
     t0 = time.perf_counter()
     try:
-        message = decode(value, stage.schema)
+        message = decode_value(value, stage.schema)
         if stage.process_keyed is not None and state is not None:
             out = stage.process_keyed(message, state)
         else:
@@ -187,6 +272,11 @@ def dispatch(
     except PipelineError as exc:
         reason = f"{type(exc).__name__}: {exc}"
         return dead_letter(stage.name, ref, value, reason, exc, owner=stage.owner)
+    except Exception as exc:  # noqa: BLE001 - a bug must not crash-loop the stage on one record
+        reason = internal_failure(stage.name, ref, value, exc)
+        return dead_letter(stage.name, ref, value, reason, owner=stage.owner)
+    if (too_big := oversized(out)) is not None:
+        return dead_letter(stage.name, ref, value, too_big, owner=stage.owner)
     log.info(
         "processed",
         extra={

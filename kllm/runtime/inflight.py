@@ -34,21 +34,29 @@ from confluent_kafka import TopicPartition
 from kllm.core.errors import BrokerError, PipelineError
 from kllm.runtime import tracing
 from kllm.runtime.delivery import commit, produce, produce_acked_async
-from kllm.runtime.dispatch import RecordRef, dead_letter, dead_letter_record, ref_of
+from kllm.runtime.dispatch import (
+    RecordRef,
+    dead_letter,
+    dead_letter_record,
+    decode_value,
+    internal_failure,
+    oversized,
+    ref_of,
+)
 from kllm.runtime.kafka import records_only
 from kllm.runtime.metrics import StageMetrics
 from kllm.runtime.offsets import OffsetTracker
 from kllm.runtime.ports import Consumer, Producer, Record
 from kllm.runtime.stop import StopFlag
 from processors.base import Emit, Outcome
-from schemas import Message, decode
+from schemas import Message
 from topics import TopicSpec
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
-Handler = Callable[[RecordRef, bytes, Callable[[Emit], None]], Awaitable[list[Emit]]]
+Handler = Callable[[RecordRef, bytes | None, Callable[[Emit], None]], Awaitable[list[Emit]]]
 """(record, value, publish-now) -> outputs to publish before the offset may commit."""
 Publish = Callable[[Emit], None]
 
@@ -60,14 +68,18 @@ def decoded(
     processing raises a PipelineError, is dead-lettered; an outcome with a ``failure``
     is dead-lettered beside its outputs (the caller's error answer among them)."""
 
-    async def handle(ref: RecordRef, value: bytes, publish: Publish) -> list[Emit]:
+    async def handle(ref: RecordRef, value: bytes | None, publish: Publish) -> list[Emit]:
         try:
-            outcome = await run(decode(value, schema), publish)
+            outcome = await run(decode_value(value, schema), publish)
         except PipelineError as exc:  # unreadable, or e.g. a model nobody here serves
             return dead_letter(stage, ref, value, f"{type(exc).__name__}: {exc}", exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must not crash-loop the stage on one record
+            return dead_letter(stage, ref, value, internal_failure(stage, ref, value, exc))
+        if (too_big := oversized(outcome.emits)) is not None:
+            return dead_letter(stage, ref, value, too_big)
         if outcome.failure is None:
             return outcome.emits
-        return [*outcome.emits, dead_letter_record(stage, ref, value, outcome.failure)]
+        return [*outcome.emits, *dead_letter_record(stage, ref, value, outcome.failure)]
 
     return handle
 
@@ -186,13 +198,15 @@ class InflightRunner:
     def _start(self, msg: Record) -> None:
         ref = ref_of(self.source, msg)
         partition, offset = ref.partition, ref.offset
-        work = self._work(ref, msg.value() or b"", msg.headers())
+        work = self._work(ref, msg.value(), msg.headers())
         task = asyncio.create_task(work, name=str(ref))
         self.tasks[(partition, offset)] = task
         self.max_in_flight = max(self.max_in_flight, len(self.tasks))
         task.add_done_callback(lambda t: self._done(ref, t))
 
-    async def _work(self, ref: RecordRef, value: bytes, headers: tracing.Headers | None) -> None:
+    async def _work(
+        self, ref: RecordRef, value: bytes | None, headers: tracing.Headers | None
+    ) -> None:
         t0 = time.perf_counter()
         if self.metrics is not None:
             self.metrics.in_flight.labels(self.metrics.stage).set(len(self.tasks))

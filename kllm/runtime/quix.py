@@ -19,8 +19,8 @@ from quixstreams.dataframe import StreamingDataFrame
 from quixstreams.models.serializers import Serializer
 
 from kllm.core.errors import ConfigError
-from kllm.runtime import metrics, tracing
-from kllm.runtime.dispatch import RecordRef, StageLogic, dispatch
+from kllm.runtime import ledger, metrics, tracing
+from kllm.runtime.dispatch import RecordRef, StageLogic, dispatch, readable_key
 from kllm.runtime.ready import mark_ready
 from kllm.runtime.settings import StageSettings
 from processors.base import Emit
@@ -53,9 +53,9 @@ def build_app(
         auto_create_topics=False,  # `kllm provision` made them; quixstreams would stall creating
         commit_interval=settings.commit_interval_s,
         consumer_extra_config=settings.consumer_config(),
-        producer_extra_config=settings.producer_config(),
+        producer_extra_config=settings.quix_producer_config(),
         state_dir=str(settings.run_dir / "state" / stage),
-        use_changelog_topics=False,
+        use_changelog_topics=True,
         processing_guarantee="at-least-once",
         loglevel=settings.quix_log_level,
     )
@@ -80,16 +80,25 @@ def serve_many(
     """One consumer group reading several topics, each with its own logic."""
     metrics.for_stage(stage).serve(settings.metrics_port)
     app = build_app(settings, stage, [source for source, _ in flows])
+    _install_ledger(settings, flows)
     sink = _sinks(app)
     for source, logic in flows:
         sdf = app.dataframe(
-            app.topic(source.name, key_deserializer="str", value_deserializer="bytes")
+            app.topic(source.name, key_deserializer="bytes", value_deserializer="bytes")
         )
         _to_sinks(_apply(sdf, source, logic), sink)
     mark_ready(settings.ready_file)
     sources = [source.name for source, _ in flows]
     log.info("stage running", extra={"stage": stage, "source": sources, "pid": os.getpid()})
     app.run()
+
+
+def _install_ledger(
+    settings: StageSettings, flows: Sequence[tuple[TopicSpec, StageLogic[Any]]]
+) -> None:
+    """Dead-letter once per source offset, across replays, for the topics this stage owns."""
+    owned = [source for source, logic in flows if logic.owner]
+    ledger.install(ledger.for_sources(settings.bootstrap(), owned))
 
 
 def _to_sinks(sdf: StreamingDataFrame, sink: dict[str, Any]) -> None:
@@ -104,7 +113,7 @@ def _to_sinks(sdf: StreamingDataFrame, sink: dict[str, Any]) -> None:
 def _measured(
     logic: StageLogic[Any],
     ref: RecordRef,
-    value: bytes,
+    value: bytes | None,
     headers: Any,
     state: State[Any, Any] | None = None,
 ) -> list[Emit]:
@@ -121,15 +130,16 @@ def _measured(
 
 
 def _apply(sdf: StreamingDataFrame, source: TopicSpec, logic: StageLogic[Any]) -> Any:
-    def handle(value: bytes, key: str | None, _ts: int, headers: Any) -> list[Emit]:
+    def handle(value: bytes | None, key: bytes | None, _ts: int, headers: Any) -> list[Emit]:
         ctx = message_context()
-        return _measured(logic, RecordRef(source, ctx.partition, ctx.offset, key), value, headers)
+        ref = RecordRef(source, ctx.partition, ctx.offset, readable_key(key))
+        return _measured(logic, ref, value, headers)
 
     def handle_keyed(
-        value: bytes, key: str | None, _ts: int, headers: Any, state: State[Any, Any]
+        value: bytes | None, key: bytes | None, _ts: int, headers: Any, state: State[Any, Any]
     ) -> list[Emit]:
         ctx = message_context()
-        ref = RecordRef(source, ctx.partition, ctx.offset, key)
+        ref = RecordRef(source, ctx.partition, ctx.offset, readable_key(key))
         return _measured(logic, ref, value, headers, state)
 
     if logic.process_keyed is not None:
@@ -144,9 +154,10 @@ def serve_join(
     keyed state all of them share (a join): each record goes to its topic's logic."""
     metrics.for_stage(stage).serve(settings.metrics_port)
     app = build_app(settings, stage, [source for source, _ in flows])
+    _install_ledger(settings, flows)
     sink = _sinks(app)
     frames = [
-        app.dataframe(app.topic(source.name, key_deserializer="str", value_deserializer="bytes"))
+        app.dataframe(app.topic(source.name, key_deserializer="bytes", value_deserializer="bytes"))
         for source, _ in flows
     ]
     merged = frames[0]
@@ -155,11 +166,11 @@ def serve_join(
     by_topic = {source.name: (source, logic) for source, logic in flows}
 
     def handle(
-        value: bytes, key: str | None, _ts: int, headers: Any, state: State[Any, Any]
+        value: bytes | None, key: bytes | None, _ts: int, headers: Any, state: State[Any, Any]
     ) -> list[Emit]:
         ctx = message_context()
         source, logic = by_topic[ctx.topic]
-        ref = RecordRef(source, ctx.partition, ctx.offset, key)
+        ref = RecordRef(source, ctx.partition, ctx.offset, readable_key(key))
         return _measured(logic, ref, value, headers, state)
 
     _to_sinks(merged.apply(handle, expand=True, metadata=True, stateful=True), sink)

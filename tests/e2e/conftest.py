@@ -18,7 +18,7 @@ from kllm.ops.supervisor import Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer, produce_sync
 from kllm.testing.scripted_engine import scripted_engine
 from schemas import DeadLetter, Request, Response, decode, encode
-from topics import ALL, REQUESTS, RESPONSES, TopicSpec, provision
+from topics import REQUESTS, RESPONSES, TopicSpec, declared, provision
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     log = tmp_path_factory.mktemp("broker") / "broker.log"
     with EmbeddedBroker(log_path=log) as b:
-        provision(ConfluentTopicAdmin(b.bootstrap), ALL)
+        provision(ConfluentTopicAdmin(b.bootstrap), declared())
         yield b
 
 

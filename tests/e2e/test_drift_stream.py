@@ -50,13 +50,13 @@ from schemas import (
 from services.drift import Checkpoint
 from tests.e2e.conftest import CONSUMER, FAST_GROUPS
 from topics import (
-    ALL,
     DRIFT_ALERTS,
     DRIFT_GROUP,
     FEEDBACK_ENRICHED,
     INFERENCE,
     RESPONSES,
     RETRIEVAL,
+    declared,
     provision,
 )
 
@@ -382,7 +382,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
     the tests use a tenant each, so they share them."""
     tmp = tmp_path_factory.mktemp("drift-stream")
     with EmbeddedBroker(log_path=tmp / "broker.log") as broker:
-        provision(ConfluentTopicAdmin(broker.bootstrap), ALL)
+        provision(ConfluentTopicAdmin(broker.bootstrap), declared())
         env = {
             "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
             "KLLM_RUN_DIR": str(tmp / "run"),

@@ -32,7 +32,7 @@ from schemas import (
 )
 from schemas.messages import ChatTurn
 from tests.e2e.conftest import CONSUMER, FAST_GROUPS, Replies, collect, wait_until
-from topics import ALL, GENERATIONS, INFERENCE, TOKENS, declared, inference_topic, provision
+from topics import GENERATIONS, INFERENCE, TOKENS, declared, inference_topic, provision
 
 CAPACITY = 4
 WORKER_ENV = {
@@ -46,7 +46,7 @@ WORKER_ENV = {
 @pytest.fixture()
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     with EmbeddedBroker(log_path=tmp_path_factory.mktemp("wbroker") / "broker.log") as b:
-        provision(ConfluentTopicAdmin(b.bootstrap), ALL)
+        provision(ConfluentTopicAdmin(b.bootstrap), declared())
         yield b
 
 

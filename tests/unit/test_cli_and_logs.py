@@ -13,7 +13,7 @@ from kllm.core.refs import where
 from kllm.ops.supervisor import STAGES, tail
 from kllm.runtime import logs
 from kllm.runtime.settings import STATE_FILE, KafkaSettings, write_state
-from topics import ALL, REQUESTS
+from topics import ALL, REQUESTS, declared
 
 # --- _parse_replicas -----------------------------------------------------------------------
 
@@ -50,7 +50,7 @@ def test_main_topics_lists_every_topic(
     lines = out.splitlines()
     assert lines[0].split()[:2] == ["topic", "parts"]
     first_column = [line.split()[0] for line in lines[1:]]
-    assert first_column == [t.name for t in ALL]
+    assert first_column == [t.name for t in declared()]
     for t in ALL:
         (line,) = [x for x in lines if x.split()[0] == t.name]
         assert line.split()[1] == str(t.partitions)
