@@ -14,6 +14,7 @@ from pathlib import Path
 from confluent_kafka import Producer
 from pydantic import Field
 
+from kllm.core.stage_status import STATUS_FILE
 from kllm.gateway.config import STAGE, GatewayConfig, ServerConfig
 from kllm.gateway.keys import KeyStore
 from kllm.gateway.replies import ReplyRouter
@@ -57,6 +58,7 @@ class Settings(StageSettings):
             max_body_bytes=self.gateway_max_body_bytes,
             replay_ttl_s=self.gateway_replay_ttl_s,
             pools=tuple(self.inference_pools),
+            status_file=str(self.run_dir / STATUS_FILE),
         )
 
     def server(self) -> ServerConfig:

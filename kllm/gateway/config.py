@@ -24,6 +24,8 @@ class GatewayConfig:
     """How long an answer is kept for a caller repeating its Idempotency-Key (0: never)."""
     pools: tuple[str, ...] = ()
     """The inference pools (KLLM_INFERENCE_POOLS): the dashboard shows their groups too."""
+    status_file: str = ""
+    """The supervisor's status file (kllm.gateway.stages); empty: none is read."""
 
 
 @dataclass(frozen=True)

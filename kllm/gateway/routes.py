@@ -27,6 +27,7 @@ from kllm.gateway.config import STAGE
 from kllm.gateway.dashboard import PAGE
 from kllm.gateway.http import HttpError, error_response, replayed, reply_error
 from kllm.gateway.service import Gateway, Outcome
+from kllm.gateway.stages import add_stage_health, stage_report
 from kllm.runtime import tracing
 from processors import openai_api as api
 from schemas import Feedback, encode
@@ -161,12 +162,14 @@ async def dashboard(gw: Gateway, _http: HttpRequest) -> HttpResponse:
 async def dashboard_data(gw: Gateway, _http: HttpRequest) -> HttpResponse:
     data = gw.monitor().data()
     data["gateway"] = {"waiting": len(gw.waiting), "streams": gw.streams}
+    data["stages"] = stage_report(gw.config.status_file)[1]
     return _json(data)
 
 
 async def health(gw: Gateway, _http: HttpRequest) -> HttpResponse:
     ok = gw.router.alive
     body = {"status": "ok" if ok else "reply router stopped", "waiting": len(gw.waiting)}
+    ok = add_stage_health(body, gw.config.status_file) and ok
     return _json(body, 200 if ok else 503)
 
 
