@@ -4,6 +4,7 @@ prints as the supervisor restarts or gives up on a process, and its ticks."""
 from __future__ import annotations
 
 import argparse
+import textwrap
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def restart_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def say(change: Change) -> None:
-    print(f"  {change.text}", flush=True)
+    print(textwrap.indent(change.text, "  "), flush=True)
 
 
 def ready_line(sup: Supervisor, seconds: float) -> str:

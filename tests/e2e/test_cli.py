@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from kllm.core.stage_status import STATUS_FILE, read_status
 from kllm.ops.broker import free_port
+from kllm.testing.scripted_engine import scripted_engine
 from tests.e2e.conftest import FAST_GROUPS, REPO
 
 
@@ -159,3 +162,87 @@ def kllm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=180,
     )
+
+
+def _read_until(up: subprocess.Popen[str], lines: list[str], prefix: str, timeout_s: float) -> None:
+    """Collect ``up``'s output lines until one starts with ``prefix``."""
+    assert up.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = up.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(prefix):
+            return
+    raise AssertionError(f"no line starting {prefix!r}:\n{''.join(lines)}")
+
+
+@pytest.mark.slow
+def test_a_crash_looping_stage_fails_alone_and_the_pipeline_keeps_answering(
+    tmp_path: Path,
+) -> None:
+    env = _env(tmp_path) | {
+        "KLLM_DRIFT_WARMUP": "1",  # below its minimum: the drift stage exits at every start
+        "KLLM_RESTART_BACKOFF_S": "0.5",
+        "KLLM_MODELS": "",
+        "KLLM_GATEWAY_MODELS": '["scripted"]',
+    }
+    run = tmp_path / "run"
+    with scripted_engine() as script:
+        env["KLLM_MODELS"] = f'[{{"name": "scripted", "engine": "openai", "url": "{script}"}}]'
+        up = subprocess.Popen(
+            [sys.executable, "-m", "kllm.cli", "up", "--restart-budget", "2"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        lines: list[str] = []
+        try:
+            t0 = time.monotonic()
+            _read_until(up, lines, "pipeline ready in", 240)
+            _read_until(up, lines, "Ctrl-C stops everything", 30)
+            out = "".join(lines)
+            # Crashes 1 and 2 are restarted (at once, then after the backoff); the third
+            # is over the budget of 2: failed, with the reason and the log's last lines.
+            assert out.count("drift-0 exited with code 1") == 2, out
+            assert "drift-0 FAILED: crashed 3 times within 300 s (exit codes 1, 1, 1)" in out
+            assert "warmup" in out.split("drift-0 FAILED", 1)[1]  # the validation error
+            assert re.search(r"pipeline ready in [\d.]+s without drift-0 \(failed", out), out
+            status = read_status(run / STATUS_FILE)
+            assert status is not None
+            states = {p.name: p for p in status.processes}
+            assert (states["drift-0"].state, states["drift-0"].restarts) == ("failed", 2)
+            assert states["drift-0"].last_exit_code == 1
+            assert {p.state for n, p in states.items() if n != "drift-0"} == {"running"}
+            # The gateway says so, and answers: the request path does not need drift.
+            url = f"http://127.0.0.1:{env['KLLM_GATEWAY_PORT']}"
+            health = httpx.get(f"{url}/healthz", timeout=10)
+            assert health.status_code == 200, health.text
+            assert health.json()["status"] == "degraded"
+            assert health.json()["stages"]["failed"] == ["drift-0"]
+            secret = re.findall(r"\(shown once\): (\S+)", out)[0]
+            answer = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "scripted", "messages": [{"role": "user", "content": "Hi?"}]},
+                headers={"authorization": f"Bearer {secret}"},
+                timeout=120,
+            )
+            assert answer.status_code == 200, answer.text
+            assert "Partitions keep records" in answer.json()["choices"][0]["message"]["content"]
+            # Still up well after the failure, and drift left alone.
+            time.sleep(3)
+            assert up.poll() is None
+            status = read_status(run / STATUS_FILE)
+            assert status is not None and status.named("failed") == ["drift-0"]
+            print(f"failed and ready after {time.monotonic() - t0:.1f} s", file=sys.stderr)
+            up.send_signal(signal.SIGINT)
+            rest, _ = up.communicate(timeout=60)
+        finally:
+            if up.poll() is None:
+                up.kill()
+    out = "".join(lines) + rest
+    assert up.returncode == 0, out
+    assert "stopped" in out and not (run / STATUS_FILE).exists()
