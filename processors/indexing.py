@@ -4,17 +4,30 @@ An upsert replaces every chunk of the document (old chunks are deleted first,
 so a shorter new version leaves nothing behind); a delete removes them. Both
 are idempotent, so a redelivered record changes nothing, and a version older
 than the one stored is skipped, so a replay never rolls a document back.
+
+Chunks are capped in characters as well as tokens: a tokenizer that reads a long
+unbroken run as one unknown token would otherwise let one chunk hold megabytes.
+
+With a time budget, the indexer embeds in slices and stops after the slice that
+crosses it, returning the results of the documents it finished: the runner reads
+the rest again, uncommitted, after the query path has had its turn. A document
+larger than one budget keeps its vectors so far here and goes on where it stopped
+when its record comes again.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
+from kllm.core.errors import PipelineError
 from processors.base import Emit, Rejected
+from processors.batching import DOWN_AFTER, Failed, Result, isolate
 from processors.cache import ResponseCache
 from processors.retrieval import PUBLIC_TENANT, Embedder, StoredChunk, VectorStore
 from schemas import Document, DocumentIndexed
@@ -26,6 +39,12 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 
 CountTokens = Callable[[str], int]
 IndexOp = Literal["upsert", "delete", "skipped"]
+
+MAX_CHUNK_CHARS = 2000
+"""A chunk's character cap: about twice what 200 tokens of prose take, so prose is cut
+by tokens and only long unbroken runs by characters."""
+SLICE_CHUNKS = 32
+"""Chunks per embedding call when the indexer works to a time budget."""
 
 
 def split_sentences(text: str) -> list[str]:
@@ -64,27 +83,55 @@ def _split_long(sentence: str, count: CountTokens, max_tokens: int) -> list[str]
     return pieces
 
 
+def _cut_chars(sentence: str, max_chars: int) -> list[str]:
+    """Cut ``sentence`` into pieces of at most ``max_chars`` characters, at the last
+    space that fits (inside a word only when one is longer than the cap)."""
+    pieces = []
+    rest = sentence
+    while len(rest) > max_chars:
+        cut = rest.rfind(" ", 1, max_chars + 1)
+        if cut <= 0:
+            cut = max_chars
+        pieces.append(rest[:cut].strip())
+        rest = rest[cut:].strip()
+    if rest:
+        pieces.append(rest)
+    return [p for p in pieces if p]
+
+
 def chunk_by_tokens(
-    text: str, count: CountTokens, max_tokens: int = 200, overlap_tokens: int = 40
+    text: str,
+    count: CountTokens,
+    max_tokens: int = 200,
+    overlap_tokens: int = 40,
+    max_chars: int = MAX_CHUNK_CHARS,
 ) -> list[str]:
     """Pack whole sentences into chunks of at most ``max_tokens`` tokens (as the
-    embedding model counts them); each chunk after the first starts with the last
-    sentences of the previous one, up to ``overlap_tokens``, so a fact on a
-    boundary is whole in one of them."""
+    embedding model counts them) and ``max_chars`` characters; each chunk after the
+    first starts with the last sentences of the previous one, up to ``overlap_tokens``,
+    so a fact on a boundary is whole in one of them."""
     if not 0 <= overlap_tokens < max_tokens:
         raise ValueError(
             f"need 0 <= overlap_tokens < max_tokens, got {overlap_tokens}, {max_tokens}"
         )
+    if max_chars < 1:
+        raise ValueError(f"need max_chars >= 1, got {max_chars}")
     units: list[tuple[str, int]] = []
     for sentence in split_sentences(text):
-        n = count(sentence)
-        parts = [sentence] if n <= max_tokens else _split_long(sentence, count, max_tokens)
-        units.extend((p, n if len(parts) == 1 else count(p)) for p in parts)
+        # Characters first: cheap, and it bounds what each token count reads.
+        for part in _cut_chars(sentence, max_chars):
+            n = count(part)
+            parts = [part] if n <= max_tokens else _split_long(part, count, max_tokens)
+            units.extend((p, n if len(parts) == 1 else count(p)) for p in parts)
     chunks: list[str] = []
     current: list[tuple[str, int]] = []
     size = 0
+
+    def chars(units: Sequence[tuple[str, int]]) -> int:
+        return sum(len(u) for u, _ in units) + max(0, len(units) - 1)
+
     for unit in units:
-        if current and size + unit[1] > max_tokens:
+        if current and (size + unit[1] > max_tokens or chars([*current, unit]) > max_chars):
             chunks.append(" ".join(u for u, _ in current))
             carried: list[tuple[str, int]] = []
             carried_size = 0
@@ -92,6 +139,7 @@ def chunk_by_tokens(
                 if (
                     carried_size + prev[1] > overlap_tokens
                     or carried_size + prev[1] + unit[1] > max_tokens
+                    or chars([prev, *carried, unit]) > max_chars
                 ):
                     break
                 carried.insert(0, prev)
@@ -112,10 +160,18 @@ def chunk_id(tenant: str, doc_id: str, index: int) -> str:
     )
 
 
-@dataclass(frozen=True)
-class _Planned:
+@dataclass
+class _Plan:
+    """An upsert being embedded: its chunks, and the vectors of those embedded so far."""
+
+    index: int
     doc: Document
     pieces: list[str]
+    vectors: list[list[float]] = field(default_factory=list)
+
+    @property
+    def embedded(self) -> bool:
+        return len(self.vectors) == len(self.pieces)
 
 
 def require_text(doc: Document) -> None:
@@ -133,68 +189,58 @@ class Indexer:
         max_tokens: int = 200,
         overlap_tokens: int = 40,
         cache: ResponseCache | None = None,
+        *,
+        max_chars: int = MAX_CHUNK_CHARS,
+        budget_s: float | None = None,
+        slice_chunks: int = SLICE_CHUNKS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``cache``: the response cache whose answers a changed document may have
-        sourced; they are dropped when it changes."""
+        sourced; they are dropped when it changes. ``budget_s``: how long one call may
+        embed before it stops (None: the whole batch, in one embedding call)."""
         self.embedder = embedder
         self.store = store
         self.count_tokens = count_tokens
         self.max_tokens = max_tokens
         self.overlap_tokens = overlap_tokens
+        self.max_chars = max_chars
         self.cache = cache
+        self.budget_s = budget_s
+        self.slice_chunks = slice_chunks
+        self.clock = clock
+        self._progress: _Plan | None = None
+        """The document a call stopped in, with its vectors so far."""
 
     def process_batch(self, docs: Sequence[Document]) -> list[Emit]:
-        """Apply a batch of changes; one receipt per document, in the batch's order."""
-        receipts = self._apply(docs)
-        if self.cache is not None:
-            for r in receipts:
-                if isinstance(r.message, DocumentIndexed) and r.message.op != "skipped":
-                    tenant = r.message.tenant
-                    self.cache.invalidate(tenant, everyone=tenant == PUBLIC_TENANT)
-        return receipts
+        """Apply a batch of changes (all of it: no budget); one receipt per document.
+        Raises the first failure."""
+        budget, self.budget_s = self.budget_s, None
+        try:
+            results = self.process_each(docs)
+        finally:
+            self.budget_s = budget
+        out: list[Emit] = []
+        for result in results:
+            if isinstance(result, Failed):
+                raise result.error
+            out.extend(result)
+        if len(results) < len(docs):
+            raise PipelineError("part of the batch was not indexed")
+        return out
 
-    def _apply(self, docs: Sequence[Document]) -> list[Emit]:
-        latest: dict[tuple[str, str], Document] = {}
-        for doc in docs:  # same key, same partition: later records are newer
-            latest[(doc.tenant, doc.doc_id)] = doc
-        receipts: dict[tuple[str, str], DocumentIndexed] = {}
-        planned: list[_Planned] = []
-        for key, doc in latest.items():
-            stored = self.store.doc_version(doc.tenant, doc.doc_id)
-            if stored is not None and doc.version < stored:
-                reason = f"stored version {stored} is newer"
-                receipts[key] = self._receipt(doc, "skipped", 0, reason)
-            elif doc.op == "delete":
-                self.store.delete_doc(doc.tenant, doc.doc_id, deleted_version=doc.version)
-                receipts[key] = self._receipt(doc, "delete", 0)
-            else:
-                pieces = chunk_by_tokens(
-                    doc.text, self.count_tokens, self.max_tokens, self.overlap_tokens
-                )
-                planned.append(_Planned(doc, pieces))
-        # One embedding call for every chunk of the batch: the model is fastest in batches.
-        texts = [p for plan in planned for p in plan.pieces]
-        vectors = self.embedder.embed(texts) if texts else []
-        at = 0
-        for plan in planned:
-            doc = plan.doc
-            chunks = [
-                StoredChunk(
-                    chunk_id(doc.tenant, doc.doc_id, i),
-                    doc.tenant,
-                    doc.doc_id,
-                    piece,
-                    doc.source,
-                    vectors[at + i],
-                    doc.version,
-                )
-                for i, piece in enumerate(plan.pieces)
-            ]
-            at += len(plan.pieces)
-            self.store.delete_doc(doc.tenant, doc.doc_id)  # a shorter version leaves no old chunk
-            self.store.upsert(chunks)
-            receipts[(doc.tenant, doc.doc_id)] = self._receipt(doc, "upsert", len(chunks))
-        return [Emit(DOCUMENTS_INDEXED, f"{key[0]}/{key[1]}", receipts[key]) for key in latest]
+    def process_each(self, docs: Sequence[Document]) -> list[Result]:
+        """One result per document, in order: its receipt, nothing (a later record of the
+        same document in the batch replaces it), or Failed. Fewer results than
+        documents when the time budget ran out or a dependency is down: the rest are
+        to be read again."""
+        results = _Run(self, docs).run()
+        if self.cache is not None:
+            for result in results:
+                for r in result if isinstance(result, list) else []:
+                    if isinstance(r.message, DocumentIndexed) and r.message.op != "skipped":
+                        tenant = r.message.tenant
+                        self.cache.invalidate(tenant, everyone=tenant == PUBLIC_TENANT)
+        return results
 
     @staticmethod
     def _receipt(doc: Document, op: IndexOp, chunks: int, reason: str = "") -> DocumentIndexed:
@@ -206,3 +252,161 @@ class Indexer:
             chunks=chunks,
             reason=reason,
         )
+
+
+class _Run:
+    """One process_each call: plans documents in order, embeds their chunks in slices,
+    writes each document once its chunks are embedded."""
+
+    def __init__(self, indexer: Indexer, docs: Sequence[Document]) -> None:
+        self.ix = indexer
+        self.docs = docs
+        last = {(d.tenant, d.doc_id): i for i, d in enumerate(docs)}
+        # Same key, same partition: a later record is newer, and only the last applies.
+        self.superseded = {i for i, d in enumerate(docs) if last[(d.tenant, d.doc_id)] != i}
+        self.results: dict[int, Result] = {}
+        self.queue: list[_Plan] = []
+        self.next = 0
+        self.deadline = None if indexer.budget_s is None else indexer.clock() + indexer.budget_s
+        self.worked = False
+        self.stopped = False
+        self.store_failures = 0
+        self.last_success = -1
+
+    def run(self) -> list[Result]:
+        while not self.stopped:
+            self._plan()
+            if not self.queue or self.stopped:
+                break
+            if self._out_of_time():
+                break
+            self._embed_slice()
+            self._write_embedded()
+        for plan in self.queue:  # stopped in it: its vectors so far are kept
+            if plan.vectors and not plan.embedded:
+                self.ix._progress = plan
+                break
+        out: list[Result] = []
+        for i in range(len(self.docs)):
+            if i not in self.results:
+                break  # this one and the rest are read again
+            out.append(self.results[i])
+        return out
+
+    def _out_of_time(self) -> bool:
+        return self.worked and self.deadline is not None and self.ix.clock() >= self.deadline
+
+    def _waiting(self) -> int:
+        return sum(len(p.pieces) - len(p.vectors) for p in self.queue)
+
+    def _plan(self) -> None:
+        """Plan documents until a slice's worth of chunks waits to be embedded (all of
+        them without a budget)."""
+        ix = self.ix
+        while self.next < len(self.docs) and not self.stopped:
+            if self.deadline is not None and self._waiting() >= ix.slice_chunks:
+                return
+            if self._out_of_time():
+                return
+            i, doc = self.next, self.docs[self.next]
+            self.next += 1
+            if i in self.superseded:
+                self.results[i] = []
+                continue
+            progress = ix._progress
+            if progress is not None and progress.doc == doc:
+                self.queue.append(_Plan(i, doc, progress.pieces, progress.vectors))
+                ix._progress = None
+                continue
+            self._store(i, partial(self._change, i, doc))
+
+    def _change(self, i: int, doc: Document) -> None:
+        ix = self.ix
+        stored = ix.store.doc_version(doc.tenant, doc.doc_id)
+        if stored is not None and doc.version < stored:
+            reason = f"stored version {stored} is newer"
+            self.results[i] = [_emit(Indexer._receipt(doc, "skipped", 0, reason))]
+        elif doc.op == "delete":
+            ix.store.delete_doc(doc.tenant, doc.doc_id, deleted_version=doc.version)
+            self.results[i] = [_emit(Indexer._receipt(doc, "delete", 0))]
+            self.worked = True
+        else:
+            pieces = chunk_by_tokens(
+                doc.text, ix.count_tokens, ix.max_tokens, ix.overlap_tokens, ix.max_chars
+            )
+            self.queue.append(_Plan(i, doc, pieces))
+
+    def _store(self, i: int, write: Callable[[], None]) -> None:
+        """Run one document's store calls; its failure is its own, until DOWN_AFTER in a
+        row say the store is down: then they are retried later, with the rest."""
+        try:
+            write()
+        except PipelineError as exc:
+            self.store_failures += 1
+            self.results[i] = Failed(exc, "internal_error")
+            if self.store_failures >= DOWN_AFTER:
+                self._down()
+            return
+        self.store_failures = 0
+        self.last_success = i
+
+    def _down(self) -> None:
+        """The failures since the last success are the store's: retried later."""
+        for i, result in self.results.items():
+            if isinstance(result, Failed) and i > self.last_success:
+                self.results[i] = Failed(result.error, result.code, retry=True)
+        self.stopped = True
+
+    def _embed_slice(self) -> None:
+        limit = self.ix.slice_chunks if self.deadline is not None else None
+        wanted: list[tuple[_Plan, int]] = []
+        for plan in self.queue:
+            for k in range(len(plan.vectors), len(plan.pieces)):
+                if limit is not None and len(wanted) >= limit:
+                    break
+                wanted.append((plan, k))
+        if not wanted:
+            return
+        vectors = isolate([p.pieces[k] for p, k in wanted], self.ix.embedder.embed)
+        self.worked = True
+        failed: set[int] = set()
+        for (plan, _k), vector in zip(wanted, vectors, strict=False):
+            if plan.index in failed:
+                continue
+            if isinstance(vector, Failed):
+                self.results[plan.index] = vector
+                failed.add(plan.index)
+                if vector.retry:
+                    self.stopped = True
+                continue
+            plan.vectors.append(vector)
+        if len(vectors) < len(wanted):
+            self.stopped = True  # the embedder is down: the rest come again
+        self.queue = [p for p in self.queue if p.index not in failed]
+
+    def _write_embedded(self) -> None:
+        while self.queue and self.queue[0].embedded and not self.stopped:
+            plan = self.queue.pop(0)
+            self._store(plan.index, partial(self._write, plan))
+
+    def _write(self, plan: _Plan) -> None:
+        doc = plan.doc
+        chunks = [
+            StoredChunk(
+                chunk_id(doc.tenant, doc.doc_id, i),
+                doc.tenant,
+                doc.doc_id,
+                piece,
+                doc.source,
+                vector,
+                doc.version,
+            )
+            for i, (piece, vector) in enumerate(zip(plan.pieces, plan.vectors, strict=True))
+        ]
+        self.ix.store.delete_doc(doc.tenant, doc.doc_id)  # a shorter version leaves no old chunk
+        self.ix.store.upsert(chunks)
+        self.results[plan.index] = [_emit(Indexer._receipt(doc, "upsert", len(chunks)))]
+
+
+def _emit(receipt: DocumentIndexed) -> Emit:
+    return Emit(DOCUMENTS_INDEXED, f"{receipt.tenant}/{receipt.doc_id}", receipt)

@@ -1,4 +1,11 @@
-"""Retrieval: embed the question, search the tenant's chunks, build the prompt."""
+"""Retrieval: embed the question, search the tenant's chunks, build the prompt.
+
+Each question gets its own result (processors.batching): a template version this
+stage does not know, a search that fails or a job over the record limit fails that
+question only; a batch whose embedding fails is split to find the questions that
+fail; a store or embedder that fails every question is down, and those questions
+are read again later.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from processors.base import Emit
+from kllm.core.errors import ConfigError, PipelineError
+from processors.base import Emit, Rejected
+from processors.batching import Failed, Result, each, isolate
 from processors.cache import Hit, ResponseCache
 from processors.templates import TemplateCatalog
-from schemas import Chunk, InferenceJob, Request, Response, RetrievalContext
+from schemas import Chunk, InferenceJob, Request, Response, RetrievalContext, encode
 from schemas.messages import ChatTurn
 from topics import INFERENCE, RESPONSES, inference_topic
 
@@ -22,6 +31,17 @@ SYSTEM_PROMPT = (
     "context passages, and cite the passages you used like [1]. If the context "
     "does not contain the answer, say so."
 )
+
+
+MAX_CONTEXT_CHARS = 6000
+"""Characters of retrieved text one prompt carries (about 1,500 tokens)."""
+MAX_JOB_BYTES = 900_000
+"""An inference job's encoded size limit: under Kafka's default 1 MB record limit, with
+room for the record's headers."""
+
+
+class EmbedderError(PipelineError):
+    """The embedding model failed (kllm.adapters.retrieval.embedder translates its errors)."""
 
 
 class Embedder(Protocol):
@@ -74,6 +94,22 @@ def build_messages(
     return [ChatTurn(role="system", content=system), ChatTurn(role="user", content=user)]
 
 
+def cap_context(chunks: Sequence[Chunk], max_chars: int) -> list[Chunk]:
+    """The best chunks whose texts fit ``max_chars`` together: the one that crosses the
+    limit is cut there, the rest are dropped (a chunk stored before chunks were capped
+    in characters, or a huge one from another writer, cannot inflate the job)."""
+    out: list[Chunk] = []
+    left = max_chars
+    for chunk in chunks:
+        if left <= 0:
+            break
+        if len(chunk.text) > left:
+            chunk = chunk.model_copy(update={"text": chunk.text[:left]})
+        out.append(chunk)
+        left -= len(chunk.text)
+    return out
+
+
 def cached_response(request: Request, hit: Hit, now: float) -> Response:
     a = hit.answer
     return Response(
@@ -104,11 +140,15 @@ class Retriever:
         *,
         cache: ResponseCache | None = None,
         templates: TemplateCatalog | None = None,
+        max_context_chars: int = MAX_CONTEXT_CHARS,
+        max_job_bytes: int = MAX_JOB_BYTES,
     ) -> None:
         self.embedder = embedder
         self.store = store
         self.top_k = top_k
         self.min_score = min_score
+        self.max_context_chars = max_context_chars
+        self.max_job_bytes = max_job_bytes
         self.cache = cache
         self.templates = templates
         # Model or alias -> inference pool; unlisted models go to the default pool.
@@ -118,48 +158,102 @@ class Retriever:
         return self.process_batch([request])
 
     def process_batch(self, requests: Sequence[Request], now: float | None = None) -> list[Emit]:
-        """Cache hits answer at once; the rest share one embedding call, then one search
-        (or one semantic cache hit) each."""
-        now = time.time() if now is None else now
+        """process_each's outputs, raising the first failure (for callers that handle
+        a batch as a whole)."""
+        results = self.process_each(requests, now)
         out: list[Emit] = []
-        misses = []
-        for request in requests:
+        for result in results:
+            if isinstance(result, Failed):
+                raise result.error
+            out.extend(result)
+        if len(results) < len(requests):
+            raise PipelineError("part of the batch was not processed")
+        return out
+
+    def process_each(self, requests: Sequence[Request], now: float | None = None) -> list[Result]:
+        """One result per request, in order (fewer when a dependency is down: the rest
+        are to be read again). Cache hits answer at once; the rest share one embedding
+        call (split when it fails), then one search (or one semantic cache hit) each."""
+        now = time.time() if now is None else now
+        results: list[Result | None] = [None] * len(requests)
+        misses: list[int] = []
+        for i, request in enumerate(requests):
             hit = self.cache.lookup_exact(request, now) if self.cache else None
             if hit is None:
-                misses.append(request)
+                misses.append(i)
             else:
-                out.append(Emit(RESPONSES, request.request_id, cached_response(request, hit, now)))
-        if not misses:
-            return out
+                results[i] = [
+                    Emit(RESPONSES, request.request_id, cached_response(request, hit, now))
+                ]
+        if misses:
+            self._answer_misses(requests, misses, results, now)
+        done: list[Result] = []
+        for result in results:
+            if result is None:
+                break  # not tried: the dependency is down; this and the rest come again
+            done.append(result)
+        return done
+
+    def _answer_misses(
+        self,
+        requests: Sequence[Request],
+        misses: list[int],
+        results: list[Result | None],
+        now: float,
+    ) -> None:
         t0 = time.perf_counter()
-        vectors = self.embedder.embed([r.prompt for r in misses])
+        vectors = isolate([requests[i].prompt for i in misses], self.embedder.embed)
         embed_ms = (time.perf_counter() - t0) * 1000 / len(misses)
-        for request, vector in zip(misses, vectors, strict=True):
+        searched: list[tuple[int, Sequence[float], str]] = []
+        for i, vector in zip(misses, vectors, strict=False):  # shorter: the embedder is down
+            request = requests[i]
+            if isinstance(vector, Failed):
+                results[i] = vector
+                continue
             if self.cache is not None:
                 hit = self.cache.lookup_similar(request, vector, now)
                 if hit is not None:
-                    response = cached_response(request, hit, now)
-                    out.append(Emit(RESPONSES, request.request_id, response))
+                    results[i] = [
+                        Emit(RESPONSES, request.request_id, cached_response(request, hit, now))
+                    ]
                     continue
-                self.cache.expect(request, vector, now)
-            out.append(self._job(request, vector, embed_ms))
-        return out
+            try:
+                system = self._system(request)
+            except ConfigError as exc:  # a template version this stage does not know (yet)
+                results[i] = Failed(exc, "internal_error")
+                continue
+            searched.append((i, vector, system))
+        answers = each(searched, lambda s: self._job(requests[s[0]], s[1], s[2], embed_ms))
+        for (i, used, _system), answer in zip(searched, answers, strict=False):
+            if not isinstance(answer, Failed) and self.cache is not None:
+                self.cache.expect(requests[i], used, now)
+            results[i] = answer  # the ones left out were not searched: the store is down
 
-    def _job(self, request: Request, vector: Sequence[float], embed_ms: float) -> Emit:
+    def _system(self, request: Request) -> str:
+        if self.templates is not None and request.template:
+            return self.templates.render(request.template)
+        return SYSTEM_PROMPT
+
+    def _job(
+        self, request: Request, vector: Sequence[float], system: str, embed_ms: float
+    ) -> Result:
+        """The request's inference job; raises StoreError when the search fails."""
         t1 = time.perf_counter()
-        chunks = self.store.search(
+        found = self.store.search(
             vector, [request.tenant, PUBLIC_TENANT], self.top_k, self.min_score
         )
+        chunks = cap_context(found, self.max_context_chars)
         context = RetrievalContext(
             request_id=request.request_id,
             chunks=chunks,
             embed_ms=embed_ms,
             search_ms=(time.perf_counter() - t1) * 1000,
         )
-        system = SYSTEM_PROMPT
-        if self.templates is not None and request.template:
-            system = self.templates.render(request.template)
         messages = build_messages(request.prompt, chunks, system)
         job = InferenceJob(request=request, context=context, messages=messages)
+        size = len(encode(job))
+        if size > self.max_job_bytes:
+            reason = f"inference job of {size} bytes is over the {self.max_job_bytes}-byte limit"
+            return Failed(Rejected(reason), "invalid_request")
         topic = self.routes.get(request.model or "", INFERENCE)
-        return Emit(topic, request.request_id, job)
+        return [Emit(topic, request.request_id, job)]

@@ -5,6 +5,12 @@ process only: the indexer (documents -> Qdrant, receipts out), the query path
 (questions -> inference jobs, or cached answers straight to the responses),
 and the cache filler (answers coming back). All in micro-batches so the
 embedding model sees batches.
+
+The indexer shares the loop with the query path rather than running in its own
+process: embedded Qdrant is opened by one process only, and both need it. It works
+to a time budget per poll instead (KLLM_INDEX_BUDGET_MS): a large document is
+embedded a slice at a time, the records not finished are read again uncommitted,
+and the query path gets its turn between slices.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pydantic import Field
 
 from kllm.adapters.retrieval.documents import seed_documents
 from kllm.runtime import logs, metrics, tracing
-from kllm.runtime.batch import BatchHandler, BatchRunner, decoded, run_batches
+from kllm.runtime.batch import BatchHandler, BatchRunner, decoded, isolated, run_batches
 from kllm.runtime.kafka import make_consumer, make_producer
 from kllm.runtime.ready import mark_ready
 from kllm.runtime.settings import DOCS_DIR, PROMPTS_DIR, StageSettings
@@ -49,6 +55,19 @@ class Settings(StageSettings):
     """How long the query path waits for more questions to batch with the first."""
     chunk_tokens: int = 200
     chunk_overlap_tokens: int = 40
+    chunk_chars: int = Field(default=2000, ge=100)
+    """A chunk's character cap, beside its token cap (long unbroken runs count as few tokens)."""
+    max_context_chars: int = Field(default=6000, ge=0)
+    """Characters of retrieved text one inference job carries."""
+    index_budget_ms: float = Field(default=200.0, gt=0)
+    """How long the indexer embeds per poll before the query path gets its turn."""
+    index_max_batch: int = Field(default=16, ge=1)
+    """Documents per indexer poll (each may be large)."""
+    query_retry_s: float = Field(default=15.0, ge=0)
+    """How long a question is retried while the embedder or store is down, before its
+    caller gets an ``unavailable`` error (the gateway waits 60 s)."""
+    index_retry_s: float = Field(default=300.0, ge=0)
+    """The same for a document (no caller waits; the corpus should not lose it)."""
     templates_dir: Path = PROMPTS_DIR
     """Versioned prompt templates; requests name the variant ingestion assigned them."""
     cache: bool = True
@@ -90,6 +109,8 @@ def build(
         settings.chunk_tokens,
         settings.chunk_overlap_tokens,
         cache=cache,
+        max_chars=settings.chunk_chars,
+        budget_s=settings.index_budget_ms / 1000,
     )
     if settings.seed_dir.is_dir():
         receipts = indexer.process_batch(seed_documents(settings.seed_dir, PUBLIC_TENANT))
@@ -102,16 +123,19 @@ def build(
         model_pools=settings.model_pools,
         cache=cache,
         templates=load_templates(settings.templates_dir),
+        max_context_chars=settings.max_context_chars,
     )
-    handlers = [
-        (INDEXER_GROUP, INDEXER, decoded(INDEXER, Document, indexer.process_batch, require_text))
-    ]
+    index = isolated(
+        INDEXER, Document, indexer.process_each, require_text, retry_budget_s=settings.index_retry_s
+    )
+    handlers = [(INDEXER_GROUP, INDEXER, index)]
     if cache is not None:
         # A side reader of the responses: their own stage reports what it cannot read.
         handlers.append(
             (CACHE_GROUP, CACHE, decoded(CACHE, Response, cache.learn_batch, owner=False))
         )
-    handlers.append((RETRIEVAL_GROUP, STAGE, decoded(STAGE, Request, retriever.process_batch)))
+    query = isolated(STAGE, Request, retriever.process_each, retry_budget_s=settings.query_retry_s)
+    handlers.append((RETRIEVAL_GROUP, STAGE, query))
     return handlers
 
 
@@ -130,7 +154,7 @@ def main() -> None:
             producer,
             group.inputs[0],
             handler,
-            settings.max_batch,
+            settings.index_max_batch if name == INDEXER else settings.max_batch,
             settings.max_wait_ms / 1000,  # the last, the query path, waits; the others not
             stage_metrics,
             stage=name,

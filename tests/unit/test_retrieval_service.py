@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,9 @@ import orjson
 import pytest
 
 from kllm.adapters.retrieval.documents import seed_documents as seed_documents_of
-from kllm.runtime.batch import BatchHandler, decoded
+from kllm.runtime.batch import BatchHandler, isolated
 from kllm.runtime.dispatch import RecordRef
+from processors.base import Emit
 from processors.indexing import Indexer, chunk_by_tokens, require_text
 from processors.retrieval import PUBLIC_TENANT, Retriever, StoredChunk
 from schemas import DeadLetter, Document, DocumentIndexed, InferenceJob, Request, Response, encode
@@ -39,13 +40,29 @@ def _ref(topic: Any, offset: int, key: str | None = None) -> RecordRef:
     return RecordRef(topic, 1, offset, key)
 
 
+Records = Sequence[tuple[RecordRef, bytes]]
+
+
+def outputs_of(handler: BatchHandler) -> Callable[[Records], list[Emit]]:
+    """``handler``'s outputs, for a batch it handles whole (nothing given back)."""
+
+    def run(records: Records) -> list[Emit]:
+        handled = handler(records)
+        if isinstance(handled, list):
+            return handled
+        assert handled.again == {} and handled.retry_in_s == 0
+        return handled.outputs
+
+    return run
+
+
 # The handlers as build() makes them (test_build_wires_the_handlers checks it does).
-def query_handler(retriever: Retriever) -> BatchHandler:
-    return decoded(STAGE, Request, retriever.process_batch)
+def query_handler(retriever: Retriever) -> Callable[[Records], list[Emit]]:
+    return outputs_of(isolated(STAGE, Request, retriever.process_each))
 
 
-def document_handler(indexer: Indexer) -> BatchHandler:
-    return decoded(INDEXER, Document, indexer.process_batch, require_text)
+def document_handler(indexer: Indexer) -> Callable[[Records], list[Emit]]:
+    return outputs_of(isolated(INDEXER, Document, indexer.process_each, require_text))
 
 
 def seed_documents(seed_dir: Path) -> list[Document]:
@@ -259,7 +276,7 @@ def test_build_seeds_the_corpus(
     assert {c.doc_id for c in store.points.values()} == {"a/b", "c/d/e", "top"}
     assert len(embedder.calls) == 1  # the seed corpus is one batch
     # Any tenant now finds the seed corpus, top 1.
-    query = handlers[-1][2]
+    query = outputs_of(handlers[-1][2])
     req = make_request(tenant="acme", prompt="Moderation scores every answer.")
     (emit,) = query([(_ref(RETRIEVAL, 0, req.request_id), encode(req))])
     assert isinstance(emit.message, InferenceJob)
@@ -273,7 +290,7 @@ def test_build_wires_the_handlers(seed_dir: Path, embedder: Any, store: Any) -> 
         (CACHE_GROUP, CACHE),
         (RETRIEVAL_GROUP, STAGE),
     ]
-    index = handlers[0][2]
+    index = outputs_of(handlers[0][2])
     empty = Document(tenant="acme", doc_id="x", text=" ")
     (emit,) = index([(_ref(DOCUMENTS, 0, "acme/x"), encode(empty))])
     assert "no text" in _letter(emit, DOCUMENTS).reason  # the text check is on

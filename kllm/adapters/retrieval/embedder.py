@@ -1,10 +1,15 @@
-"""sentence-transformers embeddings, with the all-MiniLM-L6-v2 weights shipped in a package."""
+"""sentence-transformers embeddings, with the all-MiniLM-L6-v2 weights shipped in a package.
+
+The model's and tokenizer's errors are translated to EmbedderError here, so the
+retrieval stage fails the records they fail (or retries them), never the process.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from kllm.core.errors import ConfigError
+from processors.retrieval import EmbedderError
 
 
 def packaged_minilm_path() -> str:
@@ -39,10 +44,16 @@ class SentenceTransformerEmbedder:
         self.dim = int(dim)
 
     def count_tokens(self, text: str) -> int:
-        return len(self._model.tokenizer.tokenize(text))
+        try:
+            return len(self._model.tokenizer.tokenize(text))
+        except Exception as exc:  # the tokenizer's own errors, whatever their type
+            raise EmbedderError(f"tokenizing {len(text)} characters failed: {exc}") from exc
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        vectors = self._model.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True
-        )
+        try:
+            vectors = self._model.encode(
+                list(texts), batch_size=self.batch_size, normalize_embeddings=True
+            )
+        except Exception as exc:  # torch's and the model's errors, whatever their type
+            raise EmbedderError(f"embedding {len(texts)} texts failed: {exc}") from exc
         return [v.tolist() for v in vectors]
