@@ -8,10 +8,12 @@ system messages are not forwarded; the last user message is the question.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from processors.base import Rejected
@@ -20,9 +22,12 @@ from schemas import Request, Response
 STATUS_BY_CODE = {
     "invalid_request": 400,
     "prompt_blocked": 400,
+    "context_length_exceeded": 400,
     "unauthorized": 401,
     "model_not_found": 404,
     "duplicate_request": 409,
+    "request_too_large": 413,
+    "idempotency_mismatch": 422,
     "quota_exceeded": 429,
     "overloaded": 429,
     "engine_error": 502,
@@ -35,7 +40,20 @@ ERROR_TYPE_BY_STATUS = {
     401: "authentication_error",
     404: "invalid_request_error",
     409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
+}
+# A failed generation says how it ended in its finish reason (processors.inference):
+# a deadline is a timeout (504), a prompt too long for the model the caller's (400).
+CODE_BY_FINISH = {"timeout": "timeout", "context_length": "context_length_exceeded"}
+# What a caller is told of a failure inside the pipeline: never the upstream's own words
+# (they can hold internal addresses or an upstream's response body).
+CALLER_MESSAGES = {
+    "engine_error": "the model failed to answer; retry later",
+    "timeout": "no answer before the request's deadline",
+    "unavailable": "the service is unavailable; retry shortly",
+    "context_length_exceeded": "the prompt is longer than the model's context window",
 }
 MAX_TOKENS = 4096  # the request schema's own bound; ingestion applies its (lower) cap
 # OpenAI's finish reasons; the pipeline's own (timeout, error) are reported in the extension.
@@ -84,6 +102,13 @@ class ChatCompletionRequest(BaseModel):
         if not any(m.role == "user" and m.text().strip() for m in messages):
             raise ValueError("messages must contain a user message with text")
         return messages
+
+
+def body_hash(chat: ChatCompletionRequest) -> str:
+    """SHA-256 of what a request asks, in a canonical form: the same question asked
+    again (with its fields in another order, or streamed this time) hashes alike."""
+    asked = chat.model_dump(mode="json", exclude={"stream", "stream_options"})
+    return hashlib.sha256(orjson.dumps(asked, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 B = TypeVar("B", bound=BaseModel)
@@ -165,10 +190,36 @@ def _request(
     )
 
 
+def error_code_for(response: Response) -> str:
+    """The machine-readable kind of a failed response, as a caller is told it."""
+    code = response.error_code or "error"
+    if code == "engine_error":
+        return CODE_BY_FINISH.get(response.finish_reason, code)
+    return code
+
+
 def status_for(response: Response) -> int:
     if response.error is None:
         return 200
-    return STATUS_BY_CODE.get(response.error_code or "", 500)
+    return STATUS_BY_CODE.get(error_code_for(response), 500)
+
+
+def caller_message(response: Response) -> str:
+    """The error message a caller sees: the pipeline's own words for a refusal of its
+    request (4xx), a fixed sentence for a failure inside the pipeline."""
+    code, status = error_code_for(response), status_for(response)
+    if status < 500 and code in CALLER_MESSAGES:
+        return CALLER_MESSAGES[code]
+    if status < 500:
+        return response.error or "refused"
+    return CALLER_MESSAGES.get(code, "the request failed inside the pipeline; retry later")
+
+
+def replayable(response: Response) -> bool:
+    """Whether an answer is final, to be given again to a caller repeating its
+    Idempotency-Key: a success or a refusal of the request itself, never an outcome a
+    retry may change (429, a timeout, a failure inside the pipeline)."""
+    return status_for(response) < 500 and status_for(response) not in (408, 409, 429)
 
 
 def error_body(message: str, code: str, status: int) -> dict[str, Any]:

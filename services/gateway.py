@@ -17,6 +17,7 @@ from pydantic import Field
 from kllm.core.stage_status import STATUS_FILE
 from kllm.gateway.config import STAGE, GatewayConfig, ServerConfig
 from kllm.gateway.keys import KeyStore
+from kllm.gateway.recent import RecentAnswers
 from kllm.gateway.replies import ReplyRouter
 from kllm.gateway.server import serve
 from kllm.gateway.service import Gateway
@@ -44,6 +45,14 @@ class Settings(StageSettings):
     gateway_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     gateway_replay_ttl_s: float = Field(default=600.0, ge=0)
     """How long an answer is kept for a caller repeating its Idempotency-Key."""
+    gateway_replay_max: int = Field(default=10_000, ge=1)
+    """Answers to Idempotency-Key requests each replica keeps at most."""
+    gateway_publish_timeout_s: float = Field(default=5.0, gt=0)
+    """How long a publish waits for the broker's acknowledgement (never past the
+    request's deadline); past it the caller gets 503. Also the producer's
+    message.timeout.ms, so the record is given up on too."""
+    gateway_health_interval_s: float = Field(default=2.0, ge=0)
+    """How often /healthz's view of the producer and the reply router is refreshed."""
 
     def keys_path(self) -> Path:
         return self.gateway_keys_file or self.run_dir / "keys.json"
@@ -57,6 +66,8 @@ class Settings(StageSettings):
             timeout_s=self.gateway_timeout_s,
             max_body_bytes=self.gateway_max_body_bytes,
             replay_ttl_s=self.gateway_replay_ttl_s,
+            publish_timeout_s=self.gateway_publish_timeout_s,
+            health_interval_s=self.gateway_health_interval_s,
             pools=tuple(self.inference_pools),
             status_file=str(self.run_dir / STATUS_FILE),
         )
@@ -79,12 +90,21 @@ def build(
 ) -> Gateway:
     bootstrap = settings.bootstrap()
     if producer is None:
-        producer = make_producer(bootstrap, settings.producer_config())
+        producer = make_producer(bootstrap, producer_config(settings))
+    recent = RecentAnswers(settings.gateway_replay_ttl_s, settings.gateway_replay_max)
     if router is None:
         fetch = {"fetch.wait.max.ms": settings.fetch_wait_max_ms}
         # Moderated windows only: the raw token topic never reaches a caller.
-        router = ReplyRouter(bootstrap, [RESPONSES, MODERATED_TOKENS], fetch)
-    return Gateway(settings.gateway(), keys or KeyStore(settings.keys_path()), producer, router)
+        router = ReplyRouter(bootstrap, [RESPONSES, MODERATED_TOKENS], fetch, recent)
+    keys = keys or KeyStore(settings.keys_path())
+    return Gateway(settings.gateway(), keys, producer, router, recent)
+
+
+def producer_config(settings: Settings) -> dict[str, str | int | bool]:
+    """The stages' producer settings, giving up on a record after the publish timeout
+    (librdkafka's default, 300 s, would keep a caller waiting through an outage)."""
+    timeout_ms = max(1, round(settings.gateway_publish_timeout_s * 1000))
+    return settings.producer_config() | {"message.timeout.ms": timeout_ms}
 
 
 def main() -> None:

@@ -22,6 +22,11 @@ class GatewayConfig:
     max_body_bytes: int
     replay_ttl_s: float
     """How long an answer is kept for a caller repeating its Idempotency-Key (0: never)."""
+    publish_timeout_s: float = 5.0
+    """How long a publish waits for the broker's acknowledgement (within the request's
+    deadline); past it the caller gets 503."""
+    health_interval_s: float = 2.0
+    """How often the producer and the reply router are checked against the broker (0: never)."""
     pools: tuple[str, ...] = ()
     """The inference pools (KLLM_INFERENCE_POOLS): the dashboard shows their groups too."""
     status_file: str = ""

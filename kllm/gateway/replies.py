@@ -4,7 +4,9 @@ Every gateway replica reads every partition of the reply topics from their end,
 without a consumer group: a reply reaches whichever replica holds the caller's
 connection, with no join delay and no offsets to commit (a caller whose replica
 dies loses its connection anyway). The consumer runs in a thread; only replies
-someone waits for cross into the event loop.
+someone waits for cross into the event loop, and the responses to Idempotency-Key
+requests are kept in the replica's recent answers (kllm.gateway.recent), whoever
+waits for them.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaException
 
 from kllm.core.errors import PipelineError
+from kllm.gateway.recent import RecentAnswers
 from kllm.runtime.kafka import end_offsets
-from schemas import Message, decode
+from schemas import Message, Response, decode
 from topics import REPLIES_GROUP, TopicSpec
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class ReplyRouter:
         bootstrap: str,
         topics: Sequence[TopicSpec],
         extra: Mapping[str, str | int | bool] | None = None,
+        recent: RecentAnswers | None = None,
     ) -> None:
         self._consumer = Consumer(
             {
@@ -49,6 +53,8 @@ class ReplyRouter:
             }
         )
         self._schemas = {t.name: t.schema for t in topics if t.schema is not None}
+        self._answers = {n for n, schema in self._schemas.items() if schema is Response}
+        self.recent = recent
         self._consumer.assign([tp for t in topics for tp in end_offsets(self._consumer, t.name)])
         self._waiters: dict[str, list[asyncio.Queue[Reply]]] = {}
         self._lock = threading.Lock()
@@ -80,8 +86,19 @@ class ReplyRouter:
                 self._waiters.pop(request_id, None)
 
     def waiting(self) -> int:
+        """Request ids someone on this replica is subscribed to."""
         with self._lock:
             return len(self._waiters)
+
+    def reachable(self, timeout_s: float) -> bool:
+        """Whether the router runs and its consumer gets an answer from the broker."""
+        if not self.alive:
+            return False
+        try:
+            self._consumer.list_topics(next(iter(self._schemas)), timeout=timeout_s)
+        except KafkaException:
+            return False
+        return True
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -92,8 +109,14 @@ class ReplyRouter:
             request_id = key.decode() if key else None
             with self._lock:
                 queues = list(self._waiters.get(request_id or "", ()))
-            if queues:
-                self._deliver(msg.topic() or "", msg.value() or b"", queues)
+            topic = msg.topic() or ""
+            keep = (
+                self.recent is not None
+                and topic in self._answers
+                and (request_id or "").startswith("idem-")
+            )
+            if queues or keep:
+                self._deliver(topic, msg.value() or b"", queues)
         self._consumer.close()
 
     def _deliver(self, topic: str, value: bytes, queues: list[asyncio.Queue[Reply]]) -> None:
@@ -102,6 +125,8 @@ class ReplyRouter:
         except PipelineError as exc:  # a bad reply must not stop everyone else's
             log.error("unreadable reply", extra={"topic": topic, "reason": str(exc)})
             return
+        if self.recent is not None and isinstance(message, Response):
+            self.recent.remember(message)
         reply = Reply(topic, message, time.perf_counter())
         assert self._loop is not None
         for queue in queues:

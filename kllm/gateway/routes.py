@@ -1,7 +1,8 @@
 """The gateway's HTTP routes, one function each, and the app that serves them.
 
-Cheap refusals happen here, before Kafka: a missing or wrong key (401), a malformed
-body (400), an unknown model (404), too many callers already waiting (429).
+Cheap refusals happen here, before Kafka: a missing or wrong key (401), a body over
+the size limit (413, refused before it is read), a malformed body (400), an unknown
+model (404), too many callers already waiting (429).
 Everything else (quotas, duplicates, guardrails) is ingestion's, and comes back as
 an error reply that maps to its HTTP status.
 """
@@ -41,12 +42,39 @@ def _json(body: object, status: int = 200) -> HttpResponse:
     return HttpResponse(orjson.dumps(body), status, None, "application/json")
 
 
+async def read_body(http: HttpRequest, limit: int) -> bytes:
+    """The body, refused (413) before it is read when its declared length is over
+    ``limit``, and as soon as what arrives goes over it (a chunked or lying body)."""
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HttpError(
+            413, "request_too_large", f"body of {declared} bytes is over the limit of {limit}"
+        )
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, "request_too_large", f"body is over the limit of {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def until_disconnected(http: HttpRequest) -> None:
+    """Returns once the caller has closed its connection (its body already read)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def parse(gw: Gateway, http: HttpRequest, tenant: str) -> api.ChatCompletionRequest:
-    """The body as a chat request for a served model; refusals are dead-lettered."""
-    raw = await http.body()
+    """The body as a chat request for a served model; refusals are dead-lettered (one
+    too large with no payload: it was not read)."""
     try:
-        if len(raw) > gw.config.max_body_bytes:
-            raise HttpError(413, "invalid_request", f"body of {len(raw)} bytes is too large")
+        raw = await read_body(http, gw.config.max_body_bytes)
+    except HttpError as exc:
+        gw.dead_letter(tenant, b"", exc)
+        raise
+    try:
         try:
             chat_request = api.parse_chat_request(orjson.loads(raw))
         except orjson.JSONDecodeError as exc:
@@ -86,13 +114,14 @@ async def answer_chat(gw: Gateway, http: HttpRequest) -> HttpResponse:
         chat_request = await parse(gw, http, tenant)
         request = api.to_request(
             chat_request,
-            request_id=gw.request_id(http, tenant),
+            request_id=gw.request_id(http, tenant, chat_request),
             tenant=tenant,
             model=chat_request.model,
             timeout_s=gw.config.timeout_s,
         )
         if chat_request.stream and gw.fresh(request.request_id):
-            return await gw.stream(request, _include_usage(chat_request), t0)
+            gone = partial(until_disconnected, http)
+            return await gw.stream(request, _include_usage(chat_request), t0, gone)
         outcome = await gw.answer(request)
         if outcome.response.error is not None:
             raise reply_error(outcome.response)
@@ -127,7 +156,7 @@ def answered(
 async def feedback(gw: Gateway, http: HttpRequest) -> HttpResponse:
     try:
         tenant = gw.tenant(http)
-        raw = await http.body()
+        raw = await read_body(http, gw.config.max_body_bytes)
         try:
             body = api.parse_feedback(orjson.loads(raw))
         except (orjson.JSONDecodeError, PipelineError) as exc:
@@ -161,20 +190,22 @@ async def dashboard(gw: Gateway, _http: HttpRequest) -> HttpResponse:
 
 async def dashboard_data(gw: Gateway, _http: HttpRequest) -> HttpResponse:
     data = gw.monitor().data()
-    data["gateway"] = {"waiting": len(gw.waiting), "streams": gw.streams}
+    data["gateway"] = {"waiting": gw.busy, "streams": gw.streams}
     data["stages"] = stage_report(gw.config.status_file)[1]
     return _json(data)
 
 
 async def health(gw: Gateway, _http: HttpRequest) -> HttpResponse:
-    ok = gw.router.alive
-    body = {"status": "ok" if ok else "reply router stopped", "waiting": len(gw.waiting)}
-    ok = add_stage_health(body, gw.config.status_file) and ok
-    return _json(body, 200 if ok else 503)
+    """Readiness: 503 unless the producer and the reply router both reach the broker
+    (and the stages on the request path run). ``waiting`` is the callers holding a slot
+    (the admission count), ``subscriptions`` the request ids the router routes for."""
+    body = gw.readiness()
+    body["ready"] = add_stage_health(body, gw.config.status_file) and bool(body["ready"])
+    return _json(body, 200 if body["ready"] else 503)
 
 
 async def metrics(gw: Gateway, _http: HttpRequest) -> HttpResponse:
-    gw.metrics.waiting.set(len(gw.waiting))
+    gw.metrics.waiting.set(gw.busy)
     body, content_type = gw.metrics.render()
     return HttpResponse(body, 200, None, content_type)
 

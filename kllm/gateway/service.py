@@ -1,36 +1,44 @@
 """The gateway between HTTP callers and the request topic: admission, publishing with
-the broker's acknowledgement, waiting for the reply by request id, streams, and the
-replay cache for callers repeating an Idempotency-Key."""
+the broker's acknowledgement within a deadline, waiting for the reply by request id,
+streams (released when their caller leaves), and the recent answers for callers
+repeating an Idempotency-Key on any replica."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from confluent_kafka import KafkaException, Producer
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
-from starlette.responses import StreamingResponse
 
 from kllm.core.errors import BrokerError
 from kllm.gateway.config import STAGE, GatewayConfig
-from kllm.gateway.http import HttpError, reply_error
+from kllm.gateway.health import Health, Probe
+from kllm.gateway.http import HttpError, ReleasingStream, reply_error
 from kllm.gateway.keys import KeyStore
 from kllm.gateway.live import LiveStream
 from kllm.gateway.monitor import PipelineMonitor
+from kllm.gateway.recent import RecentAnswers
 from kllm.gateway.replies import Reply, ReplyRouter
 from kllm.runtime import tracing
 from kllm.runtime.delivery import produce_acked_async
 from kllm.runtime.metrics import GatewayMetrics
+from processors import openai_api as api
+from processors.admission import idempotent_id
 from schemas import DeadLetter, Request, Response, encode
 from topics import REQUESTS, RESPONSES
+
+T = TypeVar("T")
+Gone = Callable[[], Awaitable[None]]
+"""Returns once the caller has closed its connection."""
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +55,30 @@ class Gateway:
     keys: KeyStore
     producer: Producer
     router: ReplyRouter
+    recent: RecentAnswers | None = None
+    """Shared with the router, which fills it; by default the router's, or a new one."""
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     waiting: dict[str, asyncio.Future[Outcome]] = field(default_factory=dict)
-    replays: OrderedDict[str, tuple[float, Outcome]] = field(default_factory=OrderedDict)
     streams: int = 0
+    health: Health | None = None
     _monitor: PipelineMonitor | None = None
     _stop_polling: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        if self.recent is None:
+            self.recent = getattr(self.router, "recent", None) or RecentAnswers(
+                self.config.replay_ttl_s
+            )
+
+    @property
+    def answers(self) -> RecentAnswers:
+        assert self.recent is not None
+        return self.recent
+
+    @property
+    def busy(self) -> int:
+        """Callers holding a slot here: waiting for an answer, or streaming one."""
+        return len(self.waiting) + self.streams
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Delivery callbacks run from the producer's poll(): a thread keeps them flowing."""
@@ -62,9 +88,37 @@ class Gateway:
         )
         poller.start()
         self.router.start(loop)
+        if self.config.health_interval_s > 0:
+            probes = {"producer": _reaches(self.producer), "replies": self.router.reachable}
+            self.health = Health(probes, self.config.health_interval_s)
+            self.health.start()
+
+    def readiness(self) -> dict[str, object]:
+        """What /healthz reports: ready only when the producer and the reply router both
+        reach the broker (and the router runs)."""
+        clients = self.health.status() if self.health is not None else {}
+        producer = clients.get("producer", True)
+        replies = self.router.alive and clients.get("replies", True)
+        if not self.router.alive:
+            status = "reply router stopped"
+        elif not (producer and replies):
+            status = "broker unreachable"
+        else:
+            status = "ok"
+        return {
+            "status": status,
+            "ready": producer and replies,
+            "producer": producer,
+            "replies": replies,
+            "waiting": self.busy,
+            "streams": self.streams,
+            "subscriptions": self.router.waiting(),
+        }
 
     def close(self) -> None:
         self._stop_polling.set()
+        if self.health is not None:
+            self.health.close()
         self.router.close()
         if self._monitor is not None:
             self._monitor.close()
@@ -101,20 +155,22 @@ class Gateway:
         except (BufferError, KafkaException) as err:
             log.warning("refusal not dead-lettered", extra={"reason": str(err)})
 
-    def request_id(self, http: HttpRequest, tenant: str) -> str:
+    def request_id(
+        self, http: HttpRequest, tenant: str, chat_request: api.ChatCompletionRequest
+    ) -> str:
+        """A fresh id; with an Idempotency-Key, the one every replica derives from the
+        tenant, the key and the body (the attempt after any that failed)."""
         key = http.headers.get("idempotency-key")
         if not key:
             return f"chatcmpl-{uuid.uuid4().hex}"
-        # Scoped by tenant: two tenants' keys never name the same request.
-        return "idem-" + hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()[:40]
+        return self.answers.attempt_id(idempotent_id(tenant, key, api.body_hash(chat_request)))
 
     async def answer(self, request: Request) -> Outcome:
         """Publish once per request id; callers repeating it share the answer."""
         rid = request.request_id
-        now = time.monotonic()
-        kept = self.replays.get(rid)
-        if kept is not None and kept[0] > now:
-            return kept[1]
+        kept = self.answers.answer(rid)
+        if kept is not None:
+            return Outcome(kept, 0.0)
         if rid in self.waiting:
             return await asyncio.shield(self.waiting[rid])
         self._admit()
@@ -129,15 +185,15 @@ class Gateway:
             raise
         finally:
             del self.waiting[rid]
-        self._keep(rid, outcome)
+        self.answers.remember(outcome.response)  # the router has, unless it is not keyed
         return outcome
 
     def fresh(self, rid: str) -> bool:
         """Neither waited for nor answered lately: a stream of its own, not a replay."""
-        return rid not in self.waiting and rid not in self.replays
+        return rid not in self.waiting and self.answers.answer(rid) is None
 
     def _admit(self) -> None:
-        busy = len(self.waiting) + self.streams
+        busy = self.busy
         if busy >= self.config.max_waiting:
             self.metrics.shed.inc()
             raise HttpError(
@@ -147,9 +203,13 @@ class Gateway:
                 retry_after=self.config.retry_after_s,
             )
 
-    async def stream(self, request: Request, include_usage: bool, t0: float) -> HttpResponse:
+    async def stream(
+        self, request: Request, include_usage: bool, t0: float, gone: Gone
+    ) -> HttpResponse:
         """Publish, wait for the first reply, then stream moderated windows as SSE. An
-        error reply before any window is an HTTP error, as for a non-streamed call."""
+        error reply before any window is an HTTP error, as for a non-streamed call. The
+        slot and the subscription are released however the stream ends: the caller
+        leaving before the first reply, or before the stream was ever sent, included."""
         self._admit()
         rid = request.request_id
         queue = self.router.subscribe(rid)
@@ -173,13 +233,17 @@ class Gateway:
         )
         try:
             await self._publish(request)
-            first = await live.next_reply()
+            first = await _unless_gone(live.next_reply(), gone)
         except TimeoutError as exc:
             release()
             raise HttpError(504, "timeout", "no answer before the request's deadline") from exc
         except BaseException:
             release()
             raise
+        if first is None:
+            release()
+            log.info("caller left before the first reply", extra={"request_id": rid})
+            raise HttpError(499, "client_closed", "the caller closed the connection")
         if isinstance(first.message, Response) and first.message.error is not None:
             release()
             raise reply_error(first.message)
@@ -188,8 +252,8 @@ class Gateway:
         self.metrics.observe_ok(first_s, 0.0, cached)
         headers = {"x-request-id": rid, "x-kllm-first-reply-ms": f"{first_s * 1000:.3f}"}
         log.info("streaming", extra={"request_id": rid})
-        return StreamingResponse(
-            live.events(first), headers=headers, media_type="text/event-stream"
+        return ReleasingStream(
+            live.events(first), release, headers=headers, media_type="text/event-stream"
         )
 
     async def _round_trip(self, request: Request) -> Outcome:
@@ -204,17 +268,33 @@ class Gateway:
             self.router.unsubscribe(request.request_id, queue)
 
     async def _publish(self, request: Request) -> None:
-        await self.publish(REQUESTS.name, request.tenant, encode(request))
+        await self.publish(REQUESTS.name, request.tenant, encode(request), request.deadline_at)
 
-    async def publish(self, topic: str, key: str, value: bytes) -> None:
-        """Produce and wait for the broker's acknowledgement (503 if it fails)."""
+    async def publish(
+        self, topic: str, key: str, value: bytes, deadline_at: float | None = None
+    ) -> None:
+        """Produce and wait for the broker's acknowledgement, at most the publish timeout
+        and never past the request's deadline: 503 if it fails or does not come. (The
+        producer's message.timeout.ms is the same timeout: it gives up on the record too.)"""
+        wait = self.config.publish_timeout_s
+        if deadline_at is not None:
+            wait = min(wait, max(0.0, deadline_at - time.time()))
         try:
             # The caller's span goes with it: the trace goes on in Kafka.
-            await produce_acked_async(
+            ack = produce_acked_async(
                 self.producer, (topic, key, value), tracing.headers_for(), polled_elsewhere=True
             )
+            await asyncio.wait_for(ack, timeout=wait)
+        except TimeoutError as exc:
+            log.warning("publish not acknowledged in time", extra={"topic": topic, "wait_s": wait})
+            raise self._unavailable("the broker did not acknowledge the request in time") from exc
         except (BufferError, KafkaException, BrokerError) as exc:
-            raise HttpError(503, "unavailable", f"cannot publish the request: {exc}") from exc
+            log.warning("publish failed", extra={"topic": topic, "reason": str(exc)})
+            raise self._unavailable("the request could not be published") from exc
+
+    def _unavailable(self, what: str) -> HttpError:
+        retry = self.config.retry_after_s
+        return HttpError(503, "unavailable", f"{what}; retry shortly", retry_after=retry)
 
     async def _reply(self, queue: asyncio.Queue[Reply], request: Request) -> Reply:
         left = (request.deadline_at or time.time()) - time.time() + 1.0
@@ -226,13 +306,29 @@ class Gateway:
         except TimeoutError as exc:
             raise HttpError(504, "timeout", "no answer before the request's deadline") from exc
 
-    def _keep(self, rid: str, outcome: Outcome) -> None:
-        if not rid.startswith("idem-") or self.config.replay_ttl_s <= 0:
-            return
-        now = time.monotonic()
-        self.replays[rid] = (now + self.config.replay_ttl_s, outcome)
-        while self.replays and next(iter(self.replays.values()))[0] <= now:
-            self.replays.popitem(last=False)
+
+async def _unless_gone(main: Awaitable[T], gone: Gone) -> T | None:
+    """``main``'s result, or None as soon as the caller has left (``main`` cancelled)."""
+    task = asyncio.ensure_future(main)
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
+
+
+def _reaches(producer: Producer) -> Probe:
+    def probe(timeout_s: float) -> bool:
+        try:
+            producer.list_topics(REQUESTS.name, timeout=timeout_s)
+        except KafkaException:
+            return False
+        return True
+
+    return probe
 
 
 def _poll_producer(producer: Producer, stop: threading.Event) -> None:

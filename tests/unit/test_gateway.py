@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from starlette.testclient import TestClient
 
 from kllm.gateway.keys import KeyStore
@@ -41,9 +42,16 @@ def ok(request: Request, **fields: Any) -> Response:
 @dataclass
 class FakeRouter:
     alive: bool = True
+    reaches: bool = True
     queues: dict[str, list[asyncio.Queue[Reply]]] = field(default_factory=dict)
     started: bool = False
     closed: bool = False
+
+    def reachable(self, _timeout_s: float) -> bool:
+        return self.alive and self.reaches
+
+    def waiting(self) -> int:
+        return len(self.queues)
 
     def start(self, _loop: asyncio.AbstractEventLoop) -> None:
         self.started = True
@@ -71,7 +79,16 @@ class FakeProducer:
     answer: Answer = ok
     produced: list[tuple[str, str, bytes, Any]] = field(default_factory=list)
     fail: bool = False
+    acks: bool = True
+    """False: records are taken but never acknowledged (a broker that stopped)."""
+    down: bool = False
+    """True: metadata requests fail (the health probe's view of a broker outage)."""
     flushed: bool = False
+
+    def list_topics(self, _topic: str, timeout: float) -> object:
+        if self.down:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return object()
 
     def produce(self, topic: str, *, key: str, value: bytes, **kw: Any) -> None:
         if self.fail:
@@ -84,7 +101,7 @@ class FakeProducer:
                 reply = Reply(RESPONSES.name, response, time.perf_counter())
                 for queue in self.router.queues.get(request.request_id, []):
                     queue.put_nowait(reply)
-        if "on_delivery" in kw:
+        if "on_delivery" in kw and self.acks:
             kw["on_delivery"](None, None)
 
     def poll(self, timeout: float) -> int:
@@ -171,7 +188,7 @@ def test_a_missing_or_wrong_key_is_refused(
         (b"{not json", 400, "invalid_request"),
         (orjson.dumps({"model": "smollm2-135m", "messages": []}), 400, "invalid_request"),
         (orjson.dumps(chat() | {"model": "gpt-9"}), 404, "model_not_found"),
-        (orjson.dumps(chat("x" * 300_000)), 413, "invalid_request"),
+        (orjson.dumps(chat("x" * 300_000)), 413, "request_too_large"),
     ],
 )
 def test_a_refused_body_is_an_error_and_a_dead_letter(
@@ -293,7 +310,16 @@ def test_models_health_and_metrics(rig: Rig) -> None:
         "object": "list",
         "data": [{"id": "smollm2-135m", "object": "model", "created": 0, "owned_by": "kllm"}],
     }
-    assert (health.status_code, health.json()) == (200, {"status": "ok", "waiting": 0})
+    assert health.status_code == 200
+    assert health.json() == {
+        "status": "ok",
+        "ready": True,
+        "producer": True,
+        "replies": True,
+        "waiting": 0,
+        "streams": 0,
+        "subscriptions": 0,
+    }
     assert metrics.status_code == 200 and "kllm_gateway" in metrics.text
     assert (down.status_code, down.json()["status"]) == (503, "reply router stopped")
 
