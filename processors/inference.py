@@ -2,20 +2,25 @@
 
 The engine streams; this module decides which engine (model routing with a
 fallback and a circuit breaker), enforces the request's deadline, retries
-engine errors a bounded number of times, prices the usage, and produces the
-generation. It knows nothing of Kafka: deltas go to a callback, outputs come
-back as :class:`Emit` values.
+engine errors a bounded number of times (exponential backoff with jitter, so
+workers retrying together do not hit a recovering engine together), prices the
+usage, and produces the generation. A prompt too long for the model's context is
+the caller's error: not retried, not counted against the model's breaker, and
+the generation's finish reason says so (``context_length``: a 400 to the caller).
+It knows nothing of Kafka: deltas go to a callback, outputs come back as
+:class:`Emit` values.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kllm.core.errors import EngineError
+from kllm.core.errors import ContextLengthError, EngineError
 from processors.base import Emit, Outcome, Rejected
 from schemas import Generation, InferenceJob, Request, TokenDelta, Usage
 from schemas.messages import ChatTurn
@@ -151,6 +156,7 @@ class Generator:
         max_attempts: int = 3,
         backoff_s: float = 0.05,
         clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -160,6 +166,8 @@ class Generator:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.clock = clock
+        self.jitter = jitter
+        """A number in [0, 1): each backoff is between half and all of its exponential step."""
 
     async def handle(self, job: InferenceJob, publish: Callable[[Emit], None]) -> Outcome:
         """Generate for ``job``, publishing a streamed request's deltas to the tokens topic
@@ -214,6 +222,11 @@ class Generator:
                     return self._failed(
                         job, model, "timeout", "deadline passed during generation", attempts
                     )
+                except ContextLengthError:
+                    # The request's fault, the same on every retry and every model's
+                    # breaker: no retry, no fallback, nothing recorded against the model.
+                    reason = "the prompt does not fit the model's context window"
+                    return self._failed(job, model, "context_length", reason, attempts)
                 except EngineError as exc:
                     errors.append(f"{model} attempt {attempt + 1}: {exc}")
                     if sent[0]:
@@ -234,7 +247,7 @@ class Generator:
         return request.deadline_at is not None and self.clock() >= request.deadline_at
 
     def _backoff(self, request: Request, attempt: int) -> float:
-        delay = self.backoff_s * 2.0**attempt
+        delay = self.backoff_s * 2.0**attempt * (0.5 + 0.5 * self.jitter())
         if request.deadline_at is not None:
             delay = min(delay, max(0.0, request.deadline_at - self.clock()))
         return delay

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from processors.admission import Admission, KeyedState
 from processors.base import Emit, Rejected
-from processors.guardrails import Guardrails
+from processors.guardrails import GuardrailError, Guardrails
 from processors.templates import TemplateCatalog
 from schemas import Request
 from topics import RETRIEVAL
@@ -56,7 +56,15 @@ class Ingestion:
             "max_tokens": request.max_tokens or self.policy.default_max_tokens,
         }
         if self.guardrails is not None:
-            screened = self.guardrails.screen(request.tenant, prompt)
+            try:
+                screened = self.guardrails.screen(request.tenant, prompt)
+            except GuardrailError as exc:
+                # A screening model's failure is ours, not the caller's: 503, retry.
+                raise Rejected(
+                    f"the guardrails could not screen the prompt: {exc}",
+                    code="unavailable",
+                    retry_after_s=1.0,
+                ) from exc
             if screened.verdict == "block":
                 raise Rejected(
                     f"prompt blocked as a likely injection attempt "

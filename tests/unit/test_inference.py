@@ -278,13 +278,15 @@ def fake_sleep(monkeypatch: pytest.MonkeyPatch) -> FakeSleep:
 
 def test_backoff_doubles_between_attempts(make_job: MakeJob, fake_sleep: FakeSleep) -> None:
     engine = FakeEngine(fail_times=2)
-    _run(_generator(engine, max_attempts=3, backoff_s=0.5).run(make_job()))
+    gen = _generator(engine, max_attempts=3, backoff_s=0.5, jitter=lambda: 1.0)  # no jitter
+    _run(gen.run(make_job()))
     assert fake_sleep.delays == [0.5, 1.0]
 
 
 def test_no_backoff_after_the_last_attempt(make_job: MakeJob, fake_sleep: FakeSleep) -> None:
     engine = FakeEngine(always_fail=True)
-    _run(_generator(engine, max_attempts=3, backoff_s=0.5).run(make_job()))
+    gen = _generator(engine, max_attempts=3, backoff_s=0.5, jitter=lambda: 1.0)  # no jitter
+    _run(gen.run(make_job()))
     assert fake_sleep.delays == [0.5, 1.0]
 
 

@@ -218,8 +218,11 @@ def test_request_whose_screening_failed_can_be_retried(
     )
     state = FakeState()
     req = make_request(request_id="idem-1")
-    with pytest.raises(GuardrailError):
+    with pytest.raises(Rejected) as info:
         ingestion.process(req, state, now=NOW)
+    # Our failure, not the caller's: answered 503 (retry), never 400.
+    assert (info.value.code, info.value.notify) == ("unavailable", True)
+    assert isinstance(info.value.__cause__, GuardrailError)
     _one(ingestion.process(req, state, now=NOW + 5))
 
 

@@ -4,9 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from kllm.core.errors import EngineError
+from kllm.core.errors import ContextLengthError, EngineError
 from processors.inference import Delta, Finish
 from schemas import Usage
+
+# How OpenAI-compatible servers word "the prompt does not fit": vLLM ("maximum context
+# length", "maximum model length"), llama.cpp (exceed_context_size_error), OpenAI
+# (context_length_exceeded).
+_CONTEXT_MARKERS = (
+    "context length",
+    "context_length",
+    "context size",
+    "exceed_context_size",
+    "context window",
+    "maximum model length",
+)
+
+
+def about_context(text: str) -> bool:
+    """Whether an engine's error text says the prompt does not fit the model's context."""
+    lowered = text.lower()
+    return any(marker in lowered for marker in _CONTEXT_MARKERS)
+
+
+def chunk_error(err: Any) -> EngineError:
+    """An error chunk as the error to raise."""
+    text = str(err.get("message", err) if isinstance(err, dict) else err)
+    kind = str(err.get("type", "")) if isinstance(err, dict) else ""
+    if about_context(f"{kind} {text}"):
+        return ContextLengthError("the prompt does not fit the model's context window")
+    return EngineError(f"engine error: {text[:200]}")
 
 
 class ChunkReader:
@@ -18,8 +45,7 @@ class ChunkReader:
 
     def deltas(self, chunk: dict[str, Any]) -> list[Delta]:
         if "error" in chunk:
-            err = chunk["error"]
-            raise EngineError(str(err.get("message", err) if isinstance(err, dict) else err))
+            raise chunk_error(chunk["error"])
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = Usage(

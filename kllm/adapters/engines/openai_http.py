@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 import orjson
 
-from kllm.adapters.engines.chat_chunks import ChunkReader
-from kllm.core.errors import EngineError
+from kllm.adapters.engines.chat_chunks import ChunkReader, about_context
+from kllm.core.errors import ContextLengthError, EngineError
 from processors.inference import EngineEvent
 from schemas.messages import ChatTurn
+
+log = logging.getLogger(__name__)
 
 
 class OpenAIHttpEngine:
@@ -52,8 +55,7 @@ class OpenAIHttpEngine:
         try:
             async with self._client.stream("POST", "/v1/chat/completions", json=body) as resp:
                 if resp.status_code != 200:
-                    detail = (await resp.aread())[:300].decode(errors="replace")
-                    raise EngineError(f"HTTP {resp.status_code} from {resp.url}: {detail}")
+                    raise await self._refused(resp)
                 async for line in resp.aiter_lines():
                     chunk = _sse_data(line)
                     if chunk is None:
@@ -61,10 +63,23 @@ class OpenAIHttpEngine:
                     for delta in reader.deltas(chunk):
                         yield delta
         except httpx.HTTPError as exc:
-            raise EngineError(
-                f"{type(exc).__name__} talking to {self._client.base_url}: {exc}"
-            ) from exc
+            # The address goes to this stage's log, not into the error: error texts
+            # travel on (the DLQ, the response) and must not map the internal network.
+            log.warning(
+                "engine unreachable",
+                extra={"engine": self.model, "url": str(self._client.base_url), "error": str(exc)},
+            )
+            raise EngineError(f"{type(exc).__name__} talking to the {self.model} engine") from exc
         yield reader.finish()
+
+    async def _refused(self, resp: httpx.Response) -> EngineError:
+        """A non-200 answer as an error that quotes nothing of its body (which may
+        echo the prompt or name internals); too long a prompt is told apart."""
+        body = (await resp.aread())[:2000].decode(errors="replace")
+        if resp.status_code in (400, 413, 422) and about_context(body):
+            return ContextLengthError("the prompt does not fit the model's context window")
+        log.warning("engine refused", extra={"engine": self.model, "status": resp.status_code})
+        return EngineError(f"HTTP {resp.status_code} from the {self.model} engine")
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -80,5 +95,5 @@ def _sse_data(line: str) -> dict[str, Any] | None:
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise EngineError(f"unreadable stream chunk: {data[:200]}") from exc
+        raise EngineError(f"unreadable stream chunk of {len(data)} characters") from exc
     return chunk if isinstance(chunk, dict) else None

@@ -12,7 +12,8 @@ import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from kllm.core.errors import ConfigError, EngineError
+from kllm.adapters.engines.chat_chunks import about_context
+from kllm.core.errors import ConfigError, ContextLengthError, EngineError
 from processors.inference import Delta, EngineEvent, Finish
 from schemas import Usage
 from schemas.messages import ChatTurn
@@ -76,6 +77,8 @@ class VLLMEngine:
                     yield Delta(text[seen:])
                     seen = len(text)
         except Exception as exc:
+            if about_context(str(exc)):  # "... longer than the maximum model length of N"
+                raise ContextLengthError("the prompt does not fit the model's context") from exc
             raise EngineError(f"vLLM: {exc}") from exc
         finally:
             if last is None or not last.finished:

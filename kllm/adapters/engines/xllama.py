@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kllm.adapters.engines.chat_chunks import ChunkReader
-from kllm.core.errors import ConfigError, EngineError
+from kllm.adapters.engines.chat_chunks import ChunkReader, about_context
+from kllm.core.errors import ConfigError, ContextLengthError, EngineError
 from processors.inference import EngineEvent
 from schemas.messages import ChatTurn
 
@@ -99,7 +99,12 @@ class XLlamaEngine:
             try:
                 self._server.handle_chat_completions(self._body(messages, max_tokens), on_chunk)
             except Exception as exc:  # noqa: BLE001 - crosses the thread boundary as a value
-                loop.call_soon_threadsafe(queue.put_nowait, EngineError(f"xllamacpp: {exc}"))
+                error = (
+                    ContextLengthError("the prompt does not fit the model's context window")
+                    if about_context(str(exc))
+                    else EngineError(f"xllamacpp: {exc}")
+                )
+                loop.call_soon_threadsafe(queue.put_nowait, error)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
