@@ -1,0 +1,162 @@
+"""Poison records at every stage's input, published by a plain producer as any Kafka
+client could: each is dead-lettered exactly once, no stage restarts, and valid traffic
+before and after is answered. A replay of the same offsets adds no second DLQ record."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from kllm.ops.supervisor import Supervisor
+from kllm.runtime.kafka import make_producer
+from schemas import DeadLetter, decode
+from tests.e2e.conftest import CONSUMER, Client, Delivered, wait_until
+from topics import (
+    DOCUMENTS,
+    FEEDBACK,
+    GENERATIONS,
+    INFERENCE,
+    INGESTION_GROUP,
+    REQUESTS,
+    RESPONSES,
+    RETRIEVAL,
+    TAIL_GROUP,
+    TopicSpec,
+)
+
+# Every topic a stage owns and dead-letters (the tokens topic has no DLQ: skipped there).
+OWNED = [REQUESTS, RETRIEVAL, INFERENCE, GENERATIONS, FEEDBACK, DOCUMENTS]
+BIG = 8 * 1024 * 1024  # the producer's limit here; Tansu takes any size
+
+
+def _poison(topic: TopicSpec) -> list[tuple[bytes | None, bytes | None, list[Any] | None]]:
+    """(key, value, headers): the shapes a careless or hostile client sends."""
+    rid = f"poison-{uuid.uuid4().hex[:8]}"
+    shaped = {"schema": topic.schema.SCHEMA if topic.schema else "x", "v": 1, "request_id": rid}
+    return [
+        (b"k", None, None),  # a tombstone
+        (None, None, None),
+        (b"k", b"\xff\xfe\x00 not UTF-8 \x80", None),
+        (b"\xff\xfe\xfa", b"{}", None),  # a key that is not UTF-8
+        (b"k", b"[1,2]", [("traceparent", b"\xff\x00garbage"), ("tracestate", None)]),
+        (b"k", b"{" * 3000, [("x" * 200, b"\xff" * 20_000)]),
+        (b"k", orjson.dumps(shaped | {"v": 999}), None),  # a version nobody reads
+        (b"k", orjson.dumps({"schema": "llm.other", "v": 1, "request_id": rid}), None),
+        (b"k", orjson.dumps(shaped | {"pad": "a" * 1_500_000}), None),  # 1.5 MB
+        (b"k", b"\x00" * 3_500_000, None),  # 3.5 MB of binary
+    ]
+
+
+def _dlq_counts(bootstrap: str, topics: list[TopicSpec]) -> Counter[tuple[str, int, int]]:
+    """How many DLQ records each source offset has, reading the DLQs from the start."""
+    reader = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": TAIL_GROUP, "enable.auto.commit": False}
+        | CONSUMER
+    )
+    reader.assign([TopicPartition(t.dlq.name, 0, 0) for t in topics])
+    counts: Counter[tuple[str, int, int]] = Counter()
+    try:
+        quiet_until = time.monotonic() + 2.0
+        while time.monotonic() < quiet_until:
+            for msg in reader.consume(500, timeout=0.2):
+                if msg.error() is None:
+                    letter = decode(msg.value(), DeadLetter)
+                    counts[(letter.source_topic, letter.partition, letter.offset)] += 1
+                    quiet_until = time.monotonic() + 2.0
+    finally:
+        reader.close()
+    return counts
+
+
+def _publish(bootstrap: str, topics: list[TopicSpec]) -> set[tuple[str, int, int]]:
+    producer = make_producer(bootstrap, {"message.max.bytes": BIG + 1024})
+    sent: set[tuple[str, int, int]] = set()
+    delivered = Delivered()
+
+    def report(err: Any, msg: Any) -> None:
+        delivered(err, msg)
+        if err is None:
+            sent.add((msg.topic(), msg.partition(), msg.offset()))
+
+    for topic in topics:
+        for key, value, headers in _poison(topic):
+            producer.produce(topic.name, key=key, value=value, headers=headers, on_delivery=report)
+            producer.poll(0)
+    delivered.flushed(producer)
+    return sent
+
+
+def _pids(pipeline: Supervisor) -> dict[str, int | None]:
+    return {sp.name: sp.proc.pid if sp.proc else None for sp in pipeline.procs}
+
+
+def test_poison_at_every_stage_input_is_dead_lettered_once(
+    pipeline: Supervisor, client: Client
+) -> None:
+    answers = client.tail(RESPONSES)
+    pids = _pids(pipeline)
+    try:
+        before = client.send("Poison control: what is a partition?", max_tokens=8)
+        assert client.responses(answers, {before}, 120)
+        sent = _publish(client.bootstrap, OWNED)
+        after = client.send("Poison control: what is retention?", max_tokens=8)
+        counts: Counter[tuple[str, int, int]] = Counter()
+
+        def all_lettered() -> bool:
+            counts.clear()
+            counts.update(_dlq_counts(client.bootstrap, OWNED))
+            return sent <= counts.keys()
+
+        wait_until(all_lettered, 180, lambda: f"{len(sent - counts.keys())} of {len(sent)}")
+        controls = client.responses(answers, {before, after}, 120)
+    finally:
+        answers.close()
+    twice = {ref: n for ref, n in counts.items() if ref in sent and n != 1}
+    assert not twice, f"dead-lettered more than once: {twice}"
+    assert controls.keys() == {before, after}
+    assert all(r.error is None and r.text for r in controls.values())
+    assert _pids(pipeline) == pids, "a stage restarted"
+    assert all(sp.restarts == 0 for sp in pipeline.procs)
+
+
+@pytest.mark.slow
+def test_a_replay_of_dead_lettered_offsets_adds_no_dlq_record(
+    pipeline: Supervisor, client: Client
+) -> None:
+    sent = _publish(client.bootstrap, [REQUESTS])
+    wait_until(
+        lambda: sent <= _dlq_counts(client.bootstrap, [REQUESTS]).keys(), 120, "dead letters"
+    )
+    first = {(t, p): min(o for (t2, p2, o) in sent if (t2, p2) == (t, p)) for (t, p, _o) in sent}
+    pipeline.kill("ingestion")  # and rewind its group to before the poison: a full replay
+    admin = AdminClient({"bootstrap.servers": client.bootstrap})
+    rewind = [TopicPartition(t, p, o) for (t, p), o in first.items()]
+
+    def rewound() -> bool:
+        futures = admin.alter_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(INGESTION_GROUP.name, rewind)]
+        )
+        try:
+            next(iter(futures.values())).result(10)
+        except Exception:  # noqa: BLE001 - the group is not empty until its session ends
+            return False
+        return True
+
+    wait_until(rewound, 60, "the ingestion group to empty and take the rewind", every_s=1.0)
+    wait_until(pipeline.restart_crashed, 60, "ingestion to be started again")
+    pipeline.wait_ready(120)
+    answers = client.tail(RESPONSES)
+    try:
+        probe = client.send("Replay control: what is a consumer group?", max_tokens=8)
+        assert client.responses(answers, {probe}, 120), "ingestion did not get past the replay"
+    finally:
+        answers.close()
+    counts = _dlq_counts(client.bootstrap, [REQUESTS])
+    assert {ref: counts[ref] for ref in sent if counts[ref] != 1} == {}
