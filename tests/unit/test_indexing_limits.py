@@ -12,7 +12,7 @@ from kllm.core.errors import StoreError
 from kllm.runtime.batch import BatchRunner, isolated
 from kllm.testing.kafka import FakeConsumer, FakeProducer
 from processors.batching import Failed
-from processors.indexing import Indexer, chunk_by_tokens, require_text
+from processors.indexing import SECTION_CHARS, Indexer, chunk_by_tokens, next_section, require_text
 from processors.retrieval import MAX_JOB_BYTES, Retriever, StoredChunk
 from schemas import DeadLetter, Document, DocumentIndexed, InferenceJob, Request, decode, encode
 from tests.unit.conftest import FakeEmbedder, FakeVectorStore, count_words
@@ -230,3 +230,30 @@ def test_a_store_that_is_down_dead_letters_no_document() -> None:
     runner._resume_at = 0.0
     assert runner.step() == 5
     assert len(producer.on(DOCUMENTS_INDEXED.name)) == 5
+
+
+def test_a_large_document_is_chunked_a_section_at_a_time() -> None:
+    clock = Clock()
+    embedder, store = SlowEmbedder(clock), FakeVectorStore()
+    store.ensure_collection(embedder.dim)
+    counted: list[int] = []
+
+    def count(text: str) -> int:
+        counted.append(len(text))
+        return count_words(text)
+
+    indexer = Indexer(embedder, store, count, 20, 4, budget_s=0.05, slice_chunks=4, clock=clock)
+    big = _doc("big", _prose(20_000))  # 700 kB
+    assert indexer.process_each([big]) == []
+    assert sum(counted) < 2 * SECTION_CHARS  # one section chunked, not the document
+    while not indexer.process_each([big]):
+        pass
+    assert sum(counted) < 2 * len(big.text)
+
+
+def test_sections_end_at_a_sentence_end() -> None:
+    text = _prose(5000)
+    section, rest = next_section(text, 1000)
+    assert section.rstrip().endswith(".") and len(section) <= 1000
+    assert section + rest == text
+    assert next_section("a" * 2500, 1000) == ("a" * 1000, "a" * 1500)
