@@ -4,6 +4,7 @@ dashboard, rendered by a real headless Chromium (screenshot kept with the test o
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -105,12 +106,14 @@ def test_dashboard_renders_live_figures_in_chromium(pipeline: Supervisor, tmp_pa
         "--window-size=1400,1000",
         "--virtual-time-budget=6000",
     ]
+    pipeline.write_status()  # as `kllm up` does: the stage processes' card shows them
     subprocess.run(
         [*run, f"--screenshot={shot}", f"{base}/dashboard"],
         check=True,
         timeout=120,
         capture_output=True,
     )
+    pipeline.write_status()
     page = subprocess.run(
         [*run, "--dump-dom", f"{base}/dashboard"],
         check=True,
@@ -122,6 +125,7 @@ def test_dashboard_renders_live_figures_in_chromium(pipeline: Supervisor, tmp_pa
     assert shot.stat().st_size > 10_000
     # Figures, not the empty page:
     assert RESPONSES.name in page and inference_group().name in page
+    assert re.search(r"<td>drift-0</td><td>running</td>", page), page
     print(f"dashboard screenshot: {shot}")
 
 
