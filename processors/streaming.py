@@ -9,7 +9,10 @@ after it is published. The engine's final delta flushes the rest and closes
 the moderated stream with the engine's finish reason.
 
 State per request id (the token topics' key) lives in the runtime's keyed
-state, so a restarted stage resumes each stream where its commit left it.
+state, with a changelog, so a restarted stage, or the next owner of a partition,
+resumes each stream where its commit left it. A raw delta whose index was already
+taken in (a replay) is ignored. A window cut for length never ends inside a run of
+digits: a card or phone number goes to the redactor whole.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from schemas import TokenDelta
 from topics import MODERATED_TOKENS, MODERATION_EVENTS
 
 _SENTENCE_END = re.compile(r"[.!?](?=\s)|\n")
+# A run of digits and the separators numbers are written with, at the end of a window:
+# possibly the first part of a card or phone number, held back for the next window so
+# that the redactor sees the number whole.
+_NUMBER_TAIL = re.compile(r"[\d(+][\d \-().+/]*$")
 DONE_TTL = timedelta(hours=1)
 TAIL_CHARS = 400  # enough for any phrase, pattern or 8-word run across a boundary
 
@@ -38,6 +45,9 @@ def cut_windows(buffer: str, max_chars: int) -> tuple[list[str], str]:
     while len(rest) > max_chars:
         cut = rest.rfind(" ", 0, max_chars)
         cut = cut if cut > 0 else max_chars
+        number = _NUMBER_TAIL.search(rest, 0, cut)
+        if number is not None and number.start() > 0:
+            cut = number.start()
         windows.append(rest[:cut])
         rest = rest[cut:]
     return windows, rest
@@ -51,6 +61,9 @@ class StreamModerator:
     def process(self, delta: TokenDelta, state: KeyedState) -> list[Emit]:
         if state.get("done"):
             return []  # the stream was closed (blocked or finished): a replay or a straggler
+        if delta.index < int(state.get("next", 0)):
+            return []  # a delta already taken in (a replay): appending it would repeat text
+        state.set("next", delta.index + 1, ttl=DONE_TTL)
         if delta.index == 0:
             state.set("ctx", {"prompt": delta.prompt}, ttl=DONE_TTL)
         buffer = str(state.get("buffer", "")) + delta.text

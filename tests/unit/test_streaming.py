@@ -384,3 +384,43 @@ def test_denied_phrase_split_by_a_length_cut_is_blocked() -> None:
     assert sm.moderator.checks.moderate(text, Context("acme")).verdict == "blocked"
     sent = moderated(flat(feed(sm, deltas([text]))))
     assert sent[-1].verdict == "blocked"
+
+
+CARD = re.compile(r"(?:\d[ -]?){12,15}\d")
+
+
+class CardRedactor:
+    """Redacts card-like numbers only when it sees them whole, as a real recognizer does."""
+
+    def redact(self, text: str) -> Redaction:
+        found = CARD.search(text)
+        return Redaction(CARD.sub("<CREDIT_CARD>", text), ("CREDIT_CARD",) if found else ())
+
+    def redact_batch(self, texts: Sequence[str]) -> list[Redaction]:
+        return [self.redact(t) for t in texts]
+
+
+def test_a_card_number_across_a_length_cut_is_redacted_whole() -> None:
+    checks = OutputModerator(
+        MarkerClassifier(), CardRedactor(), PolicyBook(1, Policy(1, "default"), {}), 8
+    )
+    stream = StreamModerator(Moderator(checks, None), max_window_chars=40)
+    text = "Here it is: the card 4111 1111 1111 1111 and then some more words"
+    # The length cut alone would end the first window after "4111 1111 1111".
+    windows, _ = cut_windows(text, 40)
+    assert not windows[0].rstrip().endswith("1111")
+    out = flat(feed(stream, deltas([text[i : i + 7] for i in range(0, len(text), 7)])))
+    sent = "".join(t.text for t in moderated(out))
+    assert "<CREDIT_CARD>" in sent
+    assert "4111" not in sent and "1111" not in sent
+
+
+def test_replayed_deltas_are_not_appended_twice() -> None:
+    pieces = ["The answer is ", "forty two. ", "That is all."]
+    stream, state = stream_moderator(), FakeState()
+    sent = deltas(pieces)
+    out: list[Emit] = []
+    for d in sent[:2] + sent[:2] + sent[1:]:  # a producer retry, then a replay
+        out.extend(stream.process(d, state))
+    assert "".join(t.text for t in moderated(out)) == "".join(pieces)
+    assert [t.index for t in moderated(out)] == list(range(len(moderated(out))))
