@@ -4,6 +4,7 @@ a real process, real guardrail models, the official `openai` client."""
 from __future__ import annotations
 
 import concurrent.futures
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,16 +16,23 @@ import pytest
 from kllm.gateway.keys import KeyStore
 from kllm.ops.supervisor import Supervisor
 from schemas import DeadLetter, InferenceJob, Request, decode, encode
-from tests.e2e.conftest import Client, Replies, collect
+from tests.e2e.conftest import Client, Replies, collect, wait_until
+from tests.e2e.gateways import gateway_process, health, leave_early
 from topics import INFERENCE, REQUESTS
 
 TIMEOUT = 120.0
 
 
 class Gateway:
-    def __init__(self, pipeline: Supervisor) -> None:
-        self.url = f"http://127.0.0.1:{pipeline.env['KLLM_GATEWAY_PORT']}"
-        self.keys = KeyStore(Path(pipeline.env["KLLM_RUN_DIR"]) / "keys.json")
+    def __init__(self, url: str, keys: KeyStore) -> None:
+        self.url = url
+        self.keys = keys
+
+    @classmethod
+    def of(cls, pipeline: Supervisor) -> Gateway:
+        """The pipeline's own gateway replica, and its API keys."""
+        url = f"http://127.0.0.1:{pipeline.env['KLLM_GATEWAY_PORT']}"
+        return cls(url, KeyStore(Path(pipeline.env["KLLM_RUN_DIR"]) / "keys.json"))
 
     def key(self, tenant: str) -> str:
         return self.keys.create(tenant, "test")[1]
@@ -45,7 +53,7 @@ def chat(prompt: str, **extra: object) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def gateway(pipeline: Supervisor) -> Gateway:
-    return Gateway(pipeline)
+    return Gateway.of(pipeline)
 
 
 @pytest.fixture()
@@ -211,3 +219,74 @@ def test_cache_hit_skips_inference(gateway: Gateway, jobs: Replies) -> None:
     assert again is not None and again.json()["kllm"]["cached"] is True
     assert again.json()["choices"][0]["message"]["content"] in given
     assert again.json()["id"] not in collect(jobs, {again.json()["id"]}, 3.0)
+
+
+# --- issue 13: the gateway keeps its promises ---------------------------------------------
+
+
+def scripted(prompt: str, **extra: object) -> dict[str, object]:
+    """A request for the scripted engine: quick, fixed answers (see scripted_engine)."""
+    return chat(f"SCRIPT:clean {prompt}", **extra) | {"model": "scripted"}
+
+
+@pytest.mark.slow
+def test_streaming_callers_that_leave_early_leave_no_one_waiting(gateway: Gateway) -> None:
+    key = gateway.key("leavers")  # at most 4 callers wait per replica (see conftest)
+    answers: list[bytes] = []
+    for wave in range(25):  # 100 callers, 4 at a time: each wave fits the replica
+        bodies = [scripted(f"Leaving {wave}.{i} {uuid.uuid4()}", stream=True) for i in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers += pool.map(lambda b: leave_early(gateway.url, key, b, 0.03), bodies)
+        # Each wave's callers left before any window: their slots come back at once
+        # (before the fix, held until the deadline, 60 s: the next wave got 429s).
+        wait_until(lambda: health(gateway.url)["waiting"] == 0, 5.0, "the slots back")
+    refused = [a.split(b"\r\n", 1)[0] for a in answers if a.startswith(b"HTTP/1.1 429")]
+    assert refused == []
+    assert wait_until(lambda: health(gateway.url)["subscriptions"] == 0, 5.0, "no subscriptions")
+    assert gateway.post(key, scripted("Still answering?")).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def second_gateway(pipeline: Supervisor, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Another gateway replica beside the pipeline's, on a port of its own."""
+    with gateway_process(pipeline.env, tmp_path_factory.mktemp("gw2"), "gateway-2") as url:
+        yield url
+
+
+def test_an_idempotent_retry_on_another_replica_gets_the_one_answer(
+    gateway: Gateway, second_gateway: str, jobs: Replies
+) -> None:
+    key = gateway.key("idem-replicas")
+    body = scripted(f"Replicas {uuid.uuid4()}: what is a partition?")
+    header = {"idempotency-key": str(uuid.uuid4())}
+    first = gateway.post(key, body, **header)
+    assert first.status_code == 200, first.text
+    other = Gateway(second_gateway, gateway.keys)
+    t0 = time.monotonic()
+    retry = other.post(key, body, **header)
+    took = time.monotonic() - t0
+    # Before the fix: the replica published again, ingestion dropped the duplicate in
+    # silence, and the retry waited out the deadline for a 504.
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["id"] == first.json()["id"] and took < 5.0, took
+    assert retry.json()["choices"] == first.json()["choices"]
+    # The key with another body: refused, whichever replica it reaches.
+    changed = other.post(key, scripted("Another question entirely"), **header)
+    assert (changed.status_code, changed.json()["error"]["code"]) == (422, "idempotency_mismatch")
+    rid = first.json()["id"]
+    assert [k for k, _v in jobs.reader.records(3.0) if k == rid] == [rid]  # one job
+
+
+def test_a_retry_on_another_replica_while_the_first_caller_left_is_answered(
+    gateway: Gateway, second_gateway: str, jobs: Replies
+) -> None:
+    key = gateway.key("idem-left")
+    body = scripted(f"Left {uuid.uuid4()}: what is an offset?")
+    header = {"idempotency-key": str(uuid.uuid4())}
+    leave_early(gateway.url, key, body, 0.01, header)  # gone before any answer
+    t0 = time.monotonic()
+    retry = Gateway(second_gateway, gateway.keys).post(key, body, **header)
+    assert retry.status_code == 200, retry.text
+    assert time.monotonic() - t0 < 30.0  # the first caller's answer, not a deadline's 504
+    rid = retry.json()["id"]
+    assert [k for k, _v in jobs.reader.records(3.0) if k == rid] == [rid]  # one job
