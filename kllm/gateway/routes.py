@@ -119,10 +119,10 @@ async def answer_chat(gw: Gateway, http: HttpRequest) -> HttpResponse:
             model=chat_request.model,
             timeout_s=gw.config.timeout_s,
         )
+        gone = partial(until_disconnected, http)
         if chat_request.stream and gw.fresh(request.request_id):
-            gone = partial(until_disconnected, http)
             return await gw.stream(request, _include_usage(chat_request), t0, gone)
-        outcome = await gw.answer(request)
+        outcome = await gw.answer(request, gone)
         if outcome.response.error is not None:
             raise reply_error(outcome.response)
     except HttpError as exc:

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 from confluent_kafka import KafkaException, Producer
@@ -59,6 +60,9 @@ class Gateway:
     """Shared with the router, which fills it; by default the router's, or a new one."""
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     waiting: dict[str, asyncio.Future[Outcome]] = field(default_factory=dict)
+    """Round trips in progress, by request id (each holds one slot)."""
+    _callers: dict[str, int] = field(default_factory=dict)
+    """Callers awaiting each round trip."""
     streams: int = 0
     health: Health | None = None
     _monitor: PipelineMonitor | None = None
@@ -165,28 +169,46 @@ class Gateway:
             return f"chatcmpl-{uuid.uuid4().hex}"
         return self.answers.attempt_id(idempotent_id(tenant, key, api.body_hash(chat_request)))
 
-    async def answer(self, request: Request) -> Outcome:
-        """Publish once per request id; callers repeating it share the answer."""
+    async def answer(self, request: Request, gone: Gone | None = None) -> Outcome:
+        """Publish once per request id; callers repeating it share the answer. The round
+        trip is a task of its own: when every caller sharing it has left (``gone``), it
+        is cancelled, and its slot and subscription are given back at once."""
         rid = request.request_id
         kept = self.answers.answer(rid)
         if kept is not None:
             return Outcome(kept, 0.0)
-        if rid in self.waiting:
-            return await asyncio.shield(self.waiting[rid])
-        self._admit()
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self.waiting[rid] = future
+        trip = self.waiting.get(rid)
+        if trip is None:
+            self._admit()
+            trip = asyncio.ensure_future(self._round_trip(request))
+            self.waiting[rid] = trip
+            trip.add_done_callback(partial(self._trip_done, rid))
+        self._callers[rid] = self._callers.get(rid, 0) + 1
         try:
-            outcome = await self._round_trip(request)
-            future.set_result(outcome)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning if nobody shared it
-            raise
+            if gone is None:
+                return await asyncio.shield(trip)
+            outcome = await _unless_gone(asyncio.shield(trip), gone)
         finally:
-            del self.waiting[rid]
-        self.answers.remember(outcome.response)  # the router has, unless it is not keyed
+            self._callers[rid] -= 1
+            if not self._callers[rid]:
+                del self._callers[rid]
+                if not trip.done():
+                    trip.cancel()  # nobody is left to answer
+                    self._forget(rid, trip)
+        if outcome is None:
+            log.info("caller left before the answer", extra={"request_id": rid})
+            raise HttpError(499, "client_closed", "the caller closed the connection")
         return outcome
+
+    def _forget(self, rid: str, trip: asyncio.Future[Outcome]) -> None:
+        if self.waiting.get(rid) is trip:  # not a newer trip for the same id
+            del self.waiting[rid]
+
+    def _trip_done(self, rid: str, trip: asyncio.Future[Outcome]) -> None:
+        self._forget(rid, trip)
+        if not trip.cancelled() and trip.exception() is None:
+            # The router has kept it too, unless the reply came before it started.
+            self.answers.remember(trip.result().response)
 
     def fresh(self, rid: str) -> bool:
         """Neither waited for nor answered lately: a stream of its own, not a replay."""

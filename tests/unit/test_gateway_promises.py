@@ -19,13 +19,14 @@ from starlette.requests import ClientDisconnect
 from starlette.testclient import TestClient
 
 from kllm.gateway.recent import RecentAnswers
+from kllm.gateway.replies import Reply
 from kllm.gateway.routes import make_app
 from processors import openai_api as api
 from processors.admission import idempotency_parts
 from schemas import Request, Response, decode
 from services.gateway import Settings, producer_config
 from tests.unit.test_gateway import Rig, auth, chat, make_rig, ok
-from topics import REQUESTS
+from topics import REQUESTS, RESPONSES
 
 PATH = "/v1/chat/completions"
 
@@ -393,3 +394,52 @@ def test_refusals_keep_their_own_words_and_statuses() -> None:
     assert api.status_for(resp(error="x", error_code="deadline_exceeded")) == 504
     assert not api.replayable(quota) and api.replayable(resp())
     assert api.replayable(resp(error="blocked", error_code="prompt_blocked"))
+
+
+def test_callers_that_leave_before_the_answer_free_their_slots(tmp_path: Path) -> None:
+    # The same for a caller waiting for a whole answer: its round trip is cancelled
+    # once nobody is left to answer (before the fix: its slot was held to the deadline).
+    rig = make_rig(tmp_path, lambda _: None, gateway_timeout_s=60.0)
+    callers = [
+        Caller(orjson.dumps(chat(f"q{i}")), auth(rig.secret), leave_after_s=0.02)
+        for i in range(100)
+    ]
+    asyncio.run(serving(rig, *callers[:50], within_s=3.0))
+    assert rig.gw.busy == 0 and rig.router.queues == {}
+    rig = make_rig(tmp_path / "again", lambda _: None, gateway_timeout_s=60.0)
+    asyncio.run(serving(rig, *callers[50:], within_s=3.0))
+    assert rig.gw.busy == 0 and rig.router.queues == {}
+    assert [c.status for c in callers if c.status == 429] == []
+
+
+def test_a_caller_who_stays_still_gets_the_answer_another_caller_left(tmp_path: Path) -> None:
+    answers: list[Request] = []
+
+    def late(request: Request) -> None:
+        answers.append(request)  # answered below, once the first caller has left
+
+    rig = make_rig(tmp_path, late)
+    headers = auth(rig.secret, **{"idempotency-key": "shared"})
+    leaving = Caller(orjson.dumps(chat()), headers, leave_after_s=0.05)
+    staying = Caller(orjson.dumps(chat()), headers)
+
+    async def run() -> None:
+        app = make_app(rig.gw)
+        rig.gw.start(asyncio.get_running_loop())
+        try:
+            left = asyncio.create_task(leaving(app))
+            while not rig.gw.waiting:
+                await asyncio.sleep(0.01)
+            stays = asyncio.create_task(staying(app))
+            await left
+            (request,) = answers
+            reply = Reply(RESPONSES.name, ok(request), time.perf_counter())
+            for queue in rig.router.queues[request.request_id]:
+                queue.put_nowait(reply)
+            await asyncio.wait_for(stays, 3.0)
+        finally:
+            rig.gw.close()
+
+    asyncio.run(run())
+    assert staying.status == 200 and staying.json()["choices"][0]["message"]["content"]
+    assert rig.gw.busy == 0 and rig.router.queues == {}
