@@ -247,6 +247,7 @@ def supervised(
     stages: Sequence[str] = STAGES,
     env: Mapping[str, str] | None = None,
     ready_timeout_s: float = 240,
+    replicas: Mapping[str, int] | None = None,
 ) -> Iterator[tuple[str, Supervisor]]:
     """As ``running``, with the supervisor too (to kill and restart stages). Waits for
     the stages at most ``ready_timeout_s`` and never past the run's deadline; after, every
@@ -264,7 +265,7 @@ def supervised(
             # Benchmarks measure the pipeline, not the response cache, unless they say so.
             "KLLM_CACHE": "false",
         }
-        sup = Supervisor(run_dir, base | dict(env or {}), stages=stages)
+        sup = Supervisor(run_dir, base | dict(env or {}), replicas=replicas, stages=stages)
         try:
             sup.start_all()
             t0 = time.monotonic()

@@ -4,20 +4,15 @@ before and after is answered. A replay of the same offsets adds no second DLQ re
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections import Counter
-from typing import Any
 
-import orjson
 import pytest
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from kllm.ops.supervisor import Supervisor
-from kllm.runtime.kafka import make_producer
-from schemas import DeadLetter, decode
-from tests.e2e.conftest import CONSUMER, Client, Delivered, wait_until
+from kllm.testing.poison import SourceRef, dlq_counts, publish, shapes
+from tests.e2e.conftest import Client, wait_until
 from topics import (
     DOCUMENTS,
     FEEDBACK,
@@ -27,70 +22,19 @@ from topics import (
     REQUESTS,
     RESPONSES,
     RETRIEVAL,
-    TAIL_GROUP,
     TopicSpec,
 )
 
 # Every topic a stage owns and dead-letters (the tokens topic has no DLQ: skipped there).
 OWNED = [REQUESTS, RETRIEVAL, INFERENCE, GENERATIONS, FEEDBACK, DOCUMENTS]
-BIG = 8 * 1024 * 1024  # the producer's limit here; Tansu takes any size
 
 
-def _poison(topic: TopicSpec) -> list[tuple[bytes | None, bytes | None, list[Any] | None]]:
-    """(key, value, headers): the shapes a careless or hostile client sends."""
-    rid = f"poison-{uuid.uuid4().hex[:8]}"
-    shaped = {"schema": topic.schema.SCHEMA if topic.schema else "x", "v": 1, "request_id": rid}
-    return [
-        (b"k", None, None),  # a tombstone
-        (None, None, None),
-        (b"k", b"\xff\xfe\x00 not UTF-8 \x80", None),
-        (b"\xff\xfe\xfa", b"{}", None),  # a key that is not UTF-8
-        (b"k", b"[1,2]", [("traceparent", b"\xff\x00garbage"), ("tracestate", None)]),
-        (b"k", b"{" * 3000, [("x" * 200, b"\xff" * 20_000)]),
-        (b"k", orjson.dumps(shaped | {"v": 999}), None),  # a version nobody reads
-        (b"k", orjson.dumps({"schema": "llm.other", "v": 1, "request_id": rid}), None),
-        (b"k", orjson.dumps(shaped | {"pad": "a" * 1_500_000}), None),  # 1.5 MB
-        (b"k", b"\x00" * 3_500_000, None),  # 3.5 MB of binary
-    ]
+def _publish(bootstrap: str, topics: list[TopicSpec]) -> set[SourceRef]:
+    return publish(bootstrap, [(t, p) for t in topics for p in shapes(t)])
 
 
-def _dlq_counts(bootstrap: str, topics: list[TopicSpec]) -> Counter[tuple[str, int, int]]:
-    """How many DLQ records each source offset has, reading the DLQs from the start."""
-    reader = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": TAIL_GROUP, "enable.auto.commit": False}
-        | CONSUMER
-    )
-    reader.assign([TopicPartition(t.dlq.name, 0, 0) for t in topics])
-    counts: Counter[tuple[str, int, int]] = Counter()
-    try:
-        quiet_until = time.monotonic() + 2.0
-        while time.monotonic() < quiet_until:
-            for msg in reader.consume(500, timeout=0.2):
-                if msg.error() is None:
-                    letter = decode(msg.value(), DeadLetter)
-                    counts[(letter.source_topic, letter.partition, letter.offset)] += 1
-                    quiet_until = time.monotonic() + 2.0
-    finally:
-        reader.close()
-    return counts
-
-
-def _publish(bootstrap: str, topics: list[TopicSpec]) -> set[tuple[str, int, int]]:
-    producer = make_producer(bootstrap, {"message.max.bytes": BIG + 1024})
-    sent: set[tuple[str, int, int]] = set()
-    delivered = Delivered()
-
-    def report(err: Any, msg: Any) -> None:
-        delivered(err, msg)
-        if err is None:
-            sent.add((msg.topic(), msg.partition(), msg.offset()))
-
-    for topic in topics:
-        for key, value, headers in _poison(topic):
-            producer.produce(topic.name, key=key, value=value, headers=headers, on_delivery=report)
-            producer.poll(0)
-    delivered.flushed(producer)
-    return sent
+def _dlq_counts(bootstrap: str, topics: list[TopicSpec]) -> Counter[SourceRef]:
+    return dlq_counts(bootstrap, topics)
 
 
 def _pids(pipeline: Supervisor) -> dict[str, int | None]:
