@@ -47,6 +47,9 @@ class Settings(StageSettings):
     """How long an answer is kept for a caller repeating its Idempotency-Key."""
     gateway_replay_max: int = Field(default=10_000, ge=1)
     """Answers to Idempotency-Key requests each replica keeps at most."""
+    gateway_replay_warm: int = Field(default=2_000, ge=0)
+    """Responses per partition a starting replica reads back, so it can answer a retry
+    whose answer was given before it started (0: none)."""
     gateway_publish_timeout_s: float = Field(default=5.0, gt=0)
     """How long a publish waits for the broker's acknowledgement (never past the
     request's deadline); past it the caller gets 503. Also the producer's
@@ -95,7 +98,9 @@ def build(
     if router is None:
         fetch = {"fetch.wait.max.ms": settings.fetch_wait_max_ms}
         # Moderated windows only: the raw token topic never reaches a caller.
-        router = ReplyRouter(bootstrap, [RESPONSES, MODERATED_TOKENS], fetch, recent)
+        router = ReplyRouter(
+            bootstrap, [RESPONSES, MODERATED_TOKENS], fetch, recent, settings.gateway_replay_warm
+        )
     keys = keys or KeyStore(settings.keys_path())
     return Gateway(settings.gateway(), keys, producer, router, recent)
 

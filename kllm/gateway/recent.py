@@ -38,7 +38,7 @@ class RecentAnswers:
         self,
         ttl_s: float,
         max_entries: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
@@ -50,12 +50,15 @@ class RecentAnswers:
         with self._lock:
             return len(self._kept)
 
-    def remember(self, response: Response) -> None:
-        """Keep the outcome of a keyed request (others are never asked for again)."""
+    def remember(self, response: Response, at: float | None = None) -> None:
+        """Keep the outcome of a keyed request (others are never asked for again), for
+        the ttl from ``at`` (the record's time, wall clock; default: now)."""
         if self.ttl_s <= 0 or idempotency_parts(response.request_id) is None:
             return
         now = self.clock()
-        kept = Kept(now + self.ttl_s, response, api.replayable(response))
+        kept = Kept((now if at is None else at) + self.ttl_s, response, api.replayable(response))
+        if kept.expires <= now:
+            return
         with self._lock:
             self._kept.pop(response.request_id, None)
             self._kept[response.request_id] = kept

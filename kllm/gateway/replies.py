@@ -6,7 +6,8 @@ connection, with no join delay and no offsets to commit (a caller whose replica
 dies loses its connection anyway). The consumer runs in a thread; only replies
 someone waits for cross into the event loop, and the responses to Idempotency-Key
 requests are kept in the replica's recent answers (kllm.gateway.recent), whoever
-waits for them.
+waits for them. So that a replica that has just (re)started knows the answers given
+before it did, it reads the last ``warm`` responses of each partition first.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, TopicPartition
 
 from kllm.core.errors import PipelineError
 from kllm.gateway.recent import RecentAnswers
@@ -43,19 +44,31 @@ class ReplyRouter:
         topics: Sequence[TopicSpec],
         extra: Mapping[str, str | int | bool] | None = None,
         recent: RecentAnswers | None = None,
+        warm: int = 0,
     ) -> None:
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
                 "group.id": REPLIES_GROUP,  # required by librdkafka; never joined
                 "enable.auto.commit": False,
+                # A warm start below what retention kept starts at what is left.
+                "auto.offset.reset": "earliest",
                 **(extra or {}),
             }
         )
         self._schemas = {t.name: t.schema for t in topics if t.schema is not None}
         self._answers = {n for n, schema in self._schemas.items() if schema is Response}
         self.recent = recent
-        self._consumer.assign([tp for t in topics for tp in end_offsets(self._consumer, t.name)])
+        starts = []
+        # Records below each partition's end at start are read for the recent answers
+        # only: none of them answers anyone waiting here now.
+        self._live_from: dict[tuple[str, int], int] = {}
+        for t in topics:
+            back = warm if recent is not None and t.name in self._answers else 0
+            for tp in end_offsets(self._consumer, t.name):
+                self._live_from[(tp.topic, tp.partition)] = tp.offset
+                starts.append(TopicPartition(tp.topic, tp.partition, max(0, tp.offset - back)))
+        self._consumer.assign(starts)
         self._waiters: dict[str, list[asyncio.Queue[Reply]]] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -107,26 +120,32 @@ class ReplyRouter:
                 continue
             key = msg.key()
             request_id = key.decode() if key else None
+            topic = msg.topic() or ""
             with self._lock:
                 queues = list(self._waiters.get(request_id or "", ()))
-            topic = msg.topic() or ""
+            if (msg.offset() or 0) < self._live_from.get((topic, msg.partition() or 0), 0):
+                queues = []  # read back at start, for the recent answers
             keep = (
                 self.recent is not None
                 and topic in self._answers
                 and (request_id or "").startswith("idem-")
             )
             if queues or keep:
-                self._deliver(topic, msg.value() or b"", queues)
+                kind, ms = msg.timestamp()
+                at = None if kind == TIMESTAMP_NOT_AVAILABLE else ms / 1000
+                self._deliver(topic, msg.value() or b"", queues, at)
         self._consumer.close()
 
-    def _deliver(self, topic: str, value: bytes, queues: list[asyncio.Queue[Reply]]) -> None:
+    def _deliver(
+        self, topic: str, value: bytes, queues: list[asyncio.Queue[Reply]], at: float | None
+    ) -> None:
         try:
             message = decode(value, self._schemas[topic])
         except PipelineError as exc:  # a bad reply must not stop everyone else's
             log.error("unreadable reply", extra={"topic": topic, "reason": str(exc)})
             return
         if self.recent is not None and isinstance(message, Response):
-            self.recent.remember(message)
+            self.recent.remember(message, at)
         reply = Reply(topic, message, time.perf_counter())
         assert self._loop is not None
         for queue in queues:

@@ -290,3 +290,23 @@ def test_a_retry_on_another_replica_while_the_first_caller_left_is_answered(
     assert time.monotonic() - t0 < 30.0  # the first caller's answer, not a deadline's 504
     rid = retry.json()["id"]
     assert [k for k, _v in jobs.reader.records(3.0) if k == rid] == [rid]  # one job
+
+
+def test_an_idempotent_retry_on_a_replica_started_after_the_answer_gets_it(
+    gateway: Gateway, pipeline: Supervisor, tmp_path: Path, jobs: Replies
+) -> None:
+    key = gateway.key("idem-restart")
+    body = scripted(f"Restart {uuid.uuid4()}: what is a consumer group?")
+    header = {"idempotency-key": str(uuid.uuid4())}
+    first = gateway.post(key, body, **header)
+    assert first.status_code == 200, first.text
+    # A replica (re)started after the answer was given reads recent responses back.
+    with gateway_process(pipeline.env, tmp_path, "gateway-restarted") as url:
+        t0 = time.monotonic()
+        retry = Gateway(url, gateway.keys).post(key, body, **header)
+        took = time.monotonic() - t0
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["id"] == first.json()["id"] and took < 5.0, took
+    assert retry.json()["choices"] == first.json()["choices"]
+    rid = first.json()["id"]
+    assert [k for k, _v in jobs.reader.records(3.0) if k == rid] == [rid]  # one job
