@@ -195,6 +195,9 @@ class Supervisor:
     def start(self, sp: StageProcess) -> None:
         sp.ready_file.unlink(missing_ok=True)
         env = os.environ | self.env | {"KLLM_READY_FILE": str(sp.ready_file)}
+        # Each process its own state stores, as on separate hosts: a partition that moves
+        # takes its keyed state with it through the changelog, not through a shared disk.
+        env["KLLM_STATE_DIR"] = str(self.run_dir / "state" / sp.name)
         if self.config.metrics_base_port:
             # One port per process, stable across restarts: stage order, then replica.
             env["KLLM_METRICS_PORT"] = str(self.config.metrics_base_port + self._port_slot(sp))

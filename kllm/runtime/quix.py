@@ -54,7 +54,7 @@ def build_app(
         commit_interval=settings.commit_interval_s,
         consumer_extra_config=settings.consumer_config(),
         producer_extra_config=settings.quix_producer_config(),
-        state_dir=str(settings.run_dir / "state" / stage),
+        state_dir=str(settings.state_dir or settings.run_dir / "state" / stage),
         use_changelog_topics=True,
         processing_guarantee="at-least-once",
         loglevel=settings.quix_log_level,

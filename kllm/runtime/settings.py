@@ -92,6 +92,10 @@ class StageSettings(KafkaSettings):
     core. One by default: the stages share the host, and torch's spinning worker threads
     took the cores the other stages needed (at 30 requests/s on 2 cores, end-to-end
     p50 762 ms with torch's default, 60 ms with one thread)."""
+    state_dir: Path | None = None
+    """Where this process keeps its keyed state (RocksDB); unset: ``<run_dir>/state/<stage>``.
+    The supervisor gives each process its own; the state moves between processes through
+    the changelog topics."""
     changelog_batch_messages: int = Field(default=1, ge=0)
     """Records per produce batch in the stages with keyed state (ingestion, moderation,
     feedback), whose producer also writes the state changelogs. 1 by default: the
