@@ -116,7 +116,7 @@ def test_an_output_too_large_to_publish_dead_letters_its_input() -> None:
 
     out = dispatch(_stage(bloated), REF, _request())
     (letter,) = _letters(out)
-    assert letter.reason.startswith("OutputTooLarge: llm.retrieval")
+    assert letter.reason.startswith(f"OutputTooLarge: {RETRIEVAL.name}")
     assert not [e for e in out if e.topic == RETRIEVAL]
 
 
