@@ -13,6 +13,11 @@ careful client does. The cases, in order (--cases picks some):
 - scale: ingestion, moderation and feedback scaled 2 -> 1 -> 2 under load, with streamed
   callers, a tenant at its quota and feedback: quotas hold, streams arrive whole and
   equal to the final moderated text, joins complete.
+- crash-loop: the drift stage made to exit at every start: backed off, marked failed
+  past its crash budget (status file, /healthz degraded), the others keep answering.
+- gateway: 100 streaming callers leaving early leave no one waiting; the broker
+  stopped (SIGSTOP) for --pause-s gives 503s within the deadline, and the pipeline
+  answers again after SIGCONT.
 
 It ends with the matrix: case, check, count, PASS or FAIL.
 
@@ -42,11 +47,12 @@ from kllm.testing.scripted_engine import scripted_engine
 
 LIMIT_S = 600
 """The whole run (default settings) ends within this many seconds; --limit-s changes it."""
-CASES = ("poison", "sigkill", "scale")
+CASES = ("poison", "sigkill", "scale", "crash-loop", "gateway")
 QUOTA_RPM = 20
-REPLICAS = {"ingestion": 2, "inference": 2, "moderation": 2, "feedback": 2}
+REPLICAS = {"ingestion": 2, "inference": 2, "moderation": 2, "feedback": 2, "gateway": 2}
 """Two processes of every stage that can have them (retrieval owns the embedded Qdrant,
-drift needs every event of a tenant, the gateway one port)."""
+drift needs every event of a tenant). The gateway replicas share one port: a caller's
+retry after one is killed reaches the other."""
 
 
 def main() -> int:
@@ -57,6 +63,7 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=4, help="requests/s of the plain callers")
     p.add_argument("--settle", type=float, default=6, help="seconds between kills and scalings")
     p.add_argument("--poison", type=int, default=2000, help="malformed records to publish")
+    p.add_argument("--pause-s", type=float, default=10, help="how long the broker is stopped")
     p.add_argument(
         "--recovery-timeout-s",
         type=float,
@@ -97,6 +104,9 @@ def _main(args: argparse.Namespace, cases: list[str], deadline: Deadline) -> int
                 "KLLM_QUOTAS": orjson.dumps({"faults-quota": {"rpm": QUOTA_RPM}}).decode(),
                 "KLLM_SESSION_TIMEOUT_MS": "3000",
                 "KLLM_HEARTBEAT_INTERVAL_MS": "500",
+                # A crash loop meets its budget in seconds, not minutes.
+                "KLLM_RESTART_BUDGET": "3",
+                "KLLM_RESTART_BACKOFF_S": "0.5",
             }
             with supervised(env=env, replicas=REPLICAS) as (bootstrap, sup):
 
@@ -104,6 +114,7 @@ def _main(args: argparse.Namespace, cases: list[str], deadline: Deadline) -> int
                     while not restarter.is_set():
                         with fault_cases.SUPERVISING:
                             sup.restart_crashed()
+                            sup.write_status()
                         restarter.wait(0.2)
 
                 restarting = threading.Thread(target=keep_restarting, daemon=True)
@@ -140,9 +151,13 @@ def _run(
         return fault_cases.kill_each(
             sup, gw, deadline, args.rate, args.settle, args.recovery_timeout_s
         )
-    return fault_cases.scale(
-        sup, bootstrap, gw, deadline, args.rate, QUOTA_RPM, quota_key, args.settle
-    )
+    if case == "scale":
+        return fault_cases.scale(
+            sup, bootstrap, gw, deadline, args.rate, QUOTA_RPM, quota_key, args.settle
+        )
+    if case == "crash-loop":
+        return fault_cases.crash_loop(sup, gw, deadline, args.rate)
+    return fault_cases.gateway(bootstrap, gw, deadline, args.pause_s)
 
 
 def _report(rows: list[Row], cases: list[str]) -> None:
