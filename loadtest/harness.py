@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,6 +277,9 @@ def supervised(
             yield broker.bootstrap, sup
         finally:
             stop_stages(sup)
+            if keep := os.environ.get("KLLM_BENCH_KEEP_LOGS"):
+                # The run folder goes with the run: keep the stages' logs where asked.
+                shutil.copytree(run_dir / "logs", keep, dirs_exist_ok=True)
 
 
 def stop_stages(sup: Supervisor) -> None:

@@ -172,8 +172,10 @@ def dead_letter(
     exc: PipelineError | None = None,
     *,
     owner: bool = True,
+    code: str | None = None,
 ) -> list[Emit]:
-    """DLQ record, plus an error response when the caller can be identified.
+    """DLQ record, plus an error response when the caller can be identified (``code``:
+    the caller's error code, else one from ``exc``).
 
     Only the stage that owns a topic dead-letters its records. A side reader
     (``owner=False``: the drift stage reading retrieval jobs), or a reader of a topic
@@ -191,11 +193,20 @@ def dead_letter(
     rejected = exc if isinstance(exc, Rejected) else None
     if request_id is not None and (rejected is None or rejected.notify):
         tenant = peek_field(value, "tenant") or "unknown"
-        code = rejected.code if rejected else "invalid_request"
+        code = code or (rejected.code if rejected else _code_for(exc))
         retry = rejected.retry_after_s if rejected else None
         response = error_response(request_id, tenant[:64], reason[:_REASON_CHARS], code, retry)
         out.append(Emit(RESPONSES, request_id, response))
     return out
+
+
+def _code_for(exc: PipelineError | None) -> str:
+    """The caller's error code for a failure that is not a refusal: the record itself is
+    bad (it does not decode, or holds what no stage can use) when ``exc`` is None or a
+    SchemaError; else something inside the pipeline failed (a store, an engine, a bug)."""
+    if exc is None or isinstance(exc, SchemaError):
+        return "invalid_request"
+    return "unavailable"
 
 
 def unusable(value: bytes | None) -> str | None:
@@ -274,7 +285,7 @@ def dispatch(
         return dead_letter(stage.name, ref, value, reason, exc, owner=stage.owner)
     except Exception as exc:  # noqa: BLE001 - a bug must not crash-loop the stage on one record
         reason = internal_failure(stage.name, ref, value, exc)
-        return dead_letter(stage.name, ref, value, reason, owner=stage.owner)
+        return dead_letter(stage.name, ref, value, reason, owner=stage.owner, code="unavailable")
     if (too_big := oversized(out)) is not None:
         return dead_letter(stage.name, ref, value, too_big, owner=stage.owner)
     log.info(

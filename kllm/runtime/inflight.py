@@ -74,7 +74,8 @@ def decoded(
         except PipelineError as exc:  # unreadable, or e.g. a model nobody here serves
             return dead_letter(stage, ref, value, f"{type(exc).__name__}: {exc}", exc)
         except Exception as exc:  # noqa: BLE001 - a bug must not crash-loop the stage on one record
-            return dead_letter(stage, ref, value, internal_failure(stage, ref, value, exc))
+            reason = internal_failure(stage, ref, value, exc)
+            return dead_letter(stage, ref, value, reason, code="unavailable")
         if (too_big := oversized(outcome.emits)) is not None:
             return dead_letter(stage, ref, value, too_big)
         if outcome.failure is None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from quixstreams import Application, State, message_context
+from quixstreams.checkpointing.exceptions import CheckpointConsumerCommitError
 from quixstreams.dataframe import StreamingDataFrame
 from quixstreams.models.serializers import Serializer
 
@@ -79,18 +80,38 @@ def serve_many(
 ) -> None:
     """One consumer group reading several topics, each with its own logic."""
     metrics.for_stage(stage).serve(settings.metrics_port)
-    app = build_app(settings, stage, [source for source, _ in flows])
     _install_ledger(settings, flows)
-    sink = _sinks(app)
-    for source, logic in flows:
-        sdf = app.dataframe(
-            app.topic(source.name, key_deserializer="bytes", value_deserializer="bytes")
-        )
-        _to_sinks(_apply(sdf, source, logic), sink)
-    mark_ready(settings.ready_file)
-    sources = [source.name for source, _ in flows]
-    log.info("stage running", extra={"stage": stage, "source": sources, "pid": os.getpid()})
-    app.run()
+
+    def assemble() -> Application:
+        app = build_app(settings, stage, [source for source, _ in flows])
+        sink = _sinks(app)
+        for source, logic in flows:
+            sdf = app.dataframe(
+                app.topic(source.name, key_deserializer="bytes", value_deserializer="bytes")
+            )
+            _to_sinks(_apply(sdf, source, logic), sink)
+        return app
+
+    _run_rejoining(settings, stage, [source.name for source, _ in flows], assemble)
+
+
+def _run_rejoining(
+    settings: StageSettings, stage: str, sources: list[str], assemble: Callable[[], Application]
+) -> None:
+    """Run the application until SIGTERM. A commit the group refuses (the broker paused
+    past the session timeout: this process is no longer a member) ends quixstreams'
+    run; the uncommitted records go to the partitions' next owners. The stage then
+    joins again with a new application, in this process: its models stay loaded."""
+    while True:
+        app = assemble()
+        mark_ready(settings.ready_file)
+        log.info("stage running", extra={"stage": stage, "source": sources, "pid": os.getpid()})
+        try:
+            app.run()
+            return
+        except CheckpointConsumerCommitError as exc:
+            log.warning("left the group (commit refused); joining again", extra={"error": str(exc)})
+            time.sleep(1.0)
 
 
 def _install_ledger(
@@ -153,16 +174,7 @@ def serve_join(
     """Several topics with the same key and partition count, merged into one stream whose
     keyed state all of them share (a join): each record goes to its topic's logic."""
     metrics.for_stage(stage).serve(settings.metrics_port)
-    app = build_app(settings, stage, [source for source, _ in flows])
     _install_ledger(settings, flows)
-    sink = _sinks(app)
-    frames = [
-        app.dataframe(app.topic(source.name, key_deserializer="bytes", value_deserializer="bytes"))
-        for source, _ in flows
-    ]
-    merged = frames[0]
-    for frame in frames[1:]:
-        merged = merged.concat(frame)
     by_topic = {source.name: (source, logic) for source, logic in flows}
 
     def handle(
@@ -173,7 +185,19 @@ def serve_join(
         ref = RecordRef(source, ctx.partition, ctx.offset, readable_key(key))
         return _measured(logic, ref, value, headers, state)
 
-    _to_sinks(merged.apply(handle, expand=True, metadata=True, stateful=True), sink)
-    mark_ready(settings.ready_file)
-    log.info("stage running", extra={"stage": stage, "source": list(by_topic), "pid": os.getpid()})
-    app.run()
+    def assemble() -> Application:
+        app = build_app(settings, stage, [source for source, _ in flows])
+        sink = _sinks(app)
+        frames = [
+            app.dataframe(
+                app.topic(source.name, key_deserializer="bytes", value_deserializer="bytes")
+            )
+            for source, _ in flows
+        ]
+        merged = frames[0]
+        for frame in frames[1:]:
+            merged = merged.concat(frame)
+        _to_sinks(merged.apply(handle, expand=True, metadata=True, stateful=True), sink)
+        return app
+
+    _run_rejoining(settings, stage, list(by_topic), assemble)

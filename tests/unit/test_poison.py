@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from kllm.core.errors import StoreError
 from kllm.runtime import ledger
 from kllm.runtime.dispatch import (
     DLQ_PREFIX_BYTES,
@@ -107,7 +108,18 @@ def test_a_processor_that_raises_dead_letters_its_record_only() -> None:
     out = dispatch(_stage(broken), REF, _request())
     (letter,) = _letters(out)
     assert letter.reason == "InternalError: KeyError"
-    assert _answers(out)[0].request_id == "r-1"
+    (answer,) = _answers(out)
+    assert answer.request_id == "r-1" and answer.error_code == "unavailable"  # 503, not 400
+
+
+def test_a_failure_inside_the_pipeline_is_unavailable_and_a_bad_record_invalid() -> None:
+    def store_down(_m: Request) -> list[Emit]:
+        raise StoreError("the vector store is unreachable")
+
+    (down,) = _answers(dispatch(_stage(store_down), REF, _request()))
+    assert down.error_code == "unavailable"
+    (bad,) = _answers(dispatch(_stage(never), REF, _request(v=99)))
+    assert bad.error_code == "invalid_request"
 
 
 def test_an_output_too_large_to_publish_dead_letters_its_input() -> None:
