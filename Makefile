@@ -76,5 +76,5 @@ bench-overhead: install  ## pipeline overhead p50/p99 at 10, 50 and 200 requests
 bench-overload: install  ## 3x capacity through the gateway: 429 shedding, bounded memory, recovery (at most 7 min)
 	$(LIMIT) 450 $(BIN)/python loadtest/overload.py --limit-s 420
 
-bench-faults: install  ## fault matrix: poison flood, SIGKILL of every stage, scaling under load; lost, duplicated, recovery (at most 10 min)
-	$(LIMIT) 630 $(BIN)/python loadtest/faults.py --limit-s 600
+bench-faults: install  ## fault matrix: poison flood, SIGKILL of every stage, scaling under load, a crash loop, the broker paused (at most 15 min)
+	$(LIMIT) 870 $(BIN)/python loadtest/faults.py --limit-s 840

@@ -24,7 +24,7 @@ It ends with the matrix: case, check, count, PASS or FAIL.
     python loadtest/faults.py --cases poison,sigkill,scale
 
 Time limit: the whole run, startup and teardown included, ends within --limit-s
-(default 600 s); a case that cannot start in the time left is reported NOT RUN. Ctrl-C or
+(default 840 s); a case that cannot start in the time left is reported NOT RUN. Ctrl-C or
 SIGTERM stops every process it started and prints what was measured.
 """
 
@@ -45,7 +45,7 @@ from kllm.gateway.keys import KeyStore
 from kllm.ops.supervisor import Supervisor
 from kllm.testing.scripted_engine import scripted_engine
 
-LIMIT_S = 600
+LIMIT_S = 840
 """The whole run (default settings) ends within this many seconds; --limit-s changes it."""
 CASES = ("poison", "sigkill", "scale", "crash-loop", "gateway")
 QUOTA_RPM = 20

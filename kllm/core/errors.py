@@ -10,6 +10,7 @@ The hierarchy::
     │   └── ContextLengthError       the prompt does not fit the model's context (the
     │                                caller's to fix: not retried, not the model's fault)
     ├── StoreError                   the vector store failed
+    ├── EmbedderError                processors.retrieval: the embedding model failed
     ├── SchemaError                  schemas.codec: a record that does not decode
     ├── Rejected                     processors.base: a stage refused a record on purpose
     ├── GuardrailError               processors.guardrails: a guardrail model failed
@@ -17,7 +18,8 @@ The hierarchy::
     └── HttpError                    kllm.gateway.http: a request the gateway refuses
 
 Every stage dead-letters a record whose processing raised a ``PipelineError``
-(kllm.runtime.dispatch); anything else is a bug, and stops the stage unacknowledged.
+(kllm.runtime.dispatch). Anything else is a bug: it is logged with its traceback and
+dead-letters that record too (``InternalError``), so one record never stops a stage.
 """
 
 
