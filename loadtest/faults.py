@@ -37,6 +37,7 @@ import threading
 from pathlib import Path
 
 import fault_cases
+import fault_outages
 import orjson
 from fault_cases import Gateway, Row
 from harness import Deadline, free_port, run_limited, supervised
@@ -156,8 +157,8 @@ def _run(
             sup, bootstrap, gw, deadline, args.rate, QUOTA_RPM, quota_key, args.settle
         )
     if case == "crash-loop":
-        return fault_cases.crash_loop(sup, gw, deadline, args.rate)
-    return fault_cases.gateway(bootstrap, gw, deadline, args.pause_s)
+        return fault_outages.crash_loop(sup, gw, deadline, args.rate)
+    return fault_outages.gateway(bootstrap, gw, deadline, args.pause_s)
 
 
 def _report(rows: list[Row], cases: list[str]) -> None:
