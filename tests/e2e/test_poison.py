@@ -46,6 +46,7 @@ def test_poison_at_every_stage_input_is_dead_lettered_once(
 ) -> None:
     answers = client.tail(RESPONSES)
     pids = _pids(pipeline)
+    restarts = {sp.name: sp.restarts for sp in pipeline.procs}  # earlier tests kill stages
     try:
         before = client.send("Poison control: what is a partition?", max_tokens=8)
         assert client.responses(answers, {before}, 120)
@@ -67,7 +68,7 @@ def test_poison_at_every_stage_input_is_dead_lettered_once(
     assert controls.keys() == {before, after}
     assert all(r.error is None and r.text for r in controls.values())
     assert _pids(pipeline) == pids, "a stage restarted"
-    assert all(sp.restarts == 0 for sp in pipeline.procs)
+    assert {sp.name: sp.restarts for sp in pipeline.procs} == restarts
 
 
 @pytest.mark.slow

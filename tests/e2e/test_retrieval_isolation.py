@@ -33,6 +33,7 @@ def _publish_together(client: Client, requests: list[Request]) -> None:
 
 def test_one_bad_request_in_a_batch_is_answered_alone(pipeline: Supervisor, client: Client) -> None:
     tenant = f"iso-{uuid.uuid4().hex[:6]}"
+    restarts = pipeline.find("retrieval").restarts  # earlier tests kill stages
     good = [_job_request(tenant, f"What is the DLQ for? ({i})") for i in range(6)]
     # A template version this retrieval stage does not know (ingestion deployed first).
     bad = _job_request(tenant, "What is the DLQ for?", template="rag@v99/a")
@@ -55,7 +56,7 @@ def test_one_bad_request_in_a_batch_is_answered_alone(pipeline: Supervisor, clie
         for r in (responses, letters, jobs):
             r.close()
     retrieval = pipeline.find("retrieval")
-    assert retrieval.alive() and retrieval.restarts == 0  # no crash, no crash loop
+    assert retrieval.alive() and retrieval.restarts == restarts  # no crash, no crash loop
 
 
 def _big_producer(bootstrap: str) -> Producer:
