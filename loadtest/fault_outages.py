@@ -5,36 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 import uuid
-from typing import Any
 
 import httpx
-import orjson
 from fault_cases import SUPERVISING, Calls, Gateway, Row, ask, calls_rows, steady
 from harness import Deadline
 
 from kllm.core.stage_status import STATUS_FILE, read_status
 from kllm.ops.supervisor import Supervisor
+from kllm.testing.callers import leave_early
 
 # -- the gateway ------------------------------------------------------------------------------
-
-
-def _leave_early(gw: Gateway, body: dict[str, Any]) -> None:
-    """A streaming caller who sends its request and closes the connection at once."""
-    host, port = gw.url.removeprefix("http://").split(":")
-    raw = orjson.dumps(body)
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
-        f"Authorization: Bearer {gw.key}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(raw)}\r\n\r\n"
-    ).encode()
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(head + raw)
-        time.sleep(0.03)
 
 
 def _waiting(gw: Gateway, probes: int = 12) -> int:
@@ -57,7 +41,7 @@ def gateway(bootstrap: str, gw: Gateway, deadline: Deadline, pause_s: float) -> 
             "stream": True,
             "messages": [{"role": "user", "content": f"Leaving {i} {uuid.uuid4()}"}],
         }
-        _leave_early(gw, body)
+        leave_early(gw.url, gw.key, body, 0.03)
     time.sleep(2.0)
     waiting = _waiting(gw)
     rows = [

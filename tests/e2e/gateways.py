@@ -1,11 +1,10 @@
-"""Gateway processes and raw HTTP callers for the end-to-end gateway tests: a second
-replica beside the pipeline's (its own port, so a test picks the replica), and a
-caller that sends a request and closes its connection before any answer."""
+"""Gateway processes for the end-to-end gateway tests: a second replica beside the
+pipeline's (its own port, so a test picks the replica). A caller that leaves before any
+answer is kllm.testing.callers.leave_early."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import orjson
 
 from kllm.ops.broker import free_port
 
@@ -57,32 +55,6 @@ def gateway_process(env: Mapping[str, str], run_dir: Path, name: str) -> Iterato
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-
-
-def leave_early(
-    url: str,
-    key: str,
-    body: object,
-    after_s: float = 0.05,
-    headers: Mapping[str, str] | None = None,
-) -> bytes:
-    """POST ``body`` as a chat completion, read whatever comes back within ``after_s``
-    (nothing, for a request still waiting), then close the connection."""
-    host, port = url.removeprefix("http://").split(":")
-    raw = orjson.dumps(body)
-    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
-        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n{extra}"
-        f"Content-Length: {len(raw)}\r\n\r\n"
-    ).encode()
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(head + raw)
-        sock.settimeout(after_s)
-        try:
-            return sock.recv(4096)
-        except TimeoutError:
-            return b""
 
 
 def health(url: str) -> dict[str, object]:

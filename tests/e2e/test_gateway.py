@@ -15,9 +15,10 @@ import pytest
 
 from kllm.gateway.keys import KeyStore
 from kllm.ops.supervisor import Supervisor
+from kllm.testing.callers import leave_early
 from schemas import DeadLetter, InferenceJob, Request, decode, encode
 from tests.e2e.conftest import Client, Replies, collect, wait_until
-from tests.e2e.gateways import gateway_process, health, leave_early
+from tests.e2e.gateways import gateway_process, health
 from topics import INFERENCE, REQUESTS
 
 TIMEOUT = 120.0
