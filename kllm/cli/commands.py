@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from kllm.cli import export as cli_export
 from kllm.cli import keys as cli_keys
@@ -21,6 +22,10 @@ from kllm.core.errors import PipelineError
 from kllm.runtime import logs
 from kllm.runtime.settings import STATE_FILE, KafkaSettings, write_state
 from topics import ProvisionReport
+
+if TYPE_CHECKING:
+    from kllm.ops.broker import EmbeddedBroker
+    from kllm.ops.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for every stage to consume (default 180)",
     )
     supervision.add_flags(up)
+    _add_storage_flag(up)
 
     ask = sub.add_parser("ask", help="publish a question to the request topic and print the answer")
     ask.add_argument("question", nargs="+", help="one or more questions, sent concurrently")
@@ -101,9 +107,50 @@ def _parser() -> argparse.ArgumentParser:
     cli_trace.add_parser(sub)
     sub.add_parser("provision", help="create the declared topics that are missing (idempotent)")
     sub.add_parser("topics", help="list the declared topics: partitions, key, schema, DLQ")
-    broker = sub.add_parser("broker", help="run only the embedded broker, in the foreground")
+    broker = sub.add_parser(
+        "broker",
+        help="run only the embedded broker, in the foreground",
+        description=(
+            "Run the embedded broker (Tansu) until Ctrl-C. Durable by default: its data "
+            "lives under KLLM_RUN_DIR/broker (KLLM_BROKER_DATA_DIR) and survives a stop; "
+            "a broker or storage process that dies is started again on the same port."
+        ),
+    )
     broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    _add_storage_flag(broker)
     return p
+
+
+def _add_storage_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage",
+        choices=["durable", "memory"],
+        default=None,
+        help=(
+            "the embedded broker's storage: durable keeps topics, records and committed "
+            "offsets under the run folder across stops and crashes; memory loses them "
+            "when it stops (default: KLLM_BROKER_STORAGE or durable)"
+        ),
+    )
+
+
+def _embedded_broker(args: argparse.Namespace, settings: KafkaSettings) -> EmbeddedBroker:
+    from kllm.ops.broker import BrokerSettings, EmbeddedBroker
+
+    broker_settings = BrokerSettings()
+    if args.storage:
+        broker_settings = broker_settings.model_copy(update={"storage": args.storage})
+    return EmbeddedBroker.from_settings(
+        broker_settings, settings.run_dir, port=getattr(args, "port", None)
+    )
+
+
+def _broker_line(broker: EmbeddedBroker) -> str:
+    if broker.storage == "durable":
+        where = f"durable, data in {broker.data_dir}, storage server pid {broker.storage_pid}"
+    else:
+        where = "memory storage: its data is lost when it stops"
+    return f"embedded broker (Tansu) on {broker.bootstrap}  pid {broker.pid}  ({where})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,12 +207,12 @@ def _provision(bootstrap: str, pools: Sequence[str]) -> ProvisionReport:
 
 
 def cmd_broker(args: argparse.Namespace, settings: KafkaSettings) -> int:
-    from kllm.ops.broker import EmbeddedBroker
-
-    with EmbeddedBroker(args.port) as broker:
+    (settings.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with _embedded_broker(args, settings) as broker:
         write_state(settings.run_dir, broker.bootstrap)
-        print(f"embedded broker on {broker.bootstrap} (Ctrl-C stops it)", flush=True)
-        _wait_for_stop_signal(lambda: broker.alive())
+        print(_broker_line(broker), flush=True)
+        print("Ctrl-C stops it", flush=True)
+        _wait_for_stop_signal(lambda: True, tick=lambda: _say_broker(broker))
     (settings.run_dir / STATE_FILE).unlink(missing_ok=True)
     return 0
 
@@ -193,6 +240,11 @@ def _wait_for_stop_signal(
         pass
 
 
+def _say_broker(broker: EmbeddedBroker) -> None:
+    for line in broker.supervise():
+        print(f"  {line}", flush=True)
+
+
 def _parse_replicas(items: list[str]) -> dict[str, int]:
     from kllm.ops.supervisor import STAGES
 
@@ -206,7 +258,6 @@ def _parse_replicas(items: list[str]) -> dict[str, int]:
 
 
 def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
-    from kllm.ops.broker import EmbeddedBroker
     from kllm.ops.supervisor import Supervisor
 
     replicas = _parse_replicas(args.replicas)
@@ -219,10 +270,10 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             bootstrap = settings.bootstrap_servers
             print(f"using the Kafka broker at {bootstrap}", flush=True)
         else:
-            broker = EmbeddedBroker(log_path=settings.run_dir / "logs" / "broker.log").start()
+            broker = _embedded_broker(args, settings).start()
             bootstrap = broker.bootstrap
             write_state(settings.run_dir, bootstrap)
-            print(f"embedded broker (Tansu) on {bootstrap}  pid {broker.pid}", flush=True)
+            print(_broker_line(broker), flush=True)
         report = _provision(bootstrap, settings.inference_pools)
         print(f"topics: {len(report.created)} created, {len(report.existing)} present", flush=True)
         sup = Supervisor(
@@ -256,7 +307,7 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             print('Ctrl-C stops everything. In another shell: kllm ask "your question"', flush=True)
             sup.write_status()
             # Only a signal stops the pipeline: a stage that keeps crashing is failed alone.
-            _wait_for_stop_signal(lambda: True, tick=lambda: supervision.tick(sup))
+            _wait_for_stop_signal(lambda: True, tick=lambda: _tick(sup, broker))
             return 0
         finally:
             print("stopping stages...", flush=True)
@@ -269,6 +320,12 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             broker.stop()
             (settings.run_dir / STATE_FILE).unlink(missing_ok=True)
         print("stopped", flush=True)
+
+
+def _tick(sup: Supervisor, broker: EmbeddedBroker | None) -> None:
+    if broker is not None:
+        _say_broker(broker)
+    supervision.tick(sup)
 
 
 def _gateway_banner() -> str:

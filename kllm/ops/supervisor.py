@@ -7,8 +7,6 @@ and the other stages keep running. Each process's state goes to the status file
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import random
@@ -30,6 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from kllm.core import stage_status
 from kllm.core.errors import ConfigError, PipelineError
 from kllm.core.stage_status import STATUS_FILE, ProcessStatus, State
+from kllm.ops.proc import die_with_parent
 from kllm.ops.restarts import CrashBudget, RestartPolicy
 from topics import GROUPLESS, STAGES, stage_groups
 
@@ -44,7 +43,6 @@ __all__ = [
     "StageProcess",
     "Supervisor",
 ]
-_PR_SET_PDEATHSIG = 1
 
 
 class ChildSettings(BaseSettings):
@@ -81,12 +79,6 @@ class ChildSettings(BaseSettings):
             f: env[k] for f in cls.model_fields if (k := f"KLLM_{f.upper()}") in env
         }
         return cls(**given)
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the supervisor dies, even by SIGKILL (no orphans)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -208,7 +200,7 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         sp.started_at = time.monotonic()
         sp.restart_at = None
