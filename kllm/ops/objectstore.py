@@ -8,7 +8,8 @@ files, atomic rename) honours ``If-None-Match: *`` but writes an ``If-Match`` pu
 blindly, so two producers on one partition both take the same offset and one of them
 is refused (measured: 1,200 of 1,800 concurrent records refused, the watermark left
 behind). This handler checks ``If-Match`` and ``If-None-Match`` against the object's
-current ETag under a per-object lock, so each conditional write is one atomic step.
+current ETag under a per-object lock, so each conditional write is one atomic step, and
+serves a read under the same lock, so its body and ETag are of one version.
 
 Two more things the broker needs of its store:
 - Listings carry each object's time to the microsecond. Tansu answers ListOffsets from
@@ -85,6 +86,12 @@ class ConditionalS3Handler(localbucket.S3Handler):  # type: ignore[misc]  # unty
                 raise
             localbucket.remember_etag(target, etag)
             return etag
+
+    def _get(self, bucket: str, key: str, include_body: bool) -> None:
+        # localbucket reads the body, then the ETag from the path: a put in between gave
+        # the old body with the new ETag, and a read-modify-write on it lost an update.
+        with self.locks.of(self._object_path(bucket, key)):
+            super()._get(bucket, key, include_body)
 
     def _check_preconditions(self, target: Path) -> None:
         if_none_match = self.headers.get("If-None-Match", "").strip()

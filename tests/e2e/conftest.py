@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka import Message as Record
 
-from kllm.ops.broker import EmbeddedBroker, free_port
+from kllm.ops.broker import EmbeddedBroker, Storage, free_port
 from kllm.ops.supervisor import Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer, produce_sync
 from kllm.testing.scripted_engine import scripted_engine
@@ -37,10 +38,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
+def broker_storage() -> Storage:
+    """The storage the suite's brokers use: memory, unless KLLM_TEST_BROKER_STORAGE says
+    durable (`make test-e2e-durable`). `kllm up` in the CLI tests uses its own default."""
+    storage = os.environ.get("KLLM_TEST_BROKER_STORAGE", "memory")
+    if storage not in ("memory", "durable"):
+        raise ValueError(f"KLLM_TEST_BROKER_STORAGE={storage!r}: memory or durable")
+    return "durable" if storage == "durable" else "memory"
+
+
+def embedded_broker(log_path: Path) -> EmbeddedBroker:
+    """A broker on the suite's storage; durable data goes beside its log."""
+    return EmbeddedBroker(
+        log_path=log_path, storage=broker_storage(), data_dir=log_path.parent / "broker-data"
+    )
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     log = tmp_path_factory.mktemp("broker") / "broker.log"
-    with EmbeddedBroker(log_path=log) as b:
+    with embedded_broker(log) as b:
         provision(ConfluentTopicAdmin(b.bootstrap), declared())
         yield b
 

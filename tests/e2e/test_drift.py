@@ -14,7 +14,7 @@ from kllm.ops.broker import EmbeddedBroker
 from kllm.ops.supervisor import Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer
 from schemas import DriftAlert, Response, decode, encode
-from tests.e2e.conftest import CONSUMER, FAST_GROUPS, Delivered, wait_committed
+from tests.e2e.conftest import CONSUMER, FAST_GROUPS, Delivered, embedded_broker, wait_committed
 from topics import DRIFT_ALERTS, DRIFT_GROUP, RESPONSES, declared, provision
 
 WARMUP = 100
@@ -22,7 +22,7 @@ WARMUP = 100
 
 @pytest.fixture()
 def drift(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, Supervisor]]:
-    with EmbeddedBroker(log_path=tmp_path / "broker.log") as broker:
+    with embedded_broker(tmp_path / "broker.log") as broker:
         provision(ConfluentTopicAdmin(broker.bootstrap), declared())
         env = {
             "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,

@@ -27,7 +27,6 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka import Message as Record
 
-from kllm.ops.broker import EmbeddedBroker
 from kllm.ops.supervisor import Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer
 from kllm.testing.drift_streams import RATING_P_SHIFTED, sample
@@ -48,7 +47,7 @@ from schemas import (
     encode,
 )
 from services.drift import Checkpoint
-from tests.e2e.conftest import CONSUMER, FAST_GROUPS
+from tests.e2e.conftest import CONSUMER, FAST_GROUPS, embedded_broker
 from topics import (
     DRIFT_ALERTS,
     DRIFT_GROUP,
@@ -381,7 +380,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
     """The embedded broker and the drift stage alone, at its default warm-up and cooldown;
     the tests use a tenant each, so they share them."""
     tmp = tmp_path_factory.mktemp("drift-stream")
-    with EmbeddedBroker(log_path=tmp / "broker.log") as broker:
+    with embedded_broker(tmp / "broker.log") as broker:
         provision(ConfluentTopicAdmin(broker.bootstrap), declared())
         env = {
             "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,

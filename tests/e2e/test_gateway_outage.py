@@ -21,7 +21,7 @@ from kllm.gateway.keys import KeyStore
 from kllm.ops.broker import EmbeddedBroker
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer
 from schemas import Request, Response, decode, encode
-from tests.e2e.conftest import CONSUMER, FAST_GROUPS, wait_until
+from tests.e2e.conftest import CONSUMER, FAST_GROUPS, embedded_broker, wait_until
 from tests.e2e.gateways import gateway_process, health
 from topics import FEEDBACK, MODERATED_TOKENS, REQUESTS, RESPONSES, provision
 
@@ -64,7 +64,7 @@ class Responder:
 @pytest.fixture(scope="module")
 def paused_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     log = tmp_path_factory.mktemp("outage-broker") / "broker.log"
-    with EmbeddedBroker(log_path=log) as broker:
+    with embedded_broker(log) as broker:
         specs = [REQUESTS, REQUESTS.dlq, RESPONSES, MODERATED_TOKENS, FEEDBACK]
         provision(ConfluentTopicAdmin(broker.bootstrap), specs)
         yield broker

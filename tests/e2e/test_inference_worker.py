@@ -31,7 +31,7 @@ from schemas import (
     encode,
 )
 from schemas.messages import ChatTurn
-from tests.e2e.conftest import CONSUMER, FAST_GROUPS, Replies, collect, wait_until
+from tests.e2e.conftest import CONSUMER, FAST_GROUPS, Replies, collect, embedded_broker, wait_until
 from topics import GENERATIONS, INFERENCE, TOKENS, declared, inference_topic, provision
 
 CAPACITY = 4
@@ -45,7 +45,7 @@ WORKER_ENV = {
 
 @pytest.fixture()
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(log_path=tmp_path_factory.mktemp("wbroker") / "broker.log") as b:
+    with embedded_broker(tmp_path_factory.mktemp("wbroker") / "broker.log") as b:
         provision(ConfluentTopicAdmin(b.bootstrap), declared())
         yield b
 
