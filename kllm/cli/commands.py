@@ -209,7 +209,7 @@ def _provision(bootstrap: str, pools: Sequence[str]) -> ProvisionReport:
 def cmd_broker(args: argparse.Namespace, settings: KafkaSettings) -> int:
     (settings.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     with _embedded_broker(args, settings) as broker:
-        write_state(settings.run_dir, broker.bootstrap)
+        write_state(settings.run_dir, broker.bootstrap, broker.fetch_wait_min_ms)
         print(_broker_line(broker), flush=True)
         print("Ctrl-C stops it", flush=True)
         _wait_for_stop_signal(lambda: True, tick=lambda: _say_broker(broker))
@@ -272,13 +272,14 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
         else:
             broker = _embedded_broker(args, settings).start()
             bootstrap = broker.bootstrap
-            write_state(settings.run_dir, bootstrap)
+            write_state(settings.run_dir, bootstrap, broker.fetch_wait_min_ms)
             print(_broker_line(broker), flush=True)
         report = _provision(bootstrap, settings.inference_pools)
         print(f"topics: {len(report.created)} created, {len(report.existing)} present", flush=True)
         sup = Supervisor(
             settings.run_dir,
             {"KLLM_BOOTSTRAP_SERVERS": bootstrap, "KLLM_RUN_DIR": str(settings.run_dir)}
+            | _fetch_wait_env(settings, broker)
             | supervision.restart_env(args),
             replicas,
         )
@@ -320,6 +321,15 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             broker.stop()
             (settings.run_dir / STATE_FILE).unlink(missing_ok=True)
         print("stopped", flush=True)
+
+
+def _fetch_wait_env(settings: KafkaSettings, broker: EmbeddedBroker | None) -> dict[str, str]:
+    """The stages' fetch wait, raised to the durable broker's floor."""
+    floor = broker.fetch_wait_min_ms if broker is not None else 0
+    if settings.fetch_wait_max_ms >= floor:
+        return {}
+    print(f"fetch waits raised to {floor} ms for durable storage", flush=True)
+    return {"KLLM_FETCH_WAIT_MAX_MS": str(floor)}
 
 
 def _tick(sup: Supervisor, broker: EmbeddedBroker | None) -> None:

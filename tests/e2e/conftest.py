@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka import Message as Record
 
-from kllm.ops.broker import EmbeddedBroker, Storage, free_port
+from kllm.ops.broker import DURABLE_FETCH_WAIT_MS, EmbeddedBroker, Storage, free_port
 from kllm.ops.supervisor import Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer, produce_sync
 from kllm.testing.scripted_engine import scripted_engine
@@ -22,20 +22,6 @@ from schemas import DeadLetter, Request, Response, decode, encode
 from topics import REQUESTS, RESPONSES, TopicSpec, declared, provision
 
 REPO = Path(__file__).resolve().parents[2]
-
-# Short group timeouts: join and failover in seconds, not tens of seconds (see DESIGN.md).
-FAST_GROUPS = {
-    "KLLM_SESSION_TIMEOUT_MS": "2000",
-    "KLLM_HEARTBEAT_INTERVAL_MS": "500",
-    "KLLM_FETCH_WAIT_MAX_MS": "10",
-}
-CONSUMER = {"fetch.wait.max.ms": 10}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/e2e/" in str(item.fspath):
-            item.add_marker(pytest.mark.e2e)
 
 
 def broker_storage() -> Storage:
@@ -45,6 +31,23 @@ def broker_storage() -> Storage:
     if storage not in ("memory", "durable"):
         raise ValueError(f"KLLM_TEST_BROKER_STORAGE={storage!r}: memory or durable")
     return "durable" if storage == "durable" else "memory"
+
+
+# Short group timeouts: join and failover in seconds, not tens of seconds (see DESIGN.md).
+# Short fetch waits, but not below the durable broker's floor (kllm.ops.broker).
+_FETCH_WAIT_MS = max(10, DURABLE_FETCH_WAIT_MS if broker_storage() == "durable" else 0)
+FAST_GROUPS = {
+    "KLLM_SESSION_TIMEOUT_MS": "2000",
+    "KLLM_HEARTBEAT_INTERVAL_MS": "500",
+    "KLLM_FETCH_WAIT_MAX_MS": str(_FETCH_WAIT_MS),
+}
+CONSUMER = {"fetch.wait.max.ms": _FETCH_WAIT_MS}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
 
 
 def embedded_broker(log_path: Path) -> EmbeddedBroker:
