@@ -96,7 +96,7 @@ def build(
         producer = make_producer(bootstrap, producer_config(settings))
     recent = RecentAnswers(settings.gateway_replay_ttl_s, settings.gateway_replay_max)
     if router is None:
-        fetch = {"fetch.wait.max.ms": settings.fetch_wait_max_ms}
+        fetch = {"fetch.wait.max.ms": settings.consumer_config()["fetch.wait.max.ms"]}
         # Moderated windows only: the raw token topic never reaches a caller.
         router = ReplyRouter(
             bootstrap, [RESPONSES, MODERATED_TOKENS], fetch, recent, settings.gateway_replay_warm

@@ -279,7 +279,6 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
         sup = Supervisor(
             settings.run_dir,
             {"KLLM_BOOTSTRAP_SERVERS": bootstrap, "KLLM_RUN_DIR": str(settings.run_dir)}
-            | _fetch_wait_env(settings, broker)
             | supervision.restart_env(args),
             replicas,
         )
@@ -321,15 +320,6 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
             broker.stop()
             (settings.run_dir / STATE_FILE).unlink(missing_ok=True)
         print("stopped", flush=True)
-
-
-def _fetch_wait_env(settings: KafkaSettings, broker: EmbeddedBroker | None) -> dict[str, str]:
-    """The stages' fetch wait, raised to the durable broker's floor."""
-    floor = broker.fetch_wait_min_ms if broker is not None else 0
-    if settings.fetch_wait_max_ms >= floor:
-        return {}
-    print(f"fetch waits raised to {floor} ms for durable storage", flush=True)
-    return {"KLLM_FETCH_WAIT_MAX_MS": str(floor)}
 
 
 def _tick(sup: Supervisor, broker: EmbeddedBroker | None) -> None:

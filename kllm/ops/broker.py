@@ -105,7 +105,6 @@ class _Child:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path | None):
         self.name, self.argv, self.env, self.log_path = name, argv, env, log_path
         self.proc: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
         self.dead_since: float | None = None
 
     def start(self) -> None:
@@ -163,17 +162,16 @@ class EmbeddedBroker:
         self.data_dir = data_dir
         self.storage_port = free_port() if storage == "durable" else 0
         self._storage: _Child | None = None
-        if storage == "durable":
-            assert data_dir is not None
-            argv = [sys.executable, "-m", "kllm.ops.objectstore", str(data_dir)]
-            argv += ["--port", str(self.storage_port), "--retention-cap-s", str(retention_cap_s)]
-            argv += ["--fsync"] if fsync else []
-            storage_log = log_path.with_name("objectstore.log") if log_path else None
-            self._storage = _Child("storage server", argv, dict(os.environ), storage_log)
         url = f"tcp://{self.bootstrap}"
         argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
         env = dict(os.environ)
         if storage == "durable":
+            assert data_dir is not None
+            store = [sys.executable, "-m", "kllm.ops.objectstore", str(data_dir)]
+            store += ["--port", str(self.storage_port), "--retention-cap-s", str(retention_cap_s)]
+            store += ["--fsync"] if fsync else []
+            storage_log = log_path.with_name("objectstore.log") if log_path else None
+            self._storage = _Child("storage server", store, dict(os.environ), storage_log)
             argv += ["--storage-engine", f"s3://{BUCKET}/"]
             env |= {
                 "AWS_ENDPOINT": f"http://127.0.0.1:{self.storage_port}",
@@ -226,10 +224,6 @@ class EmbeddedBroker:
     def storage_pid(self) -> int | None:
         return self._storage.proc.pid if self._storage and self._storage.proc else None
 
-    @property
-    def restarts(self) -> int:
-        return self._broker.restarts + (self._storage.restarts if self._storage else 0)
-
     def alive(self) -> bool:
         return self._broker.alive() and (self._storage is None or self._storage.alive())
 
@@ -255,17 +249,9 @@ class EmbeddedBroker:
                 changes.append(f"embedded {child.name} did not start again ({exc}); retrying")
                 child.dead_since = now
                 return changes
-            child.restarts += 1
             pid = child.proc.pid if child.proc else "-"
             changes.append(f"embedded {child.name} restarted, pid {pid}")
         return changes
-
-    def kill(self, which: Literal["broker", "storage"] = "broker") -> None:
-        """SIGKILL one of its processes (fault tests)."""
-        child = self._storage if which == "storage" else self._broker
-        if child is not None and child.proc is not None and child.alive():
-            child.proc.kill()
-            child.proc.wait()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._broker.stop(timeout_s)

@@ -67,15 +67,22 @@ class KafkaSettings(BaseSettings):
         }
 
     def _fetch_wait_floor_ms(self) -> int:
-        """The embedded broker's floor on fetch waits (state file), when it is the one in
-        use: 0 unless it runs on durable storage (see kllm.ops.broker)."""
-        if self.bootstrap_servers:
-            return 0
+        """The embedded broker's floor on fetch waits (state file), when it is the broker
+        in use (no address set, or its address): 0 unless it runs on durable storage (see
+        kllm.ops.broker). `kllm up`'s stages and the CLI's clients read it alike."""
         try:
-            return int(
-                orjson.loads((self.run_dir / STATE_FILE).read_bytes()).get("fetch_wait_min_ms", 0)
-            )
-        except (FileNotFoundError, AttributeError, TypeError, ValueError, orjson.JSONDecodeError):
+            state = orjson.loads((self.run_dir / STATE_FILE).read_bytes())
+            if self.bootstrap_servers not in ("", state["bootstrap_servers"]):
+                return 0
+            return int(state.get("fetch_wait_min_ms", 0))
+        except (
+            FileNotFoundError,
+            KeyError,
+            AttributeError,
+            TypeError,
+            ValueError,
+            orjson.JSONDecodeError,
+        ):
             return 0
 
     def producer_config(self) -> dict[str, str | int | bool]:

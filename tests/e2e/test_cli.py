@@ -80,26 +80,8 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_up_then_ask_from_another_shell_then_sigint_stops_everything(tmp_path: Path) -> None:
     env = _env(tmp_path)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "kllm.cli", "up"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    lines: list[str] = []
+    up, lines = start_up(env)
     try:
-        assert up.stdout is not None
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("pipeline ready in"):
-                break
-        assert any(x.startswith("pipeline ready in") for x in lines), "".join(lines)
         # `ask` finds the embedded broker through the run directory, as a user's shell would.
         ask = subprocess.run(
             [sys.executable, "-m", "kllm.cli", "ask", "What is the dead-letter queue?"],
@@ -162,6 +144,27 @@ def kllm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=180,
     )
+
+
+def start_up(env: dict[str, str], *flags: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """`kllm up` started as a user would, once it says the pipeline is ready: the process
+    and the lines it printed (killed if it never gets there)."""
+    up = subprocess.Popen(
+        [sys.executable, "-m", "kllm.cli", "up", *flags],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        _read_until(up, lines, "pipeline ready in", 240)
+    except BaseException:
+        up.kill()
+        up.wait()
+        raise
+    return up, lines
 
 
 def _read_until(up: subprocess.Popen[str], lines: list[str], prefix: str, timeout_s: float) -> None:

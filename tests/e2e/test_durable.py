@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,8 +21,8 @@ from kllm.ops.broker import DURABLE_FETCH_WAIT_MS
 from kllm.runtime.kafka import make_producer
 from kllm.testing.scripted_engine import scripted_engine
 from schemas import DeadLetter, Document, Feedback, Request, Response, decode, encode
-from tests.e2e.conftest import REPO, wait_until
-from tests.e2e.test_cli import _env, _read_until
+from tests.e2e.conftest import wait_until
+from tests.e2e.test_cli import _env, start_up
 from topics import (
     DOCUMENTS,
     FEEDBACK,
@@ -36,20 +35,6 @@ from topics import (
 LOAD_S = 12.0
 RATE = 8  # requests per second
 DOCS = 6
-
-
-def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
-    up = subprocess.Popen(
-        [sys.executable, "-m", "kllm.cli", "up"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    lines: list[str] = []
-    _read_until(up, lines, "pipeline ready in", 240)
-    return up, lines
 
 
 def _stop(up: subprocess.Popen[str], lines: list[str]) -> str:
@@ -131,7 +116,7 @@ def test_durable_up_loses_nothing_to_kill_9_nor_to_a_restart(tmp_path: Path) -> 
     env.pop("KLLM_BROKER_STORAGE", None)  # the default: durable
     with scripted_engine() as script:
         env["KLLM_MODELS"] = f'[{{"name": "scripted", "engine": "openai", "url": "{script}"}}]'
-        up, lines = _start(env)
+        up, lines = start_up(env)
         try:
             head = "".join(lines)
             found = re.search(r"pid (\d+)  \(durable, data in .*, storage server pid (\d+)\)", head)
@@ -202,7 +187,7 @@ def test_durable_up_loses_nothing_to_kill_9_nor_to_a_restart(tmp_path: Path) -> 
         )
 
         # Started again: nothing was lost with the stop.
-        up, lines = _start(env)
+        up, lines = start_up(env)
         try:
             assert "topics: 0 created" in "".join(lines)
             bootstrap = _bootstrap(run)
