@@ -21,6 +21,7 @@ from typing import Any
 from confluent_kafka import Consumer
 
 from kllm.core.errors import BrokerError, PipelineError
+from kllm.core.refs import readable_key
 from kllm.runtime.kafka import end_offsets
 from kllm.runtime.lag import Lag, consumer_lag, lag_groups
 from schemas import DeadLetter, DriftAlert, decode, peek_request_id
@@ -120,7 +121,7 @@ class PipelineMonitor:
             elif topic == DRIFT_ALERTS.name:
                 self._drift(value)
             else:
-                rid = peek_request_id(value) if topic == REQUESTS.name else (key or b"").decode()
+                rid = peek_request_id(value) if topic == REQUESTS.name else readable_key(key)
                 if rid:
                     self._stamp(rid, topic, produced_at)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, TopicPartition
 
 from kllm.core.errors import PipelineError
+from kllm.core.refs import readable_key
 from kllm.gateway.recent import RecentAnswers
 from kllm.runtime.kafka import end_offsets
 from schemas import Message, Response, decode
@@ -118,8 +119,7 @@ class ReplyRouter:
             msg = self._consumer.poll(0.1)
             if msg is None or msg.error() is not None:
                 continue
-            key = msg.key()
-            request_id = key.decode() if key else None
+            request_id = readable_key(msg.key()) or None
             topic = msg.topic() or ""
             with self._lock:
                 queues = list(self._waiters.get(request_id or "", ()))

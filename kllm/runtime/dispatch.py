@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from kllm.core.errors import ConfigError, PipelineError
-from kllm.core.refs import where
+from kllm.core.refs import readable_key, where
 from kllm.runtime import ledger
 from kllm.runtime.ports import Record
 from processors.admission import KeyedState
@@ -76,13 +76,6 @@ def ref_of(source: TopicSpec, record: Record) -> RecordRef:
         -1 if offset is None else offset,
         readable_key(record.key()),
     )
-
-
-def readable_key(key: bytes | str | None) -> str | None:
-    """A record key as text: bytes that are not UTF-8 are replaced, never fatal."""
-    if isinstance(key, bytes):
-        return key.decode(errors="replace")
-    return key
 
 
 def request_id_of(value: bytes | None) -> str | None:

@@ -10,6 +10,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kllm.core.errors import BrokerError
+from kllm.core.refs import readable_key
 from kllm.runtime.delivery import Acks
 from topics import TAIL_GROUP, TopicSpec
 
@@ -134,8 +135,7 @@ class TailReader:
             msg = self._consumer.poll(min(left, 0.2))
             if msg is None or msg.error() is not None:
                 continue
-            key = msg.key()
-            yield (key.decode() if key else None), msg.value() or b""
+            yield readable_key(msg.key()) or None, msg.value() or b""
 
     def wait_for(
         self, keys: set[str], timeout_s: float, on_record: Callable[[str, bytes], None]

@@ -20,8 +20,9 @@ from quixstreams.dataframe import StreamingDataFrame
 from quixstreams.models.serializers import Serializer
 
 from kllm.core.errors import ConfigError
+from kllm.core.refs import readable_key
 from kllm.runtime import ledger, metrics, tracing
-from kllm.runtime.dispatch import RecordRef, StageLogic, dispatch, readable_key
+from kllm.runtime.dispatch import RecordRef, StageLogic, dispatch
 from kllm.runtime.ready import mark_ready
 from kllm.runtime.settings import StageSettings
 from processors.base import Emit

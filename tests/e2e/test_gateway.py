@@ -16,10 +16,11 @@ import pytest
 from kllm.gateway.keys import KeyStore
 from kllm.ops.supervisor import Supervisor
 from kllm.testing.callers import leave_early
+from kllm.testing.poison import publish, shapes
 from schemas import DeadLetter, InferenceJob, Request, decode, encode
 from tests.e2e.conftest import Client, Replies, collect, wait_until
 from tests.e2e.gateways import gateway_process, health
-from topics import INFERENCE, REQUESTS
+from topics import INFERENCE, MODERATED_TOKENS, REQUESTS, RESPONSES
 
 TIMEOUT = 120.0
 
@@ -90,6 +91,23 @@ def test_openai_client_gets_answers_with_and_without_streaming(gateway: Gateway)
     assert text.strip()
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_poison_on_the_answer_topics_stops_no_reader(gateway: Gateway, client: Client) -> None:
+    """Anyone can write to the answer topics: a key that is not UTF-8, or a value that is
+    no answer, must stop neither the gateway's reply reader nor a tail reader."""
+    answers = client.tail(RESPONSES)
+    try:
+        publish(
+            client.bootstrap, [(t, p) for t in (RESPONSES, MODERATED_TOKENS) for p in shapes(t)]
+        )
+        done = gateway.post(gateway.key("poison-replies"), chat("What is a DLQ?", max_tokens=8))
+        assert done.status_code == 200, done.text
+        assert done.json()["choices"][0]["message"]["content"]
+        control = client.send("Poison control: what is a topic?", max_tokens=8)
+        assert client.responses(answers, {control}, TIMEOUT)[control].text
+    finally:
+        answers.close()
 
 
 def test_missing_or_wrong_key_is_401_and_never_reaches_kafka(
