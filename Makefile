@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages run up test test-unit test-e2e check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load bench-faults bench-overload bench-overhead
+.PHONY: install system-packages run up test test-unit test-e2e test-e2e-durable check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load bench-faults bench-overload bench-overhead bench-broker
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,9 @@ test-unit: install
 
 test-e2e: install system-packages
 	$(BIN)/pytest -q -m e2e
+
+test-e2e-durable: install system-packages  ## the end-to-end suite again, its brokers on durable storage (storage server, data on disk)
+	KLLM_TEST_BROKER_STORAGE=durable $(BIN)/pytest -q -m e2e
 
 check: install
 	$(BIN)/ruff check .
@@ -75,6 +78,9 @@ bench-overhead: install  ## pipeline overhead p50/p99 at 10, 50 and 200 requests
 
 bench-overload: install  ## 3x capacity through the gateway: 429 shedding, bounded memory, recovery (at most 7 min)
 	$(LIMIT) 450 $(BIN)/python loadtest/overload.py --limit-s 420
+
+bench-broker: install  ## embedded broker, memory vs durable: throughput, produce p50/p99, idle CPU, pipeline overhead at 10/s, disk under load (at most 12 min)
+	$(LIMIT) 750 $(BIN)/python loadtest/broker_bench.py --limit-s 720
 
 bench-faults: install  ## fault matrix: poison flood, SIGKILL of every stage, scaling under load, a crash loop, the broker paused (at most 15 min)
 	$(LIMIT) 870 $(BIN)/python loadtest/faults.py --limit-s 840

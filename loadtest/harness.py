@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from kllm.ops.broker import EmbeddedBroker, free_port
+from kllm.ops.broker import EmbeddedBroker, Storage, free_port
 from kllm.ops.supervisor import STAGES, Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin
 from topics import declared, provision
@@ -249,37 +249,49 @@ def supervised(
     env: Mapping[str, str] | None = None,
     ready_timeout_s: float = 240,
     replicas: Mapping[str, int] | None = None,
+    storage: Storage = "memory",
 ) -> Iterator[tuple[str, Supervisor]]:
     """As ``running``, with the supervisor too (to kill and restart stages). Waits for
     the stages at most ``ready_timeout_s`` and never past the run's deadline; after, every
-    stage is stopped (SIGTERM, then SIGKILL after 15 s), then the broker."""
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+    stage is stopped (SIGTERM, then SIGKILL after 15 s), then the broker. ``storage``
+    is the broker's (durable: its data under the run folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        provision(ConfluentTopicAdmin(broker.bootstrap), declared())
-        base = {
-            "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
-            "KLLM_RUN_DIR": str(run_dir),
-            "KLLM_QDRANT_PATH": str(run_dir / "qdrant"),
-            "KLLM_SEED_DIR": str(REPO / "docs"),
-            "KLLM_LOG_LEVEL": os.environ.get("KLLM_LOG_LEVEL", "WARNING"),
-            "KLLM_GATEWAY_PORT": str(free_port()),
-            # Benchmarks measure the pipeline, not the response cache, unless they say so.
-            "KLLM_CACHE": "false",
-        }
-        sup = Supervisor(run_dir, base | dict(env or {}), replicas=replicas, stages=stages)
-        try:
-            sup.start_all()
-            t0 = time.monotonic()
-            sup.wait_ready(
-                max(1.0, min(ready_timeout_s, _current.left())), bootstrap=broker.bootstrap
-            )
-            print(f"{', '.join(stages)} ready in {time.monotonic() - t0:.1f}s", file=sys.stderr)
-            yield broker.bootstrap, sup
-        finally:
-            stop_stages(sup)
-            if keep := os.environ.get("KLLM_BENCH_KEEP_LOGS"):
-                # The run folder goes with the run: keep the stages' logs where asked.
-                shutil.copytree(run_dir / "logs", keep, dirs_exist_ok=True)
+        with EmbeddedBroker(storage=storage, data_dir=run_dir / "broker") as broker:
+            yield from _supervised(broker, run_dir, stages, env, ready_timeout_s, replicas)
+
+
+def _supervised(
+    broker: EmbeddedBroker,
+    run_dir: Path,
+    stages: Sequence[str],
+    env: Mapping[str, str] | None,
+    ready_timeout_s: float,
+    replicas: Mapping[str, int] | None,
+) -> Iterator[tuple[str, Supervisor]]:
+    provision(ConfluentTopicAdmin(broker.bootstrap), declared())
+    base = {
+        "KLLM_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "KLLM_RUN_DIR": str(run_dir),
+        "KLLM_QDRANT_PATH": str(run_dir / "qdrant"),
+        "KLLM_SEED_DIR": str(REPO / "docs"),
+        "KLLM_LOG_LEVEL": os.environ.get("KLLM_LOG_LEVEL", "WARNING"),
+        "KLLM_GATEWAY_PORT": str(free_port()),
+        # Benchmarks measure the pipeline, not the response cache, unless they say so.
+        "KLLM_CACHE": "false",
+    }
+    sup = Supervisor(run_dir, base | dict(env or {}), replicas=replicas, stages=stages)
+    try:
+        sup.start_all()
+        t0 = time.monotonic()
+        sup.wait_ready(max(1.0, min(ready_timeout_s, _current.left())), bootstrap=broker.bootstrap)
+        print(f"{', '.join(stages)} ready in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        yield broker.bootstrap, sup
+    finally:
+        stop_stages(sup)
+        if keep := os.environ.get("KLLM_BENCH_KEEP_LOGS"):
+            # The run folder goes with the run: keep the stages' logs where asked.
+            shutil.copytree(run_dir / "logs", keep, dirs_exist_ok=True)
 
 
 def stop_stages(sup: Supervisor) -> None:

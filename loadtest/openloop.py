@@ -37,6 +37,8 @@ import httpx
 import orjson
 from harness import Deadline, pct, run_limited
 
+from kllm.ops.broker import Storage
+
 LIMIT_S = 360
 """The whole run (default settings) ends within this many seconds; --limit-s changes it."""
 
@@ -344,7 +346,7 @@ def print_breakdown(run_dir: Path) -> None:
 
 @contextmanager
 def _pipeline(
-    engine: str, traced: bool, cache: bool = True
+    engine: str, traced: bool, cache: bool = True, storage: Storage = "memory"
 ) -> Iterator[tuple[str, dict[str, str], str, Path]]:
     from harness import free_port, supervised
 
@@ -373,7 +375,7 @@ def _pipeline(
                 ).decode(),
                 "KLLM_GATEWAY_MODELS": '["scripted"]',
             }
-        _bootstrap, sup = stack.enter_context(supervised(env=env))
+        _bootstrap, sup = stack.enter_context(supervised(env=env, storage=storage))
         yield f"http://127.0.0.1:{port}/v1", keys, model, sup.run_dir
 
 

@@ -25,6 +25,7 @@ from topics.catalog import (
     inference_topic,
 )
 from topics.groups import (
+    BENCH_IDLE_GROUP,
     CACHE_GROUP,
     CHANGELOGS,
     DASHBOARD_GROUP,
@@ -57,6 +58,7 @@ from topics.provision import ProvisionReport, TopicAdmin, provision
 
 __all__ = [
     "ALL",
+    "BENCH_IDLE_GROUP",
     "CACHE_GROUP",
     "CHANGELOGS",
     "DASHBOARD_GROUP",

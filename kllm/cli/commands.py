@@ -209,7 +209,7 @@ def _provision(bootstrap: str, pools: Sequence[str]) -> ProvisionReport:
 def cmd_broker(args: argparse.Namespace, settings: KafkaSettings) -> int:
     (settings.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     with _embedded_broker(args, settings) as broker:
-        write_state(settings.run_dir, broker.bootstrap, broker.fetch_wait_min_ms)
+        write_state(settings.run_dir, broker.bootstrap)
         print(_broker_line(broker), flush=True)
         print("Ctrl-C stops it", flush=True)
         _wait_for_stop_signal(lambda: True, tick=lambda: _say_broker(broker))
@@ -272,7 +272,7 @@ def cmd_up(args: argparse.Namespace, settings: KafkaSettings) -> int:
         else:
             broker = _embedded_broker(args, settings).start()
             bootstrap = broker.bootstrap
-            write_state(settings.run_dir, bootstrap, broker.fetch_wait_min_ms)
+            write_state(settings.run_dir, bootstrap)
             print(_broker_line(broker), flush=True)
         report = _provision(bootstrap, settings.inference_pools)
         print(f"topics: {len(report.created)} created, {len(report.existing)} present", flush=True)

@@ -36,12 +36,8 @@ from kllm.ops.proc import die_with_parent
 log = logging.getLogger(__name__)
 
 Storage = Literal["memory", "durable"]
-DURABLE_FETCH_WAIT_MS = 100
-"""The least ``fetch.wait.max.ms`` of a consumer of the durable broker. One fetch of four
-idle partitions takes it about 44 ms of object-store requests; a consumer whose wait
-is shorter was left without its records for seconds (measured with a wait of 10 ms:
-0.5 to 23 s to receive each record; 20 ms: stalls too; 50 ms: 0.16 s; 100 ms: 0.10 s;
-memory storage at 10 ms: 0.01 s)."""
+TRIM_EVERY_S = 30.0
+"""How often the storage server trims expired batches (more often under a short cap)."""
 RESTART_DELAY_S = 1.0
 """Wait before starting a dead broker process again (it is always restarted: every
 stage needs it)."""
@@ -169,6 +165,8 @@ class EmbeddedBroker:
             assert data_dir is not None
             store = [sys.executable, "-m", "kllm.ops.objectstore", str(data_dir)]
             store += ["--port", str(self.storage_port), "--retention-cap-s", str(retention_cap_s)]
+            if retention_cap_s > 0:  # trim often enough that the cap bounds the disk
+                store += ["--trim-every-s", str(min(TRIM_EVERY_S, retention_cap_s / 2))]
             store += ["--fsync"] if fsync else []
             storage_log = log_path.with_name("objectstore.log") if log_path else None
             self._storage = _Child("storage server", store, dict(os.environ), storage_log)
@@ -210,11 +208,6 @@ class EmbeddedBroker:
             extra={"bootstrap": self.bootstrap, "pid": self.pid, "storage": self.storage},
         )
         return self
-
-    @property
-    def fetch_wait_min_ms(self) -> int:
-        """The least fetch wait its consumers must use (:data:`DURABLE_FETCH_WAIT_MS`)."""
-        return DURABLE_FETCH_WAIT_MS if self.storage == "durable" else 0
 
     @property
     def pid(self) -> int | None:

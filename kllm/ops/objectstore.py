@@ -64,6 +64,10 @@ class ConditionalS3Handler(localbucket.S3Handler):  # type: ignore[misc]  # unty
     """localbucket's handler, with If-Match and If-None-Match checked atomically."""
 
     locks = _ObjectLocks()
+    # A read answers in two writes (headers, then body): with Nagle's algorithm on, the
+    # body waited for the client's delayed ACK, 40 ms per GET (measured: p50 44 ms
+    # against 1-2 ms for a put), and a fetch makes several.
+    disable_nagle_algorithm = True
     fsync = False
     """Flush each object to disk before it is acknowledged (survives power loss,
     not only a killed process); off by default: the page cache outlives kill -9."""
@@ -110,6 +114,45 @@ class ConditionalS3Handler(localbucket.S3Handler):  # type: ignore[misc]  # unty
             not exists or not localbucket.etag_matches(if_match, localbucket.object_etag(target))
         ):
             raise self._precondition_failed_error()
+
+    def _list_entries(
+        self,
+        bucket_dir: Path,
+        prefix: str,
+        delimiter: str,
+        marker: str,
+        marker_is_prefix: bool,
+        max_keys: int,
+    ) -> tuple[list[tuple[str, Path]], list[str], bool, str]:
+        # localbucket walks the whole bucket for every listing and then filters by
+        # prefix: each fetch of a partition cost a walk of every object of every topic
+        # (the durable pipeline fell behind at 10 requests/s). Walk only the prefix's
+        # folder, and give back keys, prefixes and the marker relative to the bucket.
+        folder, _, rest = prefix.rpartition("/")
+        parts = folder.split("/") if folder else []
+        if not parts or any(p in ("", ".", "..") for p in parts):
+            return super()._list_entries(  # type: ignore[no-any-return]
+                bucket_dir, prefix, delimiter, marker, marker_is_prefix, max_keys
+            )
+        base = folder + "/"
+        root = bucket_dir.joinpath(*parts)
+        if marker.startswith(base):
+            marker = marker[len(base) :]
+        elif marker.encode() > base.encode():
+            return [], [], False, ""  # every key under the folder sorts before the marker
+        else:
+            marker, marker_is_prefix = "", False
+        if not root.is_dir():
+            return [], [], False, ""
+        contents, prefixes, truncated, last = super()._list_entries(
+            root, rest, delimiter, marker, marker_is_prefix, max_keys
+        )
+        return (
+            [(base + key, path) for key, path in contents],
+            [base + common for common in prefixes],
+            truncated,
+            last[:2] + base + last[2:] if last else "",
+        )
 
     def log_message(self, format: str, *args: Any) -> None:
         """Requests are not logged: the broker makes several per record batch."""

@@ -87,13 +87,19 @@ class KafkaDeadLetterLog:
     the first call, then what is new. It reads until a poll comes back empty rather
     than up to the high watermark, which some brokers report wrong."""
 
-    def __init__(self, bootstrap: str, dlqs: Sequence[TopicSpec], tail: int = 5_000) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        dlqs: Sequence[TopicSpec],
+        tail: int = 5_000,
+        fetch_wait_ms: int = 10,
+    ) -> None:
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
                 "group.id": DLQ_LEDGER_GROUP,  # required by librdkafka; never commits
                 "enable.auto.commit": False,
-                "fetch.wait.max.ms": 10,
+                "fetch.wait.max.ms": fetch_wait_ms,
             }
         )
         self._dlqs = [t.name for t in dlqs]
@@ -156,10 +162,13 @@ def installed() -> DeadLetterLedger | None:
     return _installed
 
 
-def for_sources(bootstrap: str, sources: Iterable[TopicSpec]) -> DeadLetterLedger | None:
-    """A ledger over the DLQs of ``sources`` (None when none of them has one)."""
+def for_sources(
+    bootstrap: str, sources: Iterable[TopicSpec], fetch_wait_ms: int = 10
+) -> DeadLetterLedger | None:
+    """A ledger over the DLQs of ``sources`` (None when none of them has one); its reader
+    waits ``fetch_wait_ms`` per fetch (the stage's own setting)."""
     dlqs = [s.dlq for s in sources if s.has_dlq]
     if not dlqs:
         return None
     log.info("dead-letter ledger", extra={"dlqs": [d.name for d in dlqs]})
-    return DeadLetterLedger(KafkaDeadLetterLog(bootstrap, dlqs))
+    return DeadLetterLedger(KafkaDeadLetterLog(bootstrap, dlqs, fetch_wait_ms=fetch_wait_ms))

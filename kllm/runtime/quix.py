@@ -120,7 +120,8 @@ def _install_ledger(
 ) -> None:
     """Dead-letter once per source offset, across replays, for the topics this stage owns."""
     owned = [source for source, logic in flows if logic.owner]
-    ledger.install(ledger.for_sources(settings.bootstrap(), owned))
+    fetch_wait = int(settings.consumer_config()["fetch.wait.max.ms"])
+    ledger.install(ledger.for_sources(settings.bootstrap(), owned, fetch_wait))
 
 
 def _to_sinks(sdf: StreamingDataFrame, sink: dict[str, Any]) -> None:

@@ -62,38 +62,19 @@ class KafkaSettings(BaseSettings):
         return {
             "session.timeout.ms": self.session_timeout_ms,
             "heartbeat.interval.ms": self.heartbeat_interval_ms,
-            "fetch.wait.max.ms": max(self.fetch_wait_max_ms, self._fetch_wait_floor_ms()),
+            "fetch.wait.max.ms": self.fetch_wait_max_ms,
             "max.poll.interval.ms": self.max_poll_interval_ms,
         }
-
-    def _fetch_wait_floor_ms(self) -> int:
-        """The embedded broker's floor on fetch waits (state file), when it is the broker
-        in use (no address set, or its address): 0 unless it runs on durable storage (see
-        kllm.ops.broker). `kllm up`'s stages and the CLI's clients read it alike."""
-        try:
-            state = orjson.loads((self.run_dir / STATE_FILE).read_bytes())
-            if self.bootstrap_servers not in ("", state["bootstrap_servers"]):
-                return 0
-            return int(state.get("fetch_wait_min_ms", 0))
-        except (
-            FileNotFoundError,
-            KeyError,
-            AttributeError,
-            TypeError,
-            ValueError,
-            orjson.JSONDecodeError,
-        ):
-            return 0
 
     def producer_config(self) -> dict[str, str | int | bool]:
         return {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
 
 
-def write_state(run_dir: Path, bootstrap_servers: str, fetch_wait_min_ms: int = 0) -> Path:
-    """Where the embedded broker listens, and the least fetch wait its clients must use."""
+def write_state(run_dir: Path, bootstrap_servers: str) -> Path:
+    """Where the embedded broker listens, for the CLI's clients."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / STATE_FILE
-    state = {"bootstrap_servers": bootstrap_servers, "fetch_wait_min_ms": fetch_wait_min_ms}
+    state = {"bootstrap_servers": bootstrap_servers}
     path.write_bytes(orjson.dumps(state))
     return path
 

@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka import Message as Record
 
-from kllm.ops.broker import DURABLE_FETCH_WAIT_MS, EmbeddedBroker, Storage, free_port
+from kllm.ops.broker import EmbeddedBroker, Storage, free_port
 from kllm.ops.supervisor import Supervisor
 from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer, produce_sync
 from kllm.testing.scripted_engine import scripted_engine
@@ -34,8 +34,7 @@ def broker_storage() -> Storage:
 
 
 # Short group timeouts: join and failover in seconds, not tens of seconds (see DESIGN.md).
-# Short fetch waits, but not below the durable broker's floor (kllm.ops.broker).
-_FETCH_WAIT_MS = max(10, DURABLE_FETCH_WAIT_MS if broker_storage() == "durable" else 0)
+_FETCH_WAIT_MS = 10
 FAST_GROUPS = {
     "KLLM_SESSION_TIMEOUT_MS": "2000",
     "KLLM_HEARTBEAT_INTERVAL_MS": "500",

@@ -17,7 +17,6 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from kllm.ops.broker import DURABLE_FETCH_WAIT_MS
 from kllm.runtime.kafka import make_producer
 from kllm.testing.scripted_engine import scripted_engine
 from schemas import DeadLetter, Document, Feedback, Request, Response, decode, encode
@@ -55,7 +54,7 @@ def _read_all(bootstrap: str, topic: str, partitions: int) -> list[tuple[bytes |
             "bootstrap.servers": bootstrap,
             "group.id": f"read-{uuid.uuid4()}",
             "enable.auto.commit": False,
-            "fetch.wait.max.ms": DURABLE_FETCH_WAIT_MS,
+            "fetch.wait.max.ms": 10,
         }
     )
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])

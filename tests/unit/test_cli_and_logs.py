@@ -146,18 +146,8 @@ def test_bootstrap_from_state_file(tmp_path: Path) -> None:
     path = write_state(run_dir, "127.0.0.1:39092")
     assert path == run_dir / STATE_FILE
     state = orjson.loads(path.read_bytes())
-    assert state == {"bootstrap_servers": "127.0.0.1:39092", "fetch_wait_min_ms": 0}
+    assert state == {"bootstrap_servers": "127.0.0.1:39092"}
     assert KafkaSettings(run_dir=run_dir).bootstrap() == "127.0.0.1:39092"
-
-
-@pytest.mark.usefixtures("no_env")
-def test_a_durable_embedded_broker_raises_the_fetch_wait_of_its_clients(tmp_path: Path) -> None:
-    write_state(tmp_path, "127.0.0.1:39092", fetch_wait_min_ms=100)
-    assert KafkaSettings(run_dir=tmp_path).consumer_config()["fetch.wait.max.ms"] == 100
-    stage = KafkaSettings(run_dir=tmp_path, bootstrap_servers="127.0.0.1:39092")
-    assert stage.consumer_config()["fetch.wait.max.ms"] == 100  # a stage of `kllm up`
-    own = KafkaSettings(run_dir=tmp_path, bootstrap_servers="kafka:9092", fetch_wait_max_ms=20)
-    assert own.consumer_config()["fetch.wait.max.ms"] == 20  # not the embedded broker
 
 
 @pytest.mark.usefixtures("no_env")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+from xml.etree import ElementTree
 
 import httpx
+import localbucket
 import pytest
 
 from kllm.ops.broker import free_port
@@ -83,3 +86,67 @@ def test_listings_carry_microseconds(store: str) -> None:
         listing = http.get(store, params={"list-type": "2", "prefix": "t/"}).text
     stamps = re.findall(r"<LastModified>([^<]+)</LastModified>", listing)
     assert stamps and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamps[0])
+
+
+def _list_all(http: httpx.Client, url: str, **query: str) -> list[str]:
+    """Every page of a ListObjectsV2 (keys and common prefixes), tokens followed."""
+    ns = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+    out: list[str] = []
+    params = {"list-type": "2", **query}
+    for _page in range(100):  # a token that leads back would page forever
+        root = ElementTree.fromstring(http.get(url, params=params).content)
+        out += [f"key {e.findtext(ns + 'Key')}" for e in root.iter(ns + "Contents")]
+        out += [f"prefix {e.findtext(ns + 'Prefix')}" for e in root.iter(ns + "CommonPrefixes")]
+        token = root.findtext(ns + "NextContinuationToken")
+        if not token:
+            return out
+        params = {**params, "continuation-token": token}
+    raise AssertionError(f"listing {query} never ended")
+
+
+def test_listing_one_folder_answers_as_a_walk_of_the_whole_bucket(
+    tmp_path: Path, store: str
+) -> None:
+    """Listings walk only the prefix's folder (the whole bucket was walked per fetch);
+    pages, delimiters, start-after and odd prefixes answer as localbucket's own walk."""
+
+    class Plain(localbucket.S3Handler):  # type: ignore[misc]
+        data_root = tmp_path.resolve()
+
+    port = free_port()
+    plain = ThreadingHTTPServer(("127.0.0.1", port), Plain)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    reference = f"http://127.0.0.1:{port}/{BUCKET}"
+    keys = [
+        f"clusters/c/topics/{t}/partitions/{p:010}/records/{o:020}.batch"
+        for t in ("orders", "orders.eu", "ord")
+        for p in range(2)
+        for o in range(4)
+    ] + ["clusters/c/meta.json", "clusters/c/topics/orders/watermark.json", "top"]
+    try:
+        with httpx.Client() as http:
+            for key in keys:
+                assert http.put(f"{store}/{key}", content=key.encode()).status_code == 200
+            records = "clusters/c/topics/orders/partitions/0000000001/records/"
+            queries = [
+                {},
+                {"prefix": records},
+                {"prefix": records, "max-keys": "3"},
+                {"prefix": records, "start-after": f"{records}{1:020}.batch"},
+                {"prefix": records, "start-after": "clusters/a"},
+                {"prefix": records, "start-after": "clusters/z"},
+                {"prefix": "clusters/c/topics/ord"},
+                {"prefix": "clusters/c/topics/", "delimiter": "/"},
+                {"prefix": "clusters/c/topics/", "delimiter": "/", "max-keys": "1"},
+                {"prefix": "clusters/c/", "max-keys": "5"},
+                {"prefix": "clusters/nowhere/"},
+                {"prefix": "clusters/../clusters/c/"},
+                {"prefix": "t"},
+            ]
+            for query in queries:
+                ours = _list_all(http, store, **query)
+                assert ours == _list_all(http, reference, **query), query
+            assert len(_list_all(http, store, prefix=records)) == 4
+    finally:
+        plain.shutdown()
+        plain.server_close()
