@@ -194,18 +194,9 @@ def test_a_crash_looping_stage_fails_alone_and_the_pipeline_keeps_answering(
     run = tmp_path / "run"
     with scripted_engine() as script:
         env["KLLM_MODELS"] = f'[{{"name": "scripted", "engine": "openai", "url": "{script}"}}]'
-        up = subprocess.Popen(
-            [sys.executable, "-m", "kllm.cli", "up", "--restart-budget", "2"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        lines: list[str] = []
+        t0 = time.monotonic()
+        up, lines = start_up(env, "--restart-budget", "2")
         try:
-            t0 = time.monotonic()
-            _read_until(up, lines, "pipeline ready in", 240)
             _read_until(up, lines, "Ctrl-C stops everything", 30)
             out = "".join(lines)
             # Crashes 1 and 2 are restarted (at once, then after the backoff); the third
