@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from harness import Deadline, pct, run_limited
+from harness import Deadline, add_limit_arg, pct, run_limited
 from openloop import Phase, _pipeline, run
 
 from kllm.ops.broker import EmbeddedBroker, Storage
@@ -94,12 +94,7 @@ def main() -> int:
     p.add_argument("--disk-s", type=float, default=120, help="disk phase, seconds (120)")
     p.add_argument("--disk-mb-s", type=float, default=1.0, help="disk phase MB/s (1.0)")
     p.add_argument("--cap-s", type=float, default=30, help="retention cap, disk phase (30)")
-    p.add_argument(
-        "--limit-s",
-        type=float,
-        default=LIMIT_S,
-        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
-    )
+    add_limit_arg(p, LIMIT_S)
     args = p.parse_args()
     return run_limited(lambda deadline: _main(args, deadline), args.limit_s)
 

@@ -40,7 +40,7 @@ import fault_cases
 import fault_outages
 import orjson
 from fault_cases import Gateway, Row
-from harness import Deadline, free_port, run_limited, supervised
+from harness import Deadline, add_limit_arg, free_port, run_limited, supervised
 
 from kllm.gateway.keys import KeyStore
 from kllm.ops.supervisor import Supervisor
@@ -71,12 +71,7 @@ def main() -> int:
         default=60,
         help="a stage not answering again this long after its kill counts as not recovered",
     )
-    p.add_argument(
-        "--limit-s",
-        type=float,
-        default=LIMIT_S,
-        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
-    )
+    add_limit_arg(p, LIMIT_S)
     args = p.parse_args()
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = set(cases) - set(CASES)

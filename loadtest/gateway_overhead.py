@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from harness import Deadline, current, free_port, pct, run_limited, running
+from harness import Deadline, add_limit_arg, current, free_port, pct, run_limited, running
 
 from kllm.gateway.keys import KeyStore
 
@@ -163,12 +163,7 @@ def main() -> int:
     )
     p.add_argument("--rates", type=float, nargs="+", default=[50, 200], help="requests/s")
     p.add_argument("--seconds", type=float, default=10, help="seconds per rate (default 10)")
-    p.add_argument(
-        "--limit-s",
-        type=float,
-        default=LIMIT_S,
-        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
-    )
+    add_limit_arg(p, LIMIT_S)
     args = p.parse_args()
     return run_limited(lambda deadline: _main(args, deadline), args.limit_s)
 

@@ -12,6 +12,7 @@ process that outlives a benchmark killed with SIGKILL.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import os
 import shutil
@@ -40,6 +41,7 @@ __all__ = [
     "MARKER",
     "REPO",
     "Deadline",
+    "add_limit_arg",
     "free_port",
     "kill_marked",
     "limits",
@@ -221,6 +223,17 @@ def limits(seconds: float) -> Iterator[Deadline]:
             if reaper.stdin is not None:
                 reaper.stdin.close()
             reaper.wait(10)
+
+
+def add_limit_arg(parser: argparse.ArgumentParser, default_s: float) -> None:
+    """The ``--limit-s`` every benchmark takes: its whole run ends within it."""
+    parser.add_argument(
+        "--limit-s",
+        type=float,
+        default=default_s,
+        help="the whole run, startup and teardown included, ends within this "
+        f"(default {default_s})",
+    )
 
 
 def run_limited(main: Callable[[Deadline], int], seconds: float) -> int:

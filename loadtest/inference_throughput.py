@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 
-from harness import current, run_limited, running
+from harness import add_limit_arg, current, run_limited, running
 
 from kllm.adapters.engines.xllama import XLlamaEngine
 from kllm.runtime.kafka import TailReader, make_producer
@@ -121,12 +121,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=48, help="requests per measurement (default 48)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight, N (default 4)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
-    p.add_argument(
-        "--limit-s",
-        type=float,
-        default=LIMIT_S,
-        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
-    )
+    add_limit_arg(p, LIMIT_S)
     args = p.parse_args()
     return run_limited(lambda _deadline: _main(args), args.limit_s)
 

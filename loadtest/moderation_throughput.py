@@ -26,7 +26,7 @@ import sys
 import time
 import uuid
 
-from harness import current, pct, run_limited, running
+from harness import add_limit_arg, current, pct, run_limited, running
 
 from kllm.runtime.kafka import TailReader, make_producer
 from processors.moderation import Context
@@ -166,12 +166,7 @@ def main() -> int:
     )
     p.add_argument("--answers", type=int, default=1000, help="answers per run (default 1000)")
     p.add_argument("--rate", type=float, default=50, help="paced answers/s (default 50)")
-    p.add_argument(
-        "--limit-s",
-        type=float,
-        default=LIMIT_S,
-        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
-    )
+    add_limit_arg(p, LIMIT_S)
     args = p.parse_args()
     return run_limited(lambda _deadline: _main(args), args.limit_s)
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 import orjson
-from harness import Deadline, pct, run_limited
+from harness import Deadline, add_limit_arg, pct, run_limited
 
 from kllm.ops.broker import Storage
 
@@ -300,12 +300,7 @@ def main() -> int:
     p.add_argument(
         "--drain-s", type=float, default=30, help="at most this long for the last answers"
     )
-    p.add_argument(
-        "--limit-s",
-        type=float,
-        default=LIMIT_S,
-        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
-    )
+    add_limit_arg(p, LIMIT_S)
     args = p.parse_args()
     if args.url and not args.key:
         p.error("--url needs --key")

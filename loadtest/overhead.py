@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import Deadline, pct, run_limited
+from harness import Deadline, add_limit_arg, pct, run_limited
 from openloop import Phase, Sample, _pipeline, run
 from trace_breakdown import breakdown
 
@@ -57,12 +57,7 @@ def main() -> int:
         default=20,
         help="after sending, wait at most this long for a rate's last answers (default 20)",
     )
-    p.add_argument(
-        "--limit-s",
-        type=float,
-        default=LIMIT_S,
-        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
-    )
+    add_limit_arg(p, LIMIT_S)
     args = p.parse_args()
     return run_limited(lambda deadline: _main(args, deadline), args.limit_s)
 

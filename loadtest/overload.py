@@ -42,7 +42,7 @@ from pathlib import Path
 
 import httpx
 import orjson
-from harness import Deadline, free_port, pct, run_limited, supervised
+from harness import Deadline, add_limit_arg, free_port, pct, run_limited, supervised
 
 from kllm.gateway.keys import KeyStore
 from kllm.ops.supervisor import Supervisor
@@ -296,12 +296,7 @@ def main() -> int:
         default=30,
         help="after the last phase, wait at most this long for answers (default 30)",
     )
-    p.add_argument(
-        "--limit-s",
-        type=float,
-        default=LIMIT_S,
-        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
-    )
+    add_limit_arg(p, LIMIT_S)
     args = p.parse_args()
     return run_limited(lambda deadline: _main(args, deadline), args.limit_s)
 

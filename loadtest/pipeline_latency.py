@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 
-from harness import current, pct, run_limited, running
+from harness import add_limit_arg, current, pct, run_limited, running
 
 from kllm.runtime.kafka import TailReader, make_producer
 from kllm.runtime.settings import KafkaSettings
@@ -111,12 +111,7 @@ def main() -> int:
         action="store_true",
         help="use the running pipeline at KLLM_BOOTSTRAP_SERVERS instead of starting one",
     )
-    p.add_argument(
-        "--limit-s",
-        type=float,
-        default=LIMIT_S,
-        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
-    )
+    add_limit_arg(p, LIMIT_S)
     args = p.parse_args()
     return run_limited(lambda _deadline: _main(args), args.limit_s)
 

@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from harness import current, run_limited, running
+from harness import add_limit_arg, current, run_limited, running
 
 from kllm.adapters.retrieval.embedder import SentenceTransformerEmbedder
 from kllm.adapters.retrieval.qdrant_edge import EdgeStore
@@ -139,12 +139,7 @@ def main() -> int:
     p.add_argument(
         "--chunks", type=int, default=100_000, help="chunks for the latency run; 0 skips"
     )
-    p.add_argument(
-        "--limit-s",
-        type=float,
-        default=LIMIT_S,
-        help=f"the whole run, startup and teardown included, ends within this (default {LIMIT_S})",
-    )
+    add_limit_arg(p, LIMIT_S)
     args = p.parse_args()
     return run_limited(lambda _deadline: _main(args), args.limit_s)
 
