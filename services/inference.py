@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from kllm.core.errors import ConfigError
-from kllm.runtime import logs, metrics, tracing
+from kllm.runtime import ledger, logs, metrics, tracing
 from kllm.runtime.inflight import InflightRunner, decoded
 from kllm.runtime.kafka import make_consumer, make_producer
 from kllm.runtime.ready import mark_ready
@@ -147,6 +147,8 @@ def main() -> None:
     stage_metrics.serve(settings.metrics_port)
     bootstrap = settings.bootstrap()
     group = inference_group(settings.pool)
+    fetch_wait = int(settings.consumer_config()["fetch.wait.max.ms"])
+    ledger.install_for(bootstrap, group.inputs, fetch_wait)
     runner = InflightRunner(
         make_consumer(bootstrap, group.name, settings.consumer_config()),
         make_producer(bootstrap, settings.producer_config()),

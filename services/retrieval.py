@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import Field
 
 from kllm.adapters.retrieval.documents import seed_documents
-from kllm.runtime import logs, metrics, tracing
+from kllm.runtime import ledger, logs, metrics, tracing
 from kllm.runtime.batch import BatchHandler, BatchRunner, decoded, isolated, run_batches
 from kllm.runtime.kafka import make_consumer, make_producer
 from kllm.runtime.ready import mark_ready
@@ -147,6 +147,8 @@ def main() -> None:
     stage_metrics = metrics.for_stage(STAGE)
     stage_metrics.serve(settings.metrics_port)
     bootstrap = settings.bootstrap()
+    fetch_wait = int(settings.consumer_config()["fetch.wait.max.ms"])
+    ledger.install_for(bootstrap, [group.inputs[0] for group, _n, _h in handlers], fetch_wait)
     producer = make_producer(bootstrap, settings.producer_config())
     loops = [
         BatchRunner(

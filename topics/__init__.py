@@ -25,6 +25,7 @@ from topics.catalog import (
     inference_topic,
 )
 from topics.groups import (
+    ANSWER_LEDGER_GROUP,
     BENCH_IDLE_GROUP,
     CACHE_GROUP,
     CHANGELOGS,
@@ -58,6 +59,7 @@ from topics.provision import ProvisionReport, TopicAdmin, provision
 
 __all__ = [
     "ALL",
+    "ANSWER_LEDGER_GROUP",
     "BENCH_IDLE_GROUP",
     "CACHE_GROUP",
     "CHANGELOGS",

@@ -121,10 +121,20 @@ TAIL_GROUP = group_id("tail-reader")
 """TailReader (CLI, tests): it assigns partitions from their end and never commits."""
 DLQ_LEDGER_GROUP = group_id("dlq-ledger")
 """Each stage's reader of its DLQs (kllm.runtime.ledger): it assigns and never commits."""
+ANSWER_LEDGER_GROUP = group_id("answer-ledger")
+"""Each stage's reader of the answers already published (kllm.runtime.ledger): it
+assigns and never commits."""
 BENCH_IDLE_GROUP = group_id("bench-idle")
 """`make bench-broker`'s idle consumers: they join (one group each, suffixed) and never
 commit; a benchmark's own broker only."""
-READER_GROUPS = (EXPORT_GROUP, DASHBOARD_GROUP, REPLIES_GROUP, TAIL_GROUP, DLQ_LEDGER_GROUP)
+READER_GROUPS = (
+    EXPORT_GROUP,
+    DASHBOARD_GROUP,
+    REPLIES_GROUP,
+    TAIL_GROUP,
+    DLQ_LEDGER_GROUP,
+    ANSWER_LEDGER_GROUP,
+)
 """Group ids of the readers that assign partitions themselves: librdkafka requires one,
 but none of them joins its group or commits, so none has lag."""
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from confluent_kafka import KafkaException, TopicPartition
@@ -33,7 +33,14 @@ from opentelemetry.trace import Span
 from kllm.core.errors import BrokerError, PipelineError
 from kllm.runtime import tracing
 from kllm.runtime.delivery import commit, next_offsets, publish_acked
-from kllm.runtime.dispatch import RecordRef, dead_letter, decode_batch, oversized, ref_of
+from kllm.runtime.dispatch import (
+    RecordRef,
+    dead_letter,
+    decode_batch,
+    oversized,
+    ref_of,
+    unanswered,
+)
 from kllm.runtime.kafka import records_only
 from kllm.runtime.metrics import StageMetrics
 from kllm.runtime.ports import Consumer, Producer
@@ -233,6 +240,9 @@ class BatchRunner:
             handled = self.handler(records)
             if not isinstance(handled, Handled):
                 handled = Handled(handled)
+            by_key = {ref.key: ref for ref, _ in records}  # outputs are keyed like inputs
+            outputs = unanswered(handled.outputs, lambda rid: str(by_key.get(rid, records[0][0])))
+            handled = replace(handled, outputs=outputs)
             # Not committed if this raises: the batch is replayed after the restart.
             publish_acked(self.producer, handled.outputs, carried)
         finally:

@@ -7,7 +7,8 @@ with the reason, and when its request id is readable the caller also gets an err
 response instead of waiting forever. The DLQ record always fits the broker: it keeps
 the payload whole only up to ``DLQ_WHOLE_BYTES``, else a prefix with the whole's size
 and SHA-256. A source offset already dead-lettered (a replay after a crash, or a
-partition that moved) is not dead-lettered again (kllm.runtime.ledger).
+partition that moved) is not dead-lettered again, and a request whose answer is already
+on the responses topic is not answered again (kllm.runtime.ledger).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from kllm.core.errors import ConfigError, PipelineError
+from kllm.core.errors import BrokerError, ConfigError, PipelineError
 from kllm.core.refs import readable_key, where
 from kllm.runtime import ledger
 from kllm.runtime.ports import Record
@@ -190,7 +191,34 @@ def dead_letter(
         retry = rejected.retry_after_s if rejected else None
         response = error_response(request_id, tenant[:64], reason[:_REASON_CHARS], code, retry)
         out.append(Emit(RESPONSES, request_id, response))
-    return out
+    return unanswered(out, lambda _rid: str(ref))
+
+
+def unanswered(out: list[Emit], where: Callable[[str], str]) -> list[Emit]:
+    """``out`` without the answers already given (on the responses topic, or by this
+    process in its current run): a replayed record's answer went out before the replay.
+    Only the answer is dropped; the record's other outputs are published again (at least
+    once). A ledger that cannot read the topic keeps the answer: a duplicate, never a
+    loss. ``where``: the source record of a request id, for the log."""
+    book = ledger.installed_answers()
+    if book is None:
+        return out
+    kept: list[Emit] = []
+    for emit in out:
+        rid = getattr(emit.message, "request_id", None)
+        if emit.topic == RESPONSES and isinstance(rid, str):
+            try:
+                if book.already_answered(rid):
+                    log.info("already answered", extra={"request_id": rid, "record": where(rid)})
+                    continue
+            except BrokerError as exc:
+                log.warning(
+                    "answer ledger unreadable; answering",
+                    extra={"request_id": rid, "record": where(rid), "error": str(exc)},
+                )
+            book.note(rid)
+        kept.append(emit)
+    return kept
 
 
 def _code_for(exc: PipelineError | None) -> str:
@@ -281,6 +309,7 @@ def dispatch(
         return dead_letter(stage.name, ref, value, reason, owner=stage.owner, code="unavailable")
     if (too_big := oversized(out)) is not None:
         return dead_letter(stage.name, ref, value, too_big, owner=stage.owner)
+    out = unanswered(out, lambda _rid: str(ref))
     log.info(
         "processed",
         extra={

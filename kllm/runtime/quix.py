@@ -105,6 +105,8 @@ def _run_rejoining(
     joins again with a new application, in this process: its models stay loaded."""
     while True:
         app = assemble()
+        if (answers := ledger.installed_answers()) is not None:
+            answers.forget_noted()  # a new run: only what the topic holds counts as answered
         mark_ready(settings.ready_file)
         log.info("stage running", extra={"stage": stage, "source": sources, "pid": os.getpid()})
         try:
@@ -118,10 +120,11 @@ def _run_rejoining(
 def _install_ledger(
     settings: StageSettings, flows: Sequence[tuple[TopicSpec, StageLogic[Any]]]
 ) -> None:
-    """Dead-letter once per source offset, across replays, for the topics this stage owns."""
+    """Dead-letter once per source offset, for the topics this stage owns, and answer once
+    per request, across replays."""
     owned = [source for source, logic in flows if logic.owner]
     fetch_wait = int(settings.consumer_config()["fetch.wait.max.ms"])
-    ledger.install(ledger.for_sources(settings.bootstrap(), owned, fetch_wait))
+    ledger.install_for(settings.bootstrap(), owned, fetch_wait)
 
 
 def _to_sinks(sdf: StreamingDataFrame, sink: dict[str, Any]) -> None:

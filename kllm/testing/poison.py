@@ -14,8 +14,8 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from kllm.runtime.kafka import make_producer
-from schemas import DeadLetter, decode
-from topics import TAIL_GROUP, TopicSpec
+from schemas import DeadLetter, Response, decode
+from topics import RESPONSES, TAIL_GROUP, TopicSpec
 
 SourceRef = tuple[str, int, int]
 """(topic, partition, offset) of a published record."""
@@ -96,6 +96,25 @@ def dlq_counts(
 ) -> Counter[SourceRef]:
     """How many DLQ records each source offset has: the DLQs of ``topics`` read from the
     start until nothing new came for ``quiet_s``."""
+    counts: Counter[SourceRef] = Counter()
+    for value in _read_from_start(bootstrap, [(t.dlq.name, 0) for t in topics], quiet_s):
+        letter = decode(value, DeadLetter)
+        counts[(letter.source_topic, letter.partition, letter.offset)] += 1
+    return counts
+
+
+def answer_counts(bootstrap: str, quiet_s: float = 2.0) -> Counter[str]:
+    """How many answers each request id has on the responses topic, read from the start."""
+    where = [(RESPONSES.name, p) for p in range(RESPONSES.partitions)]
+    return Counter(
+        decode(v, Response).request_id for v in _read_from_start(bootstrap, where, quiet_s)
+    )
+
+
+def _read_from_start(
+    bootstrap: str, partitions: Sequence[tuple[str, int]], quiet_s: float
+) -> Iterator[bytes]:
+    """The values of ``partitions`` from offset 0 until nothing new came for ``quiet_s``."""
     reader = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -104,16 +123,13 @@ def dlq_counts(
             "fetch.wait.max.ms": 10,
         }
     )
-    reader.assign([TopicPartition(t.dlq.name, 0, 0) for t in topics])
-    counts: Counter[SourceRef] = Counter()
+    reader.assign([TopicPartition(t, p, 0) for t, p in partitions])
     try:
         quiet_until = time.monotonic() + quiet_s
         while time.monotonic() < quiet_until:
             for msg in reader.consume(500, timeout=0.2):
                 if msg.error() is None:
-                    letter = decode(msg.value(), DeadLetter)
-                    counts[(letter.source_topic, letter.partition, letter.offset)] += 1
                     quiet_until = time.monotonic() + quiet_s
+                    yield msg.value() or b""
     finally:
         reader.close()
-    return counts

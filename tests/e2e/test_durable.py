@@ -154,14 +154,14 @@ def test_durable_up_loses_nothing_to_kill_9_nor_to_a_restart(tmp_path: Path) -> 
                 ids = Counter(decode(v, Response).request_id for _k, v in got)
                 return ids if sent <= ids.keys() else Counter()
 
-            answered = wait_until(answers, 180, "every acknowledged request answered")
-            # At least once: a request in flight at the kill may be answered again (its
-            # answer was acknowledged, its offset not yet committed). None that was
-            # committed before is: the groups resume from their offsets, not the start.
-            twice = {rid for rid, n in answered.items() if rid in sent and n > 1}
-            first = {rid for rid in sent if int(rid.split("-")[1]) < RATE}
-            assert not twice & first, f"replayed from the start: {sorted(twice & first)}"
-            assert len(twice) <= len(sent) // 5, f"answered more than once: {sorted(twice)}"
+            wait_until(answers, 180, "every acknowledged request answered")
+            time.sleep(5)  # a replay's second answer would come now
+            # Once: a request in flight at the kill is processed again (its offset was
+            # not committed), but its answer was acknowledged, and the answer ledger
+            # drops the second one (kllm.runtime.ledger).
+            answered = answers()
+            twice = sorted(rid for rid, n in answered.items() if rid in sent and n > 1)
+            assert not twice, f"{len(twice)} of {len(sent)} answered more than once: {twice}"
 
             after = _committed(
                 bootstrap, primary_group("ingestion").name, REQUESTS.name, REQUESTS.partitions

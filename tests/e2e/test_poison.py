@@ -1,6 +1,7 @@
 """Poison records at every stage's input, published by a plain producer as any Kafka
 client could: each is dead-lettered exactly once, no stage restarts, and valid traffic
-before and after is answered. A replay of the same offsets adds no second DLQ record."""
+before and after is answered. A replay of the same offsets adds no second DLQ record,
+and no second answer."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from kllm.ops.supervisor import Supervisor
-from kllm.testing.poison import SourceRef, dlq_counts, publish, shapes
+from kllm.testing.poison import SourceRef, answer_counts, dlq_counts, publish, shapes
+from schemas import peek_request_id
 from tests.e2e.conftest import Client, wait_until
 from topics import (
     DOCUMENTS,
@@ -72,13 +74,21 @@ def test_poison_at_every_stage_input_is_dead_lettered_once(
 
 
 @pytest.mark.slow
-def test_a_replay_of_dead_lettered_offsets_adds_no_dlq_record(
+def test_a_replay_of_dead_lettered_offsets_adds_no_dlq_record_nor_answer(
     pipeline: Supervisor, client: Client
 ) -> None:
-    sent = _publish(client.bootstrap, [REQUESTS])
+    poison = shapes(REQUESTS)
+    rids = {rid for _k, v, _h in poison if (rid := peek_request_id(v)) is not None}
+    sent = publish(client.bootstrap, [(REQUESTS, p) for p in poison])
     wait_until(
         lambda: sent <= _dlq_counts(client.bootstrap, [REQUESTS]).keys(), 120, "dead letters"
     )
+
+    def every_answer() -> Counter[str] | None:
+        got = answer_counts(client.bootstrap)
+        return got if rids <= got.keys() else None
+
+    answered = wait_until(every_answer, 120, "the error answers")
     first = {(t, p): min(o for (t2, p2, o) in sent if (t2, p2) == (t, p)) for (t, p, _o) in sent}
     pipeline.kill("ingestion")  # and rewind its group to before the poison: a full replay
     admin = AdminClient({"bootstrap.servers": client.bootstrap})
@@ -105,3 +115,5 @@ def test_a_replay_of_dead_lettered_offsets_adds_no_dlq_record(
         answers.close()
     counts = _dlq_counts(client.bootstrap, [REQUESTS])
     assert {ref: counts[ref] for ref in sent if counts[ref] != 1} == {}
+    again = answer_counts(client.bootstrap)
+    assert {rid: (answered[rid], again[rid]) for rid in rids if again[rid] != answered[rid]} == {}

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from kllm.core.errors import StoreError
+from kllm.core.errors import BrokerError, StoreError
 from kllm.runtime import ledger
 from kllm.runtime.dispatch import (
     DLQ_PREFIX_BYTES,
@@ -20,7 +20,7 @@ from kllm.runtime.dispatch import (
     StageLogic,
     dispatch,
 )
-from kllm.runtime.ledger import DeadLetterLedger, SourceRef
+from kllm.runtime.ledger import AnswerLedger, DeadLetterLedger, SourceRef
 from processors import Emit
 from schemas import DeadLetter, Request, Response, encode
 from topics import REQUESTS, RESPONSES, RETRIEVAL
@@ -56,8 +56,10 @@ def never(_message: Request) -> list[Emit]:
 @pytest.fixture(autouse=True)
 def no_ledger() -> Iterator[None]:
     ledger.install(None)
+    ledger.install_answers(None)
     yield
     ledger.install(None)
+    ledger.install_answers(None)
 
 
 def test_a_null_value_is_dead_lettered_with_its_reason() -> None:
@@ -188,3 +190,71 @@ def test_records_not_from_a_topic_are_never_deduplicated() -> None:
     book = DeadLetterLedger(log)
     assert not book.already_lettered(REQUESTS.name, -1, -1)
     assert log.reads == 0
+
+
+class FakeAnswerLog:
+    """The responses topic as the answer ledger reads it: request ids, or an outage."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []
+        self.down = False
+
+    def read_new(self) -> Iterable[str]:
+        if self.down:
+            raise BrokerError("the broker is not answering")
+        new, self.pending = self.pending, []
+        return new
+
+
+def _answer_and_job(m: Request) -> list[Emit]:
+    answer = Response(
+        request_id=m.request_id,
+        tenant=m.tenant,
+        text="ok",
+        model="m",
+        verdict="allowed",
+        finish_reason="stop",
+    )
+    return [Emit(RESPONSES, m.request_id, answer), Emit(RETRIEVAL, m.request_id, m)]
+
+
+def test_a_replayed_request_already_answered_is_not_answered_again() -> None:
+    log, clock = FakeAnswerLog(), Clock()
+    ledger.install_answers(AnswerLedger(log, refresh_s=1.0, clock=clock))
+    first = dispatch(_stage(_answer_and_job), REF, _request())
+    assert [(a.request_id, a.error) for a in _answers(first)] == [("r-1", None)]
+    log.pending.append("r-1")  # the answer was acknowledged; the offset was not committed
+    clock.now += 1.5
+    again = dispatch(_stage(_answer_and_job), REF, _request())  # the replay
+    assert _answers(again) == []
+    assert [e.topic for e in again] == [RETRIEVAL]  # only the answer is dropped
+    other = dispatch(_stage(_answer_and_job), REF, _request(request_id="r-2"))
+    assert [a.request_id for a in _answers(other)] == ["r-2"]
+
+
+def test_an_error_answer_is_not_sent_twice_either() -> None:
+    log = FakeAnswerLog()
+    ledger.install_answers(AnswerLedger(log, refresh_s=0.0))
+    assert len(_answers(dispatch(_stage(never), REF, _request(v=99)))) == 1
+    log.pending.append("r-1")
+    out = dispatch(_stage(never), REF, _request(v=99))
+    assert _answers(out) == [] and len(_letters(out)) == 1
+
+
+def test_an_unreadable_answer_ledger_answers_rather_than_lose_the_answer() -> None:
+    log = FakeAnswerLog()
+    ledger.install_answers(AnswerLedger(log, refresh_s=0.0))
+    log.down = True
+    out = dispatch(_stage(_answer_and_job), REF, _request())
+    assert [(a.request_id, a.error) for a in _answers(out)] == [("r-1", None)]
+
+
+def test_an_upstream_duplicate_before_the_answer_is_read_back_is_not_answered_again() -> None:
+    log, clock = FakeAnswerLog(), Clock()
+    book = AnswerLedger(log, refresh_s=1.0, clock=clock)
+    ledger.install_answers(book)
+    assert len(_answers(dispatch(_stage(_answer_and_job), REF, _request()))) == 1
+    dup = RecordRef(REQUESTS, REF.partition, REF.offset + 1, "acme")  # a replayed upstream copy
+    assert _answers(dispatch(_stage(_answer_and_job), dup, _request())) == []  # same refresh
+    book.forget_noted()  # a new run: the first answer may have failed, and was not read back
+    assert len(_answers(dispatch(_stage(_answer_and_job), dup, _request()))) == 1
