@@ -20,13 +20,14 @@ is deduplicated (unit tests, tools).
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from kllm.core.errors import BrokerError
 from schemas import peek_request_id
@@ -105,9 +106,10 @@ class AnswerLedger(Ledger[str]):
 
     Replays upstream (a stage before this one replayed, and its output went out twice)
     bring the same request here twice within milliseconds, before the first answer can
-    be read back; so the answers this process produced are noted too. A note is safe
-    only while no output of the run has failed: the runner calls ``forget_noted()``
-    whenever it starts a run, since a run whose output failed ends without committing."""
+    be read back; so the answers this process gives are noted too. A note is safe while
+    every output the process produced is acknowledged or pending: every runner ends the
+    process when an output fails (quixstreams raises, the batch and in-flight loops
+    too), and a new process starts with no notes."""
 
     def __init__(
         self,
@@ -128,19 +130,23 @@ class AnswerLedger(Ledger[str]):
         while len(self._noted) > self.max_remembered:
             self._noted.popitem(last=False)
 
-    def forget_noted(self) -> None:
-        self._noted.clear()
-
 
 class KafkaPublishedLog(Generic[K]):
     """Reads topics without a consumer group: from their last ``tail`` records on the
     first call, then what is new; ``key_of`` names a record (None: not one to remember).
 
-    A read goes on until every partition is past the high watermark the broker reports
-    (asked afresh each time, at most ``catch_up_s``), then until a poll comes back empty.
-    Some brokers report a watermark below the true end (Tansu: the last batch's base
-    offset + 1), never above it, so the empty poll takes the rest. Between reads the
-    partitions are paused: an idle stage sends the broker no fetches for its ledger."""
+    A catch-up read goes on until every partition is past the high watermark the broker
+    reported when it began (for at most ``catch_up_s``), then takes what is already
+    fetched. Some brokers report a watermark below the true end (Tansu: the last batch's
+    base offset + 1), never above it; the rest of that batch came in the same fetch.
+
+    Two ways to go on after the first read:
+    - on demand (``follow`` False): each call catches up again, and the partitions are
+      paused between calls, so an idle stage sends the broker no fetches. A call costs
+      tens of milliseconds: for checks that are rare (dead-lettering).
+    - following: a thread keeps reading, and a call takes what arrived, at no cost to
+      the caller: for a check on every record (answers). Its fetches wait
+      ``fetch_wait_ms``; what the topic holds reaches the ledger at most that late."""
 
     def __init__(
         self,
@@ -152,6 +158,7 @@ class KafkaPublishedLog(Generic[K]):
         tail: int = 5_000,
         fetch_wait_ms: int = 10,
         catch_up_s: float = 2.0,
+        follow: bool = False,
     ) -> None:
         self._config = {
             "bootstrap.servers": bootstrap,
@@ -163,8 +170,11 @@ class KafkaPublishedLog(Generic[K]):
         self._key_of = key_of
         self._tail = tail
         self._catch_up_s = catch_up_s
+        self._follow = follow
         self._consumer: Consumer | None = None
         self._next: dict[tuple[str, int], int] = {}  # the offset each partition reads next
+        self._arrived: deque[K] = deque()  # what the following thread read
+        self._closed = threading.Event()
 
     def _assign(self) -> Consumer:
         consumer = Consumer(self._config)  # made on first use: a stage that never checks
@@ -186,52 +196,72 @@ class KafkaPublishedLog(Generic[K]):
 
     def read_new(self) -> Iterable[K]:
         consumer = self._consumer
+        if consumer is not None and self._follow:
+            return [self._arrived.popleft() for _ in range(len(self._arrived))]
         if consumer is None:
             consumer = self._assign()
         else:
             consumer.resume(self._partitions())
-        found: list[K] = []
-        deadline = time.monotonic() + self._catch_up_s
-        behind = self._behind(consumer)
-        try:
-            while True:
-                batch = consumer.consume(500, timeout=0.05)
-                for msg in batch:
-                    if msg.error() is not None:
-                        continue
-                    where = (msg.topic() or "", msg.partition() or 0)
-                    self._next[where] = max(self._next.get(where, 0), (msg.offset() or 0) + 1)
-                    if (key := self._key_of(msg.value())) is not None:
-                        found.append(key)
-                if batch:
-                    continue
-                if not behind or time.monotonic() >= deadline:
-                    break
-                behind = self._behind(consumer)
-        finally:
+        found = self._catch_up(consumer)
+        if self._follow:
+            threading.Thread(target=self._keep_reading, args=(consumer,), daemon=True).start()
+        else:
             consumer.pause(self._partitions())
+        return found
+
+    def _catch_up(self, consumer: Consumer) -> list[K]:
+        found: list[K] = []
+        ends = self._ends(consumer)
+        deadline = time.monotonic() + self._catch_up_s
+        while True:
+            behind = any(self._next[tp] < end for tp, end in ends.items())
+            # consume() waits its whole timeout unless it fills the batch: wait only while
+            # records are known to be missing, and then briefly.
+            batch = consumer.consume(500, timeout=0.01 if behind else 0)
+            found.extend(self._take(batch))
+            if not batch and (not behind or time.monotonic() >= deadline):
+                return found
+
+    def _keep_reading(self, consumer: Consumer) -> None:
+        while not self._closed.is_set():
+            try:
+                self._arrived.extend(self._take(consumer.consume(500, timeout=0.25)))
+            except KafkaException as exc:  # librdkafka reconnects by itself; say so, go on
+                log.warning("ledger read failed", extra={"error": str(exc)})
+                time.sleep(0.5)
+
+    def _take(self, batch: Sequence[Message]) -> list[K]:
+        found: list[K] = []
+        for msg in batch:
+            if msg.error() is not None:
+                continue
+            where = (msg.topic() or "", msg.partition() or 0)
+            self._next[where] = max(self._next.get(where, 0), (msg.offset() or 0) + 1)
+            if (key := self._key_of(msg.value())) is not None:
+                found.append(key)
         return found
 
     def _partitions(self) -> list[TopicPartition]:
         return [TopicPartition(t, p) for t, p in self._next]
 
-    def _behind(self, consumer: Consumer) -> bool:
-        """True while a partition has records below its reported watermark left to read.
-        A broker that does not answer counts as caught up: the ledger must not hold the
-        stage back (it then publishes, at worst a duplicate)."""
-        for (topic, p), nxt in self._next.items():
+    def _ends(self, consumer: Consumer) -> dict[tuple[str, int], int]:
+        """Each partition's high watermark as the broker reports it now. A broker that
+        does not answer gives none: the ledger must not hold the stage back (it then
+        publishes, at worst a duplicate)."""
+        ends: dict[tuple[str, int], int] = {}
+        for topic, p in self._next:
             try:
                 _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=1)
             except KafkaException as exc:
                 log.warning("ledger cannot ask the watermark", extra={"error": str(exc)})
-                return False
-            if nxt < high:
-                return True
-        return False
+                return {}
+            ends[(topic, p)] = high
+        return ends
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
+        self._closed.set()
+        if self._consumer is not None and not self._follow:
+            self._consumer.close()  # a following reader's thread owns it until exit
 
 
 def _source_of(value: bytes | None) -> SourceRef | None:
@@ -286,14 +316,20 @@ def for_sources(
     return DeadLetterLedger(reader)
 
 
-def for_answers(bootstrap: str, fetch_wait_ms: int = 10) -> AnswerLedger:
-    """A ledger over the responses topic, by request id."""
+ANSWERS_FETCH_WAIT_MS = 100
+"""The answer ledger's fetches: a replay comes seconds after the answer it repeats (a
+session timeout, a restart), and a process's own answers are noted at once."""
+
+
+def for_answers(bootstrap: str, fetch_wait_ms: int = ANSWERS_FETCH_WAIT_MS) -> AnswerLedger:
+    """A ledger over the responses topic, by request id, following it."""
     reader = KafkaPublishedLog(
         bootstrap,
         [RESPONSES],
         peek_request_id,
         group=ANSWER_LEDGER_GROUP,
         fetch_wait_ms=fetch_wait_ms,
+        follow=True,
     )
     return AnswerLedger(reader)
 
@@ -301,4 +337,4 @@ def for_answers(bootstrap: str, fetch_wait_ms: int = 10) -> AnswerLedger:
 def install_for(bootstrap: str, owned: Iterable[TopicSpec], fetch_wait_ms: int = 10) -> None:
     """A stage's ledgers: over the DLQs of the topics it owns, and over the answers."""
     install(for_sources(bootstrap, owned, fetch_wait_ms))
-    install_answers(for_answers(bootstrap, fetch_wait_ms))
+    install_answers(for_answers(bootstrap))

@@ -102,11 +102,11 @@ def _run_rejoining(
     """Run the application until SIGTERM. A commit the group refuses (the broker paused
     past the session timeout: this process is no longer a member) ends quixstreams'
     run; the uncommitted records go to the partitions' next owners. The stage then
-    joins again with a new application, in this process: its models stay loaded."""
+    joins again with a new application, in this process: its models stay loaded. Its
+    outputs were all acknowledged (quixstreams flushes before it commits), so the
+    answers it noted (kllm.runtime.ledger) still stand."""
     while True:
         app = assemble()
-        if (answers := ledger.installed_answers()) is not None:
-            answers.forget_noted()  # a new run: only what the topic holds counts as answered
         mark_ready(settings.ready_file)
         log.info("stage running", extra={"stage": stage, "source": sources, "pid": os.getpid()})
         try:
