@@ -223,12 +223,15 @@ class KafkaPublishedLog(Generic[K]):
                 return found
 
     def _keep_reading(self, consumer: Consumer) -> None:
-        while not self._closed.is_set():
-            try:
-                self._arrived.extend(self._take(consumer.consume(500, timeout=0.25)))
-            except KafkaException as exc:  # librdkafka reconnects by itself; say so, go on
-                log.warning("ledger read failed", extra={"error": str(exc)})
-                time.sleep(0.5)
+        try:
+            while not self._closed.is_set():
+                try:
+                    self._arrived.extend(self._take(consumer.consume(500, timeout=0.25)))
+                except KafkaException as exc:  # librdkafka reconnects by itself; go on
+                    log.warning("ledger read failed", extra={"error": str(exc)})
+                    time.sleep(0.5)
+        finally:
+            consumer.close()
 
     def _take(self, batch: Sequence[Message]) -> list[K]:
         found: list[K] = []
