@@ -191,7 +191,7 @@ def dead_letter(
         retry = rejected.retry_after_s if rejected else None
         response = error_response(request_id, tenant[:64], reason[:_REASON_CHARS], code, retry)
         out.append(Emit(RESPONSES, request_id, response))
-    return unanswered(out, lambda _rid: str(ref))
+    return out
 
 
 def unanswered(out: list[Emit], where: Callable[[str], str]) -> list[Emit]:
@@ -294,6 +294,14 @@ def decode_value(value: bytes | None, schema: type[M]) -> M:
 def dispatch(
     stage: StageLogic[M], ref: RecordRef, value: bytes | None, state: KeyedState | None = None
 ) -> list[Emit]:
+    """One record's outputs (its DLQ record and error answer if it fails), without an
+    answer already given (``unanswered``: each runner filters its outputs once)."""
+    return unanswered(_dispatch(stage, ref, value, state), lambda _rid: str(ref))
+
+
+def _dispatch(
+    stage: StageLogic[M], ref: RecordRef, value: bytes | None, state: KeyedState | None
+) -> list[Emit]:
     t0 = time.perf_counter()
     try:
         message = decode_value(value, stage.schema)
@@ -309,7 +317,6 @@ def dispatch(
         return dead_letter(stage.name, ref, value, reason, owner=stage.owner, code="unavailable")
     if (too_big := oversized(out)) is not None:
         return dead_letter(stage.name, ref, value, too_big, owner=stage.owner)
-    out = unanswered(out, lambda _rid: str(ref))
     log.info(
         "processed",
         extra={

@@ -42,6 +42,7 @@ from kllm.runtime.dispatch import (
     internal_failure,
     oversized,
     ref_of,
+    unanswered,
 )
 from kllm.runtime.kafka import records_only
 from kllm.runtime.metrics import StageMetrics
@@ -214,7 +215,7 @@ class InflightRunner:
         where = tracing.Where(self.stage, ref.topic.name, ref.partition, ref.offset)
         # The span is current in this task: what it publishes carries its context.
         with tracing.record_span(where, headers, ref.key or ""):
-            outputs = await self.handler(ref, value, self._publish)
+            outputs = unanswered(await self.handler(ref, value, self._publish), lambda _r: str(ref))
             await asyncio.gather(*(self._publish_acked(e) for e in outputs))
             if self.metrics is not None:
                 self.metrics.observe(ref.topic.name, 1, outputs, time.perf_counter() - t0)
