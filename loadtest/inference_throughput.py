@@ -31,7 +31,7 @@ from kllm.adapters.engines.xllama import XLlamaEngine
 from kllm.runtime.kafka import TailReader, make_producer
 from processors.inference import Finish
 from schemas import Generation, InferenceJob, Request, RetrievalContext, decode, encode
-from schemas.messages import ChatTurn
+from schemas.chat import ChatTurn
 from topics import GENERATIONS, INFERENCE
 
 PROMPTS = (

@@ -1,4 +1,8 @@
-"""Response cache per tenant: exact (same prompt) and semantic (a close embedding).
+"""Response cache per tenant: exact (same question) and semantic (a close embedding).
+
+A question is looked up among answers to requests alike in everything else: the
+same turns around it, sampling, token budget, output format, tools and model.
+Only deterministic requests (temperature 0 or a seed) are served or stored.
 
 It lives in the retrieval stage because that stage already embeds every
 question. A miss is remembered (``expect``) with its embedding; when the
@@ -20,19 +24,45 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from processors.base import Emit
+from processors.conversation import latest_question_index
 from schemas import Citation, Request, Response
 
 log = logging.getLogger(__name__)
 
-Scope = tuple[str, str, str]  # tenant, model, template
+Scope = tuple[str, str, str, str]  # tenant, model, template, the rest of the request
 Kind = Literal["exact", "semantic"]
 CACHEABLE_FINISH = frozenset({"stop", "length"})
 
 
+def _setup_digest(request: Request) -> str:
+    """What shapes an answer besides the question: the turns around it, the sampling,
+    the token budget, the output format and the tools."""
+    turns = [m.model_dump(mode="json") for m in request.messages]
+    del turns[latest_question_index(request.messages)]
+    setup = {
+        "turns": turns,
+        "sampling": request.sampling.model_dump(mode="json"),
+        "max_tokens": request.max_tokens,
+        "response_format": request.response_format
+        and request.response_format.model_dump(mode="json", by_alias=True),
+        "tools": [t.model_dump(mode="json") for t in request.tools],
+        "tool_choice": request.tool_choice,
+    }
+    return hashlib.sha256(orjson.dumps(setup, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 def scope_of(request: Request) -> Scope:
-    return (request.tenant, request.model or "", request.template or "")
+    """The shelf a request's answer lives on."""
+    return (request.tenant, request.model or "", request.template or "", _setup_digest(request))
+
+
+def cacheable_request(request: Request) -> bool:
+    """Only a request whose answer does not change when asked again is served from the
+    cache: greedy or seeded sampling, one choice, no log probabilities."""
+    return request.sampling.deterministic() and request.n == 1 and not request.logprobs
 
 
 def prompt_digest(prompt: str) -> str:
@@ -104,6 +134,8 @@ class ResponseCache:
         return dropped
 
     def lookup_exact(self, request: Request, now: float) -> Hit | None:
+        if not cacheable_request(request):
+            return None
         shelf = self._shelves.get(scope_of(request))
         answer = shelf.exact.get(prompt_digest(request.prompt)) if shelf else None
         if answer is None or answer.expires_at <= now:
@@ -111,6 +143,8 @@ class ResponseCache:
         return Hit(answer, "exact", 1.0)
 
     def lookup_similar(self, request: Request, vector: npt.ArrayLike, now: float) -> Hit | None:
+        if not cacheable_request(request):
+            return None
         shelf = self._shelves.get(scope_of(request))
         if not shelf or not shelf.vectors:
             return None
@@ -126,6 +160,8 @@ class ResponseCache:
 
     def expect(self, request: Request, vector: npt.ArrayLike, now: float) -> None:
         """Remember a miss, so its answer can be stored when it comes back."""
+        if not cacheable_request(request):
+            return
         self._pending[request.request_id] = _Pending(
             scope_of(request),
             prompt_digest(request.prompt),
@@ -150,9 +186,13 @@ class ResponseCache:
         pending = self._pending.pop(response.request_id, None)
         if pending is None or not _cacheable(response):
             return False
-        if pending.epoch != self._epochs.get(pending.scope[0], 0):
+        tenant, asked, template, setup = pending.scope
+        if pending.epoch != self._epochs.get(tenant, 0):
             return False  # answered from a corpus that has changed since
-        shelf = self._shelves.setdefault(pending.scope, _Shelf())
+        # A fallback's answer is kept under its own model: never served to a caller
+        # who asked for the primary.
+        scope = (tenant, response.model if response.fallback else asked, template, setup)
+        shelf = self._shelves.setdefault(scope, _Shelf())
         shelf.exact[pending.digest] = CachedAnswer(
             text=response.text,
             model=response.model,

@@ -82,6 +82,16 @@ class Screened:
     verdict: ScreenVerdict
 
 
+@dataclass(frozen=True)
+class ScreenedTurns:
+    """A conversation's turn texts as they may travel on, and what screening found."""
+
+    texts: tuple[str, ...]
+    pii: tuple[str, ...]
+    injection_score: float
+    verdict: ScreenVerdict
+
+
 class Guardrails:
     def __init__(
         self,
@@ -116,6 +126,20 @@ class Guardrails:
             self._screened(tenant, redaction, score)
             for (tenant, _), redaction, score in zip(items, redactions, scores, strict=True)
         ]
+
+    def screen_turns(self, tenant: str, texts: Sequence[str]) -> ScreenedTurns:
+        """``screen`` for a conversation's turns: each redacted, the riskiest turn's score
+        judged (an injection can hide in any turn: an earlier one, or a tool's result)."""
+        if not texts:
+            raise GuardrailError("no turn to screen")
+        screened = self.screen_batch([(tenant, text) for text in texts])
+        score = max(s.injection_score for s in screened)
+        return ScreenedTurns(
+            tuple(s.prompt for s in screened),
+            tuple(sorted({kind for s in screened for kind in s.pii})),
+            score,
+            self.policy_for(tenant).verdict(score),
+        )
 
     def _screened(self, tenant: str, redaction: Redaction, score: float) -> Screened:
         # A NaN or out-of-range score would compare below every threshold and fail open.

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from kllm.core.errors import ContextLengthError, EngineError
 from processors.base import Emit, Outcome, Rejected
 from schemas import Generation, InferenceJob, Request, TokenDelta, Usage
-from schemas.messages import ChatTurn
+from schemas.chat import ChatTurn, ResponseFormat, Sampling
 from topics import GENERATIONS, TOKENS
 
 
@@ -44,6 +44,35 @@ class Finish:
 
 EngineEvent = Delta | Finish
 
+SAMPLING_FIELDS = frozenset(
+    {"temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty"}
+)
+"""What every engine here honours, beside the messages and max_tokens."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a request asks of the engine beyond its messages and token budget."""
+
+    sampling: Sampling = field(default_factory=Sampling)
+    response_format: ResponseFormat | None = None
+
+    @classmethod
+    def of(cls, request: Request) -> Options:
+        return cls(request.sampling, request.response_format)
+
+    def fields(self) -> dict[str, Any]:
+        """The OpenAI body fields these options set (unset ones are left to the engine)."""
+        body: dict[str, Any] = self.sampling.model_dump(exclude_defaults=True)
+        if self.response_format is not None and self.response_format.json_mode():
+            body["response_format"] = self.response_format.model_dump(
+                mode="json", by_alias=True, exclude_none=True
+            )
+        return body
+
+
+NO_OPTIONS = Options()
+
 
 class Engine(Protocol):
     """A streaming generation engine. Raises :class:`EngineError` when it fails."""
@@ -51,10 +80,28 @@ class Engine(Protocol):
     model: str
     slots: int
     """How many requests it serves at once (continuous batching slots)."""
+    honours: frozenset[str]
+    """The request fields (OpenAI's names) it can do; a request asking another is refused."""
 
     def stream(
-        self, messages: Sequence[ChatTurn], max_tokens: int
+        self, messages: Sequence[ChatTurn], max_tokens: int, options: Options = NO_OPTIONS
     ) -> AsyncIterator[EngineEvent]: ...
+
+
+def asked_fields(request: Request) -> list[str]:
+    """The request's fields that an engine must honour, by their OpenAI names."""
+    asked = list(Options.of(request).fields())
+    if request.tools:
+        asked.append("tools")
+    if request.tool_choice is not None:
+        asked.append("tool_choice")
+    if request.n > 1:
+        asked.append("n")
+    if request.logprobs:
+        asked.append("logprobs")
+    if request.top_logprobs:
+        asked.append("top_logprobs")
+    return asked
 
 
 @dataclass(frozen=True)
@@ -144,6 +191,7 @@ def stream_context(request: Request, *, first: bool) -> dict[str, Any]:
         "template": request.template,
         "injection_flagged": request.flagged,
         "prompt": request.prompt if first and request.flagged else None,
+        "instructions": request.instructions() if first else None,
     }
 
 
@@ -205,7 +253,7 @@ class Generator:
 
     async def _run(self, job: InferenceJob, on_delta: DeltaSink | None) -> Outcome:
         request = job.request
-        plan = self.router.plan(request.model)
+        plan = self._capable(self.router.plan(request.model), request)
         errors: list[str] = []
         attempts = 0
         for model in plan:
@@ -238,10 +286,20 @@ class Generator:
                         await asyncio.sleep(self._backoff(request, attempt))
                     continue
                 self.router.record(model, ok=True)
-                done = gen.model_copy(update={"attempts": attempts})
+                fallback = model != self.router.resolve(request.model)
+                done = gen.model_copy(update={"attempts": attempts, "fallback": fallback})
                 return Outcome([Emit(GENERATIONS, request.request_id, done)])
             self.router.record(model, ok=False)
         return self._exhausted(job, plan[-1], attempts, errors)
+
+    def _capable(self, plan: list[str], request: Request) -> list[str]:
+        """The plan's models that can honour every field the request asks; Rejected,
+        naming the field, when the first choice cannot (a field is never dropped)."""
+        asked = asked_fields(request)
+        for name in asked:
+            if name not in self.router.engines[plan[0]].honours:
+                raise Rejected(f"{name}: the {plan[0]} engine cannot honour it")
+        return [m for m in plan if set(asked) <= self.router.engines[m].honours]
 
     def _late(self, request: Request) -> bool:
         return request.deadline_at is not None and self.clock() >= request.deadline_at
@@ -270,7 +328,7 @@ class Generator:
         finish = Finish("stop", Usage())
         try:
             async with asyncio.timeout(remaining):
-                async for event in engine.stream(job.messages, max_tokens):
+                async for event in engine.stream(job.messages, max_tokens, Options.of(request)):
                     if isinstance(event, Finish):
                         finish = event
                         continue

@@ -5,8 +5,10 @@ Four checks, each a finding with an action:
 - pii: personal data leaking into the answer is redacted;
 - policy: per-tenant rules (denied topics and block patterns block; redact
   patterns and a length cap redact);
-- echo: an answer repeating a run of words from the system prompt, or from a
-  prompt that ingestion flagged as a likely injection, is blocked.
+- echo: an answer repeating a run of words from the system prompt (the template's
+  or the caller's own), or from a prompt that ingestion flagged as a likely
+  injection, is blocked.
+An answer in JSON mode is redacted inside its string values only.
 Any block withholds the text; otherwise any redaction makes it "redacted".
 
 Streaming answers are moderated in windows (sentences, or at most
@@ -15,11 +17,12 @@ Streaming answers are moderated in windows (sentences, or at most
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
 
 from processors.base import Emit
 from processors.guardrails import Redactor
@@ -72,6 +75,10 @@ class Context:
     system_prompt: str | None = None
     prompt: str | None = None
     injection_flagged: bool = False
+    instructions: str | None = None
+    """The caller's own system and developer turns."""
+    json_mode: bool = False
+    """The answer is JSON: redact inside its string values, so it stays valid."""
 
 
 def shared_run(text: str, source: str, min_words: int) -> bool:
@@ -109,7 +116,10 @@ class OutputModerator:
         blocks = self._blocks(text, toxicity, policy, ctx, preceding)
         if blocks:
             return Moderated(BLOCKED_TEXT, "blocked", tuple(blocks), scores)
-        text, redactions = self._redact(text, policy)
+        if ctx.json_mode:
+            text, redactions = self._redact_json(text, policy)
+        else:
+            text, redactions = self._redact(text, policy)
         return Moderated(text, "redacted" if redactions else "allowed", tuple(redactions), scores)
 
     def _blocks(
@@ -131,10 +141,40 @@ class OutputModerator:
         n = self.echo_min_words
         if ctx.system_prompt and shared_run(span, ctx.system_prompt, n):
             found.append(Finding("echo", "block", f"repeats {n}+ words of the system prompt"))
+        if ctx.instructions and shared_run(span, ctx.instructions, n):
+            reason = f"repeats {n}+ words of the caller's system prompt"
+            found.append(Finding("echo", "block", reason))
         if ctx.injection_flagged and ctx.prompt and shared_run(span, ctx.prompt, n):
             reason = f"repeats {n}+ words of a prompt flagged as injection"
             found.append(Finding("echo", "block", reason))
         return found
+
+    def _redact_json(self, text: str, policy: Policy) -> tuple[str, list[Finding]]:
+        """Redaction inside a JSON answer's string values only (keys and structure are
+        left alone, so the answer stays valid JSON). An answer that is not JSON, such
+        as one cut at max_tokens, is redacted as text."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return self._redact(text, policy)
+        found: list[Finding] = []
+
+        def walk(node: Any) -> Any:
+            if isinstance(node, str):
+                redacted, findings = self._redact(node, replace(policy, max_chars=None))
+                found.extend(findings)
+                return redacted
+            if isinstance(node, list):
+                return [walk(item) for item in node]
+            if isinstance(node, dict):
+                return {key: walk(item) for key, item in node.items()}
+            return node
+
+        out = json.dumps(walk(value), ensure_ascii=False) if found else text
+        if policy.max_chars is not None and len(out) > policy.max_chars:
+            out = out[: policy.max_chars]  # the policy's cap wins over valid JSON
+            found.append(Finding("policy", "redact", f"cut to {policy.max_chars} characters"))
+        return out, _merged(found)
 
     def _redact(self, text: str, policy: Policy) -> tuple[str, list[Finding]]:
         found = []
@@ -154,6 +194,11 @@ class OutputModerator:
         return text, found
 
 
+def _merged(findings: list[Finding]) -> list[Finding]:
+    """One finding per check and reason, in the order first found."""
+    return list(dict.fromkeys(findings))
+
+
 class Moderator:
     """The moderation stage's whole-answer path: a generation becomes the caller's
     response and a moderation event."""
@@ -168,7 +213,15 @@ class Moderator:
         system = None
         if self.system_prompt_for is not None and request.template:
             system = self.system_prompt_for(request.template)
-        return Context(request.tenant, system, request.prompt, request.flagged)
+        json_mode = request.response_format is not None and request.response_format.json_mode()
+        return Context(
+            request.tenant,
+            system,
+            request.prompt,
+            request.flagged,
+            instructions=request.instructions(),
+            json_mode=json_mode,
+        )
 
     def process(self, generation: Generation, *, now: float | None = None) -> list[Emit]:
         request = generation.request
@@ -197,6 +250,9 @@ class Moderator:
             error_code="engine_error" if generation.error else None,
             template=request.template,
             policy=policy,
+            instructions_dropped=request.instructions_dropped,
+            trimmed_turns=request.trimmed_turns,
+            fallback=generation.fallback,
         )
         return [
             Emit(RESPONSES, request.request_id, response),

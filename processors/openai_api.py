@@ -2,8 +2,9 @@
 
 Pure: a parsed body becomes a ``Request``; a ``Response`` becomes a completion,
 its stream chunks, or an error body with the HTTP status the error's code means.
-The system prompt is the pipeline's own (a versioned template), so a client's
-system messages are not forwarded; the last user message is the question.
+The whole conversation travels: the pipeline's template is the first system prompt,
+the client's own system and developer turns follow it (unless the template locks
+them out), and the latest user turn is the question retrieval searches for.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from processors.base import Rejected
 from schemas import Request, Response
+from schemas.chat import ChatTurn, ResponseFormat, Sampling, Tool, ToolCall, ToolChoice
 
 STATUS_BY_CODE = {
     "invalid_request": 400,
@@ -57,7 +59,7 @@ CALLER_MESSAGES = {
 }
 MAX_TOKENS = 4096  # the request schema's own bound; ingestion applies its (lower) cap
 # OpenAI's finish reasons; the pipeline's own (timeout, error) are reported in the extension.
-FINISH_REASONS = {"stop", "length", "content_filter"}
+FINISH_REASONS = {"stop", "length", "content_filter", "tool_calls"}
 
 
 class TextPart(BaseModel):
@@ -70,22 +72,54 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, max_length=64)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=128)
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
 
+    def turn(self) -> ChatTurn:
+        return ChatTurn(
+            role=self.role,
+            content=self.text(),
+            name=self.name,
+            tool_calls=list(self.tool_calls or []),
+            tool_call_id=self.tool_call_id,
+        )
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The fields this gateway honours; others (temperature, top_p, ...) are accepted and
-    ignored, as the engines run with the pool's settings."""
+# Fields of OpenAI's chat completions that change what comes back and that no engine
+# here can do: refused with 400 rather than dropped. (None means "not set".)
+REFUSED_FIELDS = {
+    "logit_bias": "token biases are not supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "functions": "the deprecated 'functions' field is not supported: use 'tools'",
+    "function_call": "the deprecated 'function_call' field is not supported: use 'tool_choice'",
+    "web_search_options": "web search is not supported",
+    "reasoning_effort": "reasoning models are not served",
+    "verbosity": "verbosity control is not supported",
+}
 
-    model_config = ConfigDict(extra="ignore")
+
+# Fields accepted that change nothing here: OpenAI's storage and service tiers, and
+# parallel tool calls (a model here may always make several).
+NO_EFFECT_FIELDS = ("store", "service_tier", "parallel_tool_calls")
+
+
+class ChatCompletionRequest(BaseModel):
+    """A chat completions body. Every field OpenAI defines is honoured, refused with a
+    400 naming it (:data:`REFUSED_FIELDS`, and fields an engine cannot honour, refused
+    by the inference stage), or, for fields it does not know, ignored and reported."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=128)
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
@@ -93,8 +127,24 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    n: int | None = Field(default=None, ge=1, le=8)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    modalities: list[Literal["text"]] | None = None
     user: str | None = Field(default=None, max_length=256)
     metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
     @field_validator("messages")
     @classmethod
@@ -102,6 +152,25 @@ class ChatCompletionRequest(BaseModel):
         if not any(m.role == "user" and m.text().strip() for m in messages):
             raise ValueError("messages must contain a user message with text")
         return messages
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def ignored(self) -> list[str]:
+        """Fields sent that change nothing here: the ones this gateway does not know
+        (ignored, as OpenAI does) and the ones about OpenAI's own service. They are
+        named in the ``x-kllm-ignored`` header."""
+        known = [f for f in NO_EFFECT_FIELDS if getattr(self, f) is not None]
+        return sorted([*(self.model_extra or {}), *known])
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """Rejected, naming the field, for a field set that no engine here can honour."""
+    for name, why in REFUSED_FIELDS.items():
+        if body.get(name) not in (None, {}, []):
+            raise Rejected(f"{name}: {why}")
 
 
 def body_hash(chat: ChatCompletionRequest) -> str:
@@ -131,6 +200,9 @@ def _validated(model: type[B], body: Any) -> B:
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
     """The body, validated; Rejected with a readable reason otherwise."""
+    if isinstance(body, dict):
+        refuse_unsupported(body)
+        body = {k: v for k, v in body.items() if k not in REFUSED_FIELDS}
     return _validated(ChatCompletionRequest, body)
 
 
@@ -159,35 +231,35 @@ def to_request(
     now: float | None = None,
 ) -> Request:
     now = time.time() if now is None else now
-    question = next(
-        m.text() for m in reversed(chat.messages) if m.role == "user" and m.text().strip()
-    )
     try:
-        return _request(chat, question, request_id, tenant, model, timeout_s, now)
+        return Request(
+            request_id=request_id,
+            tenant=tenant,
+            messages=[m.turn() for m in chat.messages],
+            model=model,
+            max_tokens=chat.max_completion_tokens or chat.max_tokens,
+            sampling=Sampling(
+                temperature=chat.temperature,
+                top_p=chat.top_p,
+                stop=chat.stops(),
+                seed=chat.seed,
+                presence_penalty=chat.presence_penalty,
+                frequency_penalty=chat.frequency_penalty,
+            ),
+            response_format=chat.response_format,
+            tools=list(chat.tools or []),
+            tool_choice=chat.tool_choice,
+            n=chat.n or 1,
+            logprobs=bool(chat.logprobs),
+            top_logprobs=chat.top_logprobs,
+            user=chat.user,
+            stream=chat.stream,
+            created_at=now,
+            deadline_at=now + timeout_s,
+            metadata=dict(chat.metadata or {}),
+        )
     except ValidationError as exc:
         raise _first_error(exc) from exc
-
-
-def _request(
-    chat: ChatCompletionRequest,
-    question: str,
-    request_id: str,
-    tenant: str,
-    model: str | None,
-    timeout_s: float,
-    now: float,
-) -> Request:
-    return Request(
-        request_id=request_id,
-        tenant=tenant,
-        prompt=question,
-        model=model,
-        max_tokens=chat.max_completion_tokens or chat.max_tokens,
-        stream=chat.stream,
-        created_at=now,
-        deadline_at=now + timeout_s,
-        metadata=dict(chat.metadata or {}),
-    )
 
 
 def error_code_for(response: Response) -> str:
@@ -256,6 +328,9 @@ def extension(response: Response) -> dict[str, Any]:
         "template": response.template,
         "policy": response.policy,
         "cached": response.cached,
+        "instructions_dropped": response.instructions_dropped,
+        "trimmed_turns": response.trimmed_turns,
+        "fallback": response.fallback,
         "cost_usd": response.cost_usd,
         "pipeline_ms": response.pipeline_ms,
         "engine_ms": response.engine_ms,

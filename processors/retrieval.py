@@ -1,5 +1,8 @@
 """Retrieval: embed the question, search the tenant's chunks, build the prompt.
 
+The question is the conversation's latest user turn, made self-contained when it
+is a follow-up (processors.conversation).
+
 Each question gets its own result (processors.batching): a template version this
 stage does not know, a search that fails or a job over the record limit fails that
 question only; a batch whose embedding fails is split to find the questions that
@@ -18,9 +21,9 @@ from kllm.core.errors import ConfigError, PipelineError
 from processors.base import Emit, Rejected
 from processors.batching import Failed, Result, each, isolate
 from processors.cache import Hit, ResponseCache
+from processors.conversation import build_messages, search_text, trim_history
 from processors.templates import TemplateCatalog
 from schemas import Chunk, InferenceJob, Request, Response, RetrievalContext, encode
-from schemas.messages import ChatTurn
 from topics import INFERENCE, RESPONSES, inference_topic
 
 PUBLIC_TENANT = "public"
@@ -35,6 +38,10 @@ SYSTEM_PROMPT = (
 
 MAX_CONTEXT_CHARS = 6000
 """Characters of retrieved text one prompt carries (about 1,500 tokens)."""
+MAX_PROMPT_TOKENS = 1536
+"""The conversation's budget, passages included: older turns are left out past it
+(counted with the embedder's tokenizer, an estimate of the model's). The default
+leaves room for an answer in the embedded engine's 2,048-token slots."""
 MAX_JOB_BYTES = 900_000
 """An inference job's encoded size limit: under Kafka's default 1 MB record limit, with
 room for the record's headers."""
@@ -86,14 +93,6 @@ class VectorStore(Protocol):
         ...
 
 
-def build_messages(
-    question: str, chunks: Sequence[Chunk], system: str = SYSTEM_PROMPT
-) -> list[ChatTurn]:
-    context = "\n\n".join(f"[{i}] {c.text}" for i, c in enumerate(chunks, start=1))
-    user = f"Context:\n{context}\n\nQuestion: {question}" if chunks else question
-    return [ChatTurn(role="system", content=system), ChatTurn(role="user", content=user)]
-
-
 def cap_context(chunks: Sequence[Chunk], max_chars: int) -> list[Chunk]:
     """The best chunks whose texts fit ``max_chars`` together: the one that crosses the
     limit is cut there, the rest are dropped (a chunk stored before chunks were capped
@@ -142,6 +141,7 @@ class Retriever:
         templates: TemplateCatalog | None = None,
         max_context_chars: int = MAX_CONTEXT_CHARS,
         max_job_bytes: int = MAX_JOB_BYTES,
+        max_prompt_tokens: int = MAX_PROMPT_TOKENS,
     ) -> None:
         self.embedder = embedder
         self.store = store
@@ -149,6 +149,7 @@ class Retriever:
         self.min_score = min_score
         self.max_context_chars = max_context_chars
         self.max_job_bytes = max_job_bytes
+        self.max_prompt_tokens = max_prompt_tokens
         self.cache = cache
         self.templates = templates
         # Model or alias -> inference pool; unlisted models go to the default pool.
@@ -202,7 +203,7 @@ class Retriever:
         now: float,
     ) -> None:
         t0 = time.perf_counter()
-        vectors = isolate([requests[i].prompt for i in misses], self.embedder.embed)
+        vectors = isolate([search_text(requests[i]) for i in misses], self.embedder.embed)
         embed_ms = (time.perf_counter() - t0) * 1000 / len(misses)
         searched: list[tuple[int, Sequence[float], str]] = []
         for i, vector in zip(misses, vectors, strict=False):  # shorter: the embedder is down
@@ -249,7 +250,13 @@ class Retriever:
             embed_ms=embed_ms,
             search_ms=(time.perf_counter() - t1) * 1000,
         )
-        messages = build_messages(request.prompt, chunks, system)
+        messages, trimmed = trim_history(
+            build_messages(request, chunks, system),
+            self.embedder.count_tokens,
+            self.max_prompt_tokens,
+        )
+        if trimmed:
+            request = request.model_copy(update={"trimmed_turns": trimmed})
         job = InferenceJob(request=request, context=context, messages=messages)
         size = len(encode(job))
         if size > self.max_job_bytes:

@@ -65,7 +65,8 @@ class StreamModerator:
             return []  # a delta already taken in (a replay): appending it would repeat text
         state.set("next", delta.index + 1, ttl=DONE_TTL)
         if delta.index == 0:
-            state.set("ctx", {"prompt": delta.prompt}, ttl=DONE_TTL)
+            ctx = {"prompt": delta.prompt, "instructions": delta.instructions}
+            state.set("ctx", ctx, ttl=DONE_TTL)
         buffer = str(state.get("buffer", "")) + delta.text
         windows, rest = cut_windows(buffer, self.max_window_chars)
         if delta.final and rest:
@@ -130,8 +131,14 @@ class StreamModerator:
         lookup = self.moderator.system_prompt_for
         if lookup is not None and delta.template:
             system = lookup(delta.template)
-        prompt = (state.get("ctx") or {}).get("prompt")
-        ctx = Context(delta.tenant, system, prompt, delta.injection_flagged)
+        known = state.get("ctx") or {}
+        ctx = Context(
+            delta.tenant,
+            system,
+            known.get("prompt"),
+            delta.injection_flagged,
+            instructions=known.get("instructions"),
+        )
         return self.moderator.checks.moderate(text, ctx, preceding=str(state.get("tail", "")))
 
     def _close(

@@ -27,6 +27,7 @@ _VARIANT_ID_RE = re.compile(_VARIANT_ID)
 _FILE_RE = re.compile(r"v([0-9]+)\.toml")
 _TAG_RE = re.compile(rf"({_NAME})@v([0-9]+)/({_VARIANT_ID})")
 _VARIANT_KEYS = frozenset({"weight", "system"})
+_TEMPLATE_KEYS = frozenset({"description", "client_instructions", "variants"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Template:
     version: int
     variants: tuple[Variant, ...]
     description: str = ""
+    locks_instructions: bool = False
+    """Whether the caller's own system and developer turns are left out."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Assignment:
     tag: str
     """``<name>@v<version>/<variant>``, e.g. ``rag@v2/b``."""
     system: str
+    locks_instructions: bool = False
 
 
 def format_tag(name: str, version: int, variant_id: str) -> str:
@@ -114,7 +118,8 @@ class TemplateCatalog:
         """The request's variant of ``name`` (latest version unless pinned)."""
         template = self.latest(name) if version is None else self.get(name, version)
         variant = pick(template.variants, bucket(name, template.version, request_id))
-        return Assignment(format_tag(name, template.version, variant.id), variant.system)
+        tag = format_tag(name, template.version, variant.id)
+        return Assignment(tag, variant.system, template.locks_instructions)
 
     def render(self, tag: str) -> str:
         """The system prompt a tag names."""
@@ -165,8 +170,14 @@ def load_template(path: Path) -> Template:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(f"{path}: 'description' must be a string")
+    client = data.get("client_instructions", "follow")
+    if client not in ("follow", "drop"):
+        raise ConfigError(f'{path}: \'client_instructions\' must be "follow" or "drop"')
+    unknown = sorted(set(data) - _TEMPLATE_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; allowed: {sorted(_TEMPLATE_KEYS)}")
     variants = _variants(path, data.get("variants"))
-    return Template(name, version, variants, description)
+    return Template(name, version, variants, description, client == "drop")
 
 
 def _name_and_version(path: Path) -> tuple[str, int]:

@@ -5,9 +5,16 @@ Every message travels as an orjson object carrying ``schema`` (its name) and
 so a consumer answers bad input with a precise reason instead of crashing.
 """
 
+from schemas.chat import (
+    ChatTurn,
+    FunctionCall,
+    ResponseFormat,
+    Sampling,
+    Tool,
+    ToolCall,
+)
 from schemas.codec import SchemaError, decode, encode, peek_field, peek_request_id, registry
 from schemas.messages import (
-    ChatTurn,
     Chunk,
     Citation,
     DeadLetter,
@@ -37,15 +44,20 @@ __all__ = [
     "DriftAlert",
     "Feedback",
     "FeedbackEnriched",
+    "FunctionCall",
     "Generation",
     "InferenceJob",
     "Message",
     "ModerationEvent",
     "Request",
     "Response",
+    "ResponseFormat",
     "RetrievalContext",
+    "Sampling",
     "SchemaError",
     "TokenDelta",
+    "Tool",
+    "ToolCall",
     "Usage",
     "decode",
     "encode",

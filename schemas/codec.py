@@ -44,6 +44,8 @@ _MODELS: tuple[type[Message], ...] = (
 )
 
 registry: dict[tuple[str, int], type[Message]] = {(m.SCHEMA, m.VERSION): m for m in _MODELS}
+# Earlier versions still read during a rollout, by the model that upgrades them.
+registry[(Request.SCHEMA, 1)] = Request  # a v1 prompt is one user turn
 
 
 class SchemaError(PipelineError):
@@ -56,7 +58,7 @@ class SchemaError(PipelineError):
 
 def encode(message: Message) -> bytes:
     body: dict[str, Any] = {"schema": message.SCHEMA, "v": message.VERSION}
-    body.update(message.model_dump(mode="json"))
+    body.update(message.model_dump(mode="json", by_alias=True))
     return orjson.dumps(body)
 
 

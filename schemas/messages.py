@@ -7,9 +7,11 @@ the old one, so consumers can keep reading both during a rollout.
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.chat import INSTRUCTION_ROLES, ChatTurn, ResponseFormat, Sampling, Tool, ToolChoice
 
 Verdict = Literal["allowed", "redacted", "blocked"]
 
@@ -33,16 +35,29 @@ RequestId = str
 
 
 class Request(Message):
-    """A question from a front end, as published to the request topic."""
+    """A conversation from a front end, as published to the request topic.
+
+    Version 1 carried one ``prompt``; it is still read, as one user turn, and
+    ``Request(prompt=...)`` builds the same. ``prompt`` reads the latest user turn.
+    """
 
     SCHEMA: ClassVar[str] = "llm.request"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
     request_id: RequestId = Field(min_length=1, max_length=128)
     tenant: str = Field(default="default", min_length=1, max_length=64)
-    prompt: str = Field(min_length=1)
+    messages: list[ChatTurn] = Field(min_length=1, max_length=256)
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    sampling: Sampling = Field(default_factory=Sampling)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] = Field(default_factory=list, max_length=128)
+    tool_choice: ToolChoice | None = None
+    n: int = Field(default=1, ge=1, le=8)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    user: str | None = Field(default=None, max_length=256)
+    conversation_id: str | None = Field(default=None, max_length=128)
     stream: bool = False
     created_at: float = Field(default_factory=_now)
     deadline_at: float | None = None
@@ -53,6 +68,45 @@ class Request(Message):
     pii: list[str] = Field(default_factory=list)
     injection_score: float | None = None
     flagged: bool = False
+    instructions_dropped: int = 0
+    """The client's system and developer turns left out because the template locks them."""
+    trimmed_turns: int = 0
+    """Set by retrieval: the oldest turns left out so the conversation fits the prompt."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_is_one_user_turn(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "prompt" in data:
+            data = dict(data)
+            prompt = data.pop("prompt")
+            if "messages" in data:
+                raise ValueError("give either 'prompt' (version 1) or 'messages', not both")
+            data["messages"] = [{"role": "user", "content": prompt}]
+        return data
+
+    @field_validator("messages")
+    @classmethod
+    def _has_question(cls, messages: list[ChatTurn]) -> list[ChatTurn]:
+        if not any(m.role == "user" and m.content.strip() for m in messages):
+            raise ValueError("the conversation needs a user turn with text")
+        return messages
+
+    @classmethod
+    def from_prompt(cls, prompt: str, **fields: Any) -> Request:
+        """A one-question conversation (what version 1 carried)."""
+        return cls(messages=[ChatTurn(role="user", content=prompt)], **fields)
+
+    @property
+    def prompt(self) -> str:
+        """The latest user turn: the question retrieval searches for."""
+        return next(
+            m.content for m in reversed(self.messages) if m.role == "user" and m.content.strip()
+        )
+
+    def instructions(self) -> str | None:
+        """The caller's own system and developer turns, one per line; None without any."""
+        texts = [m.content for m in self.messages if m.role in INSTRUCTION_ROLES]
+        return "\n".join(texts) or None
 
 
 class Chunk(_Model):
@@ -73,11 +127,6 @@ class RetrievalContext(Message):
     chunks: list[Chunk] = Field(default_factory=list)
     embed_ms: float = 0.0
     search_ms: float = 0.0
-
-
-class ChatTurn(_Model):
-    role: Literal["system", "user", "assistant"]
-    content: str
 
 
 class InferenceJob(Message):
@@ -113,6 +162,8 @@ class Generation(Message):
     cost_usd: float = 0.0
     attempts: int = 1
     error: str | None = None
+    fallback: bool = False
+    """Answered by the fallback model, not the one the request was routed to."""
 
 
 class TokenDelta(Message):
@@ -135,6 +186,8 @@ class TokenDelta(Message):
     injection_flagged: bool = False
     prompt: str | None = None
     """The request's prompt, on the first delta only, when ingestion flagged it."""
+    instructions: str | None = None
+    """The caller's own system and developer turns, on the first delta only."""
     # Set by moderation on llm.tokens.moderated.
     verdict: Verdict | None = None
     reasons: list[str] = Field(default_factory=list)
@@ -173,6 +226,12 @@ class Response(Message):
     policy: str | None = None
     """The moderation policy version the answer was judged under."""
     cached: bool = False
+    instructions_dropped: int = 0
+    """The caller's system and developer turns the template left out."""
+    trimmed_turns: int = 0
+    """The oldest conversation turns left out so it fits the model's prompt."""
+    fallback: bool = False
+    """Answered by the fallback model."""
 
 
 class ModerationEvent(Message):

@@ -406,8 +406,8 @@ def _ask_and_print(
     asked: dict[str, str] = {}
     try:
         for q in questions:
-            req = Request(
-                request_id=str(uuid.uuid4()), tenant=tenant, prompt=q, max_tokens=max_tokens
+            req = Request.from_prompt(
+                q, request_id=str(uuid.uuid4()), tenant=tenant, max_tokens=max_tokens
             )
             produce_sync(producer, REQUESTS.name, tenant, encode(req))
             asked[req.request_id] = q

@@ -92,14 +92,17 @@ class LiveStream:
             self.release()
 
     def _ending(self) -> list[bytes]:
+        """The stream's last events. A failure ends it with OpenAI's error object, never
+        a finish reason: a caller must not take a cut-off answer for a whole one."""
         r = self.response
         if r is None:  # the deadline passed without the final response
-            timeout = self._chunk({}, "stop")
-            return [
-                timeout,
-                data({"error": {"message": "no answer before the deadline", "code": "timeout"}}),
-                b"data: [DONE]\n\n",
-            ]
+            body = api.error_body("no answer before the request's deadline", "timeout", 504)
+            return [data(body), b"data: [DONE]\n\n"]
+        if r.error is not None:
+            code, status = api.error_code_for(r), api.status_for(r)
+            body = api.error_body(api.caller_message(r), code, status)
+            body["kllm"] = api.extension(r)
+            return [data(body), b"data: [DONE]\n\n"]
         out = []
         if self.sent < 0 and self.closing is None and r.text:
             out.append(self._chunk({"content": r.text}))  # a cached answer: all at once

@@ -108,10 +108,21 @@ async def chat(gw: Gateway, http: HttpRequest) -> HttpResponse:
 
 
 async def answer_chat(gw: Gateway, http: HttpRequest) -> HttpResponse:
+    """The answer, with the fields the body sent that changed nothing named in
+    ``x-kllm-ignored``."""
+    ignored: list[str] = []
+    response = await _answer_chat(gw, http, ignored)
+    if ignored:
+        response.headers["x-kllm-ignored"] = ", ".join(ignored)
+    return response
+
+
+async def _answer_chat(gw: Gateway, http: HttpRequest, ignored: list[str]) -> HttpResponse:
     t0 = time.perf_counter()
     try:
         tenant = gw.tenant(http)
         chat_request = await parse(gw, http, tenant)
+        ignored.extend(chat_request.ignored())
         request = api.to_request(
             chat_request,
             request_id=gw.request_id(http, tenant, chat_request),

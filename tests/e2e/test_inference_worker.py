@@ -30,7 +30,7 @@ from schemas import (
     decode,
     encode,
 )
-from schemas.messages import ChatTurn
+from schemas.chat import ChatTurn
 from tests.e2e.conftest import CONSUMER, FAST_GROUPS, Replies, collect, embedded_broker, wait_until
 from topics import GENERATIONS, INFERENCE, TOKENS, declared, inference_topic, provision
 

@@ -18,10 +18,10 @@ import pytest
 
 from kllm.core.errors import EngineError
 from processors.guardrails import Redaction
-from processors.inference import Delta, EngineEvent, Finish
+from processors.inference import NO_OPTIONS, SAMPLING_FIELDS, Delta, EngineEvent, Finish, Options
 from processors.retrieval import StoredChunk
 from schemas import Chunk, Generation, InferenceJob, Request, RetrievalContext, Usage
-from schemas.messages import ChatTurn
+from schemas.chat import ChatTurn
 
 
 def count_words(text: str) -> int:
@@ -187,16 +187,19 @@ class FakeEngine:
     fail_after: int | None = None
     delay_s: float = 0.0
     error: str = "out of memory"
+    honours: frozenset[str] = SAMPLING_FIELDS | {"response_format"}
     calls: list[tuple[list[ChatTurn], int]] = field(default_factory=list)
+    options: list[Options] = field(default_factory=list)
 
     @property
     def text(self) -> str:
         return "".join(self.pieces)
 
     async def stream(
-        self, messages: Sequence[ChatTurn], max_tokens: int
+        self, messages: Sequence[ChatTurn], max_tokens: int, options: Options = NO_OPTIONS
     ) -> AsyncIterator[EngineEvent]:
         self.calls.append((list(messages), max_tokens))
+        self.options.append(options)
         call = len(self.calls)
         if self.always_fail or call <= self.fail_times:
             raise EngineError(f"{self.error} (call {call})")

@@ -119,10 +119,10 @@ def test_rejected_is_dead_lettered_with_its_reason(make_request: MakeRequest) ->
 
 
 def test_real_ingestion_rejection(make_request: MakeRequest) -> None:
-    raw = encode(make_request(prompt="   "))
+    raw = encode(make_request(max_tokens=4000))
     out = dispatch(StageLogic("ingestion", Request, Ingestion().process), REF, raw)
     assert [e.topic for e in out] == [REQUESTS.dlq, RESPONSES]
-    assert "empty or only whitespace" in _letter(out[0]).reason
+    assert "exceeds the cap" in _letter(out[0]).reason
 
 
 def test_nested_request_id_on_generation_stage(

@@ -14,9 +14,16 @@ import pytest
 from kllm.adapters.engines.chat_chunks import ChunkReader
 from kllm.adapters.engines.openai_http import OpenAIHttpEngine
 from kllm.core.errors import ContextLengthError, EngineError
-from processors.inference import EngineEvent, Generator, Router
+from processors.inference import (
+    NO_OPTIONS,
+    SAMPLING_FIELDS,
+    EngineEvent,
+    Generator,
+    Options,
+    Router,
+)
 from schemas import Generation, InferenceJob
-from schemas.messages import ChatTurn
+from schemas.chat import ChatTurn
 from tests.unit.conftest import FakeEngine
 from tests.unit.test_inference import FakeSleep
 
@@ -29,10 +36,11 @@ class TooLong:
 
     model: str = "small-context"
     slots: int = 1
+    honours: frozenset[str] = SAMPLING_FIELDS
     calls: list[int] = field(default_factory=list)
 
     async def stream(
-        self, messages: Sequence[ChatTurn], max_tokens: int
+        self, messages: Sequence[ChatTurn], max_tokens: int, options: Options = NO_OPTIONS
     ) -> AsyncIterator[EngineEvent]:
         self.calls.append(max_tokens)
         raise ContextLengthError("prompt of 9000 tokens, context of 8192")

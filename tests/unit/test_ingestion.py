@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from pydantic import ValidationError
 
 from kllm.core.errors import PipelineError
 from processors import Emit, Rejected
@@ -46,8 +47,9 @@ def test_custom_policy_default(make_request: MakeRequest) -> None:
 
 @pytest.mark.parametrize("prompt", [" ", "\n\t  \n"])
 def test_blank_prompt_rejected(make_request: MakeRequest, prompt: str) -> None:
-    with pytest.raises(Rejected, match="empty or only whitespace"):
-        Ingestion().process(make_request(prompt=prompt), now=NOW)
+    # A conversation without a question is not a request at all: refused when read.
+    with pytest.raises(ValidationError, match="needs a user turn with text"):
+        make_request(prompt=prompt)
 
 
 def test_prompt_length_limit(make_request: MakeRequest) -> None:

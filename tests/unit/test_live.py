@@ -247,7 +247,8 @@ def test_deadline_passed_ends_with_a_timeout_error() -> None:
     events = run.events
     assert events[-1] == DONE
     assert events[-2]["error"]["code"] == "timeout"
-    assert events[-3]["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    finishes = [c["finish_reason"] for e in events[:-1] for c in e.get("choices", [])]
+    assert not any(finishes)  # a cut-off answer never reads as a whole one
     assert run.released == 1
 
 

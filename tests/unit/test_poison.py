@@ -126,7 +126,8 @@ def test_a_failure_inside_the_pipeline_is_unavailable_and_a_bad_record_invalid()
 
 def test_an_output_too_large_to_publish_dead_letters_its_input() -> None:
     def bloated(m: Request) -> list[Emit]:
-        return [Emit(RETRIEVAL, m.request_id, m.model_copy(update={"prompt": "y" * 1_000_000}))]
+        padded = m.model_copy(update={"metadata": {"padding": "y" * 1_000_000}})
+        return [Emit(RETRIEVAL, m.request_id, padded)]
 
     out = dispatch(_stage(bloated), REF, _request())
     (letter,) = _letters(out)

@@ -5,37 +5,12 @@ from typing import Any
 
 import pytest
 
-from processors.retrieval import (
-    PUBLIC_TENANT,
-    SYSTEM_PROMPT,
-    Retriever,
-    StoredChunk,
-    build_messages,
-)
-from schemas import Chunk, InferenceJob, Request
+from processors.conversation import build_messages
+from processors.retrieval import PUBLIC_TENANT, SYSTEM_PROMPT, Retriever, StoredChunk
+from schemas import InferenceJob, Request
 from topics import INFERENCE, declared, inference_topic
 
 MakeRequest = Callable[..., Request]
-
-# --- build_messages ------------------------------------------------------------------------
-
-
-def _chunk(i: int, text: str) -> Chunk:
-    return Chunk(chunk_id=f"c{i}", doc_id=f"d{i}", text=text, score=1.0 / i)
-
-
-def test_build_messages_numbers_passages() -> None:
-    turns = build_messages("What?", [_chunk(1, "first"), _chunk(2, "second")])
-    assert [t.role for t in turns] == ["system", "user"]
-    assert turns[0].content == SYSTEM_PROMPT
-    assert turns[1].content == "Context:\n[1] first\n\n[2] second\n\nQuestion: What?"
-
-
-def test_build_messages_without_context_is_the_question() -> None:
-    turns = build_messages("What?", [])
-    assert turns[1].content == "What?"
-    assert turns[0].content == SYSTEM_PROMPT
-
 
 # --- Retriever -----------------------------------------------------------------------------
 
@@ -107,7 +82,7 @@ def test_retriever_builds_the_job(embedder: Any, corpus: Any, make_request: Make
     assert best.score == pytest.approx(1.0)
     assert job.context.chunks[0].score >= job.context.chunks[1].score
     assert job.context.embed_ms >= 0 and job.context.search_ms >= 0
-    assert job.messages == build_messages(SECRET_A, job.context.chunks)
+    assert job.messages == build_messages(req, job.context.chunks, SYSTEM_PROMPT)
     assert f"[1] {SECRET_A}" in job.messages[1].content
 
 
@@ -155,7 +130,7 @@ def test_process_batch_embeds_once_and_answers_in_order(
         {"b", PUBLIC_TENANT},
     ]
     for job in jobs:
-        assert job.messages == build_messages(job.request.prompt, job.context.chunks)
+        assert job.messages == build_messages(job.request, job.context.chunks, SYSTEM_PROMPT)
 
 
 def test_process_batch_gives_what_process_gives(

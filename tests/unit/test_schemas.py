@@ -30,7 +30,8 @@ from schemas import (
     peek_request_id,
     registry,
 )
-from schemas.messages import ChatTurn, Citation
+from schemas.chat import ChatTurn
+from schemas.messages import Citation
 
 _REQ = Request(
     request_id="r-1",
@@ -159,12 +160,15 @@ def _reason(data: bytes | str, expected: type[Message] = Request) -> str:
     return info.value.reason
 
 
+CURRENT = sorted(key for key, model in registry.items() if key[1] == model.VERSION)
+
+
 def test_every_registered_schema_has_a_sample() -> None:
     assert set(SAMPLES) == set(registry.values())
-    assert len(registry) == len(SAMPLES)  # no (schema, version) key shadows another
+    assert len(CURRENT) == len(SAMPLES)  # no (schema, version) key shadows another
 
 
-@pytest.mark.parametrize("key", sorted(registry), ids=lambda k: f"{k[0]}-v{k[1]}")
+@pytest.mark.parametrize("key", CURRENT, ids=lambda k: f"{k[0]}-v{k[1]}")
 def test_round_trip(key: tuple[str, int]) -> None:
     model = registry[key]
     original = SAMPLES[model]
@@ -191,23 +195,51 @@ def test_unknown_version_names_version_and_supported() -> None:
     reason = _reason(orjson.dumps(_body(_REQ, v=7)))
     assert "unknown schema version 7" in reason
     assert "'llm.request'" in reason
-    assert "supported: [1]" in reason
+    assert "supported: [1, 2]" in reason
+
+
+def test_a_version_1_record_is_read_as_one_user_turn() -> None:
+    v1 = {"schema": "llm.request", "v": 1, "request_id": "r-9", "prompt": "What is Kafka?"}
+    request = decode(orjson.dumps(v1), Request)
+    assert request.messages == [ChatTurn(role="user", content="What is Kafka?")]
+    assert request.prompt == "What is Kafka?"
+    assert orjson.loads(encode(request))["v"] == 2  # passed on as the current version
+
+
+def test_prompt_and_messages_together_are_refused() -> None:
+    body = _body(_REQ, prompt="also this")
+    assert "either 'prompt'" in _reason(orjson.dumps(body))
+
+
+def test_a_conversation_without_a_user_question_is_refused() -> None:
+    body = _body(_REQ, messages=[{"role": "system", "content": "be brief"}])
+    assert "needs a user turn with text" in _reason(orjson.dumps(body))
+
+
+def test_the_prompt_is_the_latest_user_turn_with_text() -> None:
+    turns = [
+        ChatTurn(role="user", content="first"),
+        ChatTurn(role="assistant", content="answer"),
+        ChatTurn(role="user", content="second"),
+        ChatTurn(role="user", content="  "),
+    ]
+    assert Request(request_id="x", messages=turns).prompt == "second"
 
 
 def test_missing_field() -> None:
-    assert _reason(orjson.dumps(_body(_REQ, prompt=_DROP))) == "missing field 'prompt'"
+    assert _reason(orjson.dumps(_body(_REQ, messages=_DROP))) == "missing field 'messages'"
 
 
 def test_missing_nested_field_is_dotted() -> None:
     body = _body(SAMPLES[InferenceJob])
-    del body["request"]["prompt"]
+    del body["request"]["messages"]
     reason = _reason(orjson.dumps(body), InferenceJob)
-    assert reason == "missing field 'request.prompt'"
+    assert reason == "missing field 'request.messages'"
 
 
 def test_several_problems_are_all_reported() -> None:
-    reason = _reason(orjson.dumps(_body(_REQ, prompt=_DROP, request_id=_DROP)))
-    assert "missing field 'prompt'" in reason
+    reason = _reason(orjson.dumps(_body(_REQ, messages=_DROP, request_id=_DROP)))
+    assert "missing field 'messages'" in reason
     assert "missing field 'request_id'" in reason
 
 
@@ -289,7 +321,7 @@ def test_peek_nested(model: type[Message]) -> None:
 
 def test_peek_reads_invalid_messages() -> None:
     # The point of peeking: the id is readable even when decoding fails.
-    data = orjson.dumps(_body(_REQ, v=99, prompt=_DROP))
+    data = orjson.dumps(_body(_REQ, v=99, messages=_DROP))
     with pytest.raises(SchemaError):
         decode(data, Request)
     assert peek_request_id(data) == "r-1"

@@ -11,8 +11,8 @@ import orjson
 
 from kllm.adapters.engines.chat_chunks import ChunkReader, about_context
 from kllm.core.errors import ContextLengthError, EngineError
-from processors.inference import EngineEvent
-from schemas.messages import ChatTurn
+from processors.inference import NO_OPTIONS, SAMPLING_FIELDS, EngineEvent, Options
+from schemas.chat import ChatTurn
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ class OpenAIHttpEngine:
         self.served_name = served_name or model
         """The name the server knows the model by."""
         self.slots = slots
+        # What the pipeline passes on; the server behind may still refuse (a 400).
+        self.honours = SAMPLING_FIELDS | {"response_format"}
         self.temperature = temperature
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
@@ -41,13 +43,14 @@ class OpenAIHttpEngine:
         )
 
     async def stream(
-        self, messages: Sequence[ChatTurn], max_tokens: int
+        self, messages: Sequence[ChatTurn], max_tokens: int, options: Options = NO_OPTIONS
     ) -> AsyncIterator[EngineEvent]:
         body = {
             "model": self.served_name,
-            "messages": [m.model_dump() for m in messages],
+            "messages": [m.wire() for m in messages],
             "max_tokens": max_tokens,
             "temperature": self.temperature,
+            **options.fields(),
             "stream": True,
             "stream_options": {"include_usage": True},
         }

@@ -14,9 +14,9 @@ from typing import Any
 
 from kllm.adapters.engines.chat_chunks import about_context
 from kllm.core.errors import ConfigError, ContextLengthError, EngineError
-from processors.inference import Delta, EngineEvent, Finish
+from processors.inference import NO_OPTIONS, SAMPLING_FIELDS, Delta, EngineEvent, Finish, Options
 from schemas import Usage
-from schemas.messages import ChatTurn
+from schemas.chat import ChatTurn
 
 
 class VLLMEngine:
@@ -44,6 +44,8 @@ class VLLMEngine:
         )
         self.model = model_name
         self.slots = max_num_seqs
+        # Structured output is not wired to vLLM's guided decoding yet: refused, not dropped.
+        self.honours = SAMPLING_FIELDS
         self.temperature = temperature
         self._engine = AsyncLLMEngine.from_engine_args(args)
         self._tokenizer: Any = None
@@ -54,16 +56,19 @@ class VLLMEngine:
             self._tokenizer = await self._engine.get_tokenizer()
         return str(
             self._tokenizer.apply_chat_template(
-                [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
+                [m.wire() for m in messages], tokenize=False, add_generation_prompt=True
             )
         )
 
     async def stream(
-        self, messages: Sequence[ChatTurn], max_tokens: int
+        self, messages: Sequence[ChatTurn], max_tokens: int, options: Options = NO_OPTIONS
     ) -> AsyncIterator[EngineEvent]:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=self.temperature)
+        asked = options.sampling.model_dump(exclude_defaults=True)
+        params = SamplingParams(
+            max_tokens=max_tokens, **({"temperature": self.temperature} | asked)
+        )
         request_id = f"kllm-{next(self._ids)}"
         seen = 0
         last: Any = None

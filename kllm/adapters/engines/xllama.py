@@ -16,9 +16,10 @@ from typing import Any
 
 from kllm.adapters.engines.chat_chunks import ChunkReader, about_context
 from kllm.core.errors import ConfigError, ContextLengthError, EngineError
-from processors.inference import EngineEvent
-from schemas.messages import ChatTurn
+from processors.inference import NO_OPTIONS, SAMPLING_FIELDS, EngineEvent, Options
+from schemas.chat import ChatTurn
 
+HONOURS = SAMPLING_FIELDS | {"response_format"}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _END = object()
 
@@ -62,6 +63,7 @@ class XLlamaEngine:
         params.cpuparams_batch.n_threads = threads
         self.model = model_name
         self.slots = n_parallel
+        self.honours = HONOURS
         self.temperature = temperature
         # Small models loop on their own phrases; a mild penalty keeps answers on topic.
         self.repeat_penalty = repeat_penalty
@@ -76,18 +78,21 @@ class XLlamaEngine:
         """llama.cpp's own OpenAI-compatible server, which xllamacpp runs on loopback."""
         return str(self._server.listening_address)
 
-    def _body(self, messages: Sequence[ChatTurn], max_tokens: int) -> dict[str, Any]:
+    def _body(
+        self, messages: Sequence[ChatTurn], max_tokens: int, options: Options
+    ) -> dict[str, Any]:
         return {
-            "messages": [m.model_dump() for m in messages],
+            "messages": [m.wire() for m in messages],
             "max_tokens": max_tokens,
             "temperature": self.temperature,
             "repeat_penalty": self.repeat_penalty,
+            **options.fields(),  # llama.cpp enforces response_format by grammar
             "stream": True,
             "stream_options": {"include_usage": True},
         }
 
     async def stream(
-        self, messages: Sequence[ChatTurn], max_tokens: int
+        self, messages: Sequence[ChatTurn], max_tokens: int, options: Options = NO_OPTIONS
     ) -> AsyncIterator[EngineEvent]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -97,7 +102,8 @@ class XLlamaEngine:
 
         def run() -> None:
             try:
-                self._server.handle_chat_completions(self._body(messages, max_tokens), on_chunk)
+                body = self._body(messages, max_tokens, options)
+                self._server.handle_chat_completions(body, on_chunk)
             except Exception as exc:  # noqa: BLE001 - crosses the thread boundary as a value
                 error = (
                     ContextLengthError("the prompt does not fit the model's context window")
