@@ -170,7 +170,8 @@ class OutputModerator:
                 return {key: walk(item) for key, item in node.items()}
             return node
 
-        out = json.dumps(walk(value), ensure_ascii=False) if found else text
+        walked = walk(value)
+        out = json.dumps(walked, ensure_ascii=False) if found else text
         if policy.max_chars is not None and len(out) > policy.max_chars:
             out = out[: policy.max_chars]  # the policy's cap wins over valid JSON
             found.append(Finding("policy", "redact", f"cut to {policy.max_chars} characters"))

@@ -129,7 +129,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: list[str] | None = Field(default=None, max_length=4)
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -153,10 +153,10 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("messages must contain a user message with text")
         return messages
 
-    def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_is_a_list(cls, stop: Any) -> Any:
+        return [stop] if isinstance(stop, str) else stop
 
     def ignored(self) -> list[str]:
         """Fields sent that change nothing here: the ones this gateway does not know
@@ -241,7 +241,7 @@ def to_request(
             sampling=Sampling(
                 temperature=chat.temperature,
                 top_p=chat.top_p,
-                stop=chat.stops(),
+                stop=list(chat.stop or []),
                 seed=chat.seed,
                 presence_penalty=chat.presence_penalty,
                 frequency_penalty=chat.frequency_penalty,

@@ -59,6 +59,8 @@ class Settings(StageSettings):
     """A chunk's character cap, beside its token cap (long unbroken runs count as few tokens)."""
     max_context_chars: int = Field(default=6000, ge=0)
     """Characters of retrieved text one inference job carries."""
+    max_prompt_tokens: int = Field(default=1536, ge=64)
+    """The conversation's token budget, passages included: older turns are left out past it."""
     index_budget_ms: float = Field(default=200.0, gt=0)
     """How long the indexer embeds per poll before the query path gets its turn."""
     index_max_batch: int = Field(default=16, ge=1)
@@ -124,6 +126,7 @@ def build(
         cache=cache,
         templates=load_templates(settings.templates_dir),
         max_context_chars=settings.max_context_chars,
+        max_prompt_tokens=settings.max_prompt_tokens,
     )
     index = isolated(
         INDEXER, Document, indexer.process_each, require_text, retry_budget_s=settings.index_retry_s

@@ -11,6 +11,7 @@ lag per partition comes from the committed offsets of every declared group
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -44,6 +45,8 @@ HOPS = {
     "moderation": (GENERATIONS.name, RESPONSES.name),
 }
 WINDOW_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -100,10 +103,10 @@ class PipelineMonitor:
                 "enable.auto.commit": False,
             }
         )
-        topics = declared(self.pools)
-        consumer.assign([tp for t in topics for tp in end_offsets(consumer, t.name)])
-        self.tailing = True
         try:
+            if not self._assign_at_end(consumer):
+                return
+            self.tailing = True
             while not self._stop.is_set():
                 msg = consumer.poll(0.2)
                 if msg is not None and msg.error() is None:
@@ -112,6 +115,19 @@ class PipelineMonitor:
                     self._record(*record, produced_ms / 1000)
         finally:
             consumer.close()
+
+    def _assign_at_end(self, consumer: Consumer) -> bool:
+        """Every topic assigned at its end, tried again while the broker cannot say where
+        that is (it is starting, or gone for a while); False when stopped first."""
+        topics = declared(self.pools)
+        while not self._stop.is_set():
+            try:
+                consumer.assign([tp for t in topics for tp in end_offsets(consumer, t.name)])
+                return True
+            except BrokerError as exc:
+                log.warning("dashboard cannot tail the topics yet", extra={"error": str(exc)})
+                self._stop.wait(self.lag_every_s)
+        return False
 
     def _record(self, topic: str, key: bytes | None, value: bytes, produced_at: float) -> None:
         with self._lock:

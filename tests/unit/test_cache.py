@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from processors.cache import ResponseCache
-from schemas import Citation, Request, Response, Usage
+from schemas import Citation, Request, Response, ResponseFormat, Sampling, Tool, Usage
+from schemas.chat import ChatTurn, FunctionSpec
 
 NOW = 1000.0
 E1 = [1.0, 0.0, 0.0, 0.0]
@@ -28,6 +29,8 @@ def req(**kw: Any) -> Request:
         "template": "rag@v2/a",
     }
     base.update(kw)
+    if "messages" in kw:
+        del base["prompt"]
     return Request(**base)
 
 
@@ -298,3 +301,72 @@ def test_learn_batch_stores_the_expected_answers_and_publishes_nothing() -> None
     assert out == []
     assert len(cache) == 1
     assert cache.lookup_exact(req(tenant="acme"), NOW) is not None
+
+
+# --- what else shapes an answer -------------------------------------------------------------
+
+
+def _learned_then(ask: Request, **learn: Any) -> bool:
+    """Whether ``ask`` is served the answer learned for ``learn``'s request."""
+    cache = ResponseCache()
+    assert learned(cache, req(**learn))
+    return cache.lookup_exact(ask, NOW + 1) is not None
+
+
+def test_a_greedy_or_seeded_request_is_served() -> None:
+    assert _learned_then(req(request_id="r2"))
+    seeded = Sampling(temperature=1.0, seed=7)
+    assert _learned_then(req(request_id="r2", sampling=seeded), sampling=seeded)
+
+
+def test_a_random_request_is_neither_served_nor_stored() -> None:
+    random = Sampling(temperature=1.0)
+    assert not _learned_then(req(request_id="r2", sampling=random))
+    cache = ResponseCache()
+    assert not learned(cache, req(sampling=random))
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_tokens": 128},
+        {"sampling": Sampling(stop=["."])},
+        {"sampling": Sampling(top_p=0.5)},
+        {"response_format": ResponseFormat(type="json_object")},
+        {"tools": [Tool(function=FunctionSpec(name="weather"))]},
+        {
+            "messages": [
+                ChatTurn(role="system", content="Answer in French."),
+                ChatTurn(role="user", content="What is Kafka?"),
+            ]
+        },
+        {
+            "messages": [
+                ChatTurn(role="user", content="Tell me about logs."),
+                ChatTurn(role="assistant", content="Logs are ..."),
+                ChatTurn(role="user", content="What is Kafka?"),
+            ]
+        },
+    ],
+    ids=["max_tokens", "stop", "top_p", "json", "tools", "instructions", "history"],
+)
+def test_the_same_question_asked_differently_is_a_miss(change: dict[str, Any]) -> None:
+    assert not _learned_then(req(request_id="r2", **change))
+    assert not _learned_then(req(request_id="r2"), **change)
+    assert _learned_then(req(request_id="r2", **change), **change)
+
+
+def test_a_truncated_answer_is_not_served_to_a_caller_asking_for_more() -> None:
+    cache = ResponseCache()
+    assert learned(cache, req(max_tokens=8), finish_reason="length")
+    assert cache.lookup_exact(req(request_id="r2", max_tokens=8), NOW + 1) is not None
+    assert cache.lookup_exact(req(request_id="r3", max_tokens=64), NOW + 1) is None
+
+
+def test_a_fallback_answer_is_kept_under_its_own_model() -> None:
+    cache = ResponseCache()
+    assert learned(cache, req(), model="fallback-m", fallback=True)
+    assert cache.lookup_exact(req(request_id="r2"), NOW + 1) is None
+    hit = cache.lookup_exact(req(request_id="r3", model="fallback-m"), NOW + 1)
+    assert hit is not None and hit.answer.model == "fallback-m"

@@ -14,8 +14,18 @@ from typing import Any
 import pytest
 
 from processors import Rejected
-from processors.inference import Generator, Outcome, Price, Router
-from schemas import Generation, InferenceJob, Request, TokenDelta, Usage
+from processors.inference import SAMPLING_FIELDS, Generator, Outcome, Price, Router
+from schemas import (
+    Generation,
+    InferenceJob,
+    Request,
+    ResponseFormat,
+    Sampling,
+    TokenDelta,
+    Tool,
+    Usage,
+)
+from schemas.chat import FunctionSpec
 from tests.unit.conftest import FakeEngine
 from topics import GENERATIONS
 
@@ -514,3 +524,65 @@ def test_resolve_lists_what_is_served() -> None:
 )
 def test_price_cost(price: Price, usage: Usage, expected: float) -> None:
     assert price.cost(usage) == pytest.approx(expected)
+
+
+# --- what a request asks of the engine -----------------------------------------------------
+
+
+def test_sampling_and_format_reach_the_engine(make_job: MakeJob, make_request: MakeRequest) -> None:
+    engine = FakeEngine()
+    sampling = Sampling(temperature=0.8, seed=3, stop=["\n\n"])
+    json_mode = ResponseFormat(type="json_object")
+    job = make_job(make_request(sampling=sampling, response_format=json_mode))
+    _generation(_run(_generator(engine).run(job)), job)
+    (options,) = engine.options
+    assert options.fields() == {
+        "temperature": 0.8,
+        "seed": 3,
+        "stop": ["\n\n"],
+        "response_format": {"type": "json_object"},
+    }
+
+
+def test_unset_fields_are_left_to_the_engine(make_job: MakeJob) -> None:
+    engine = FakeEngine()
+    _run(_generator(engine).run(make_job()))
+    assert engine.options[0].fields() == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [Tool(function=FunctionSpec(name="f"))]}, "tools"),
+        ({"response_format": ResponseFormat(type="json_object")}, "response_format"),
+    ],
+)
+def test_a_field_the_engine_cannot_honour_is_refused_by_name(
+    make_job: MakeJob, make_request: MakeRequest, change: dict[str, Any], field: str
+) -> None:
+    engine = FakeEngine(honours=SAMPLING_FIELDS)
+    with pytest.raises(Rejected, match=f"^{field}: the fake-model engine cannot honour it"):
+        _run(_generator(engine).run(make_job(make_request(**change))))
+    assert engine.calls == []  # never dropped: not run at all
+
+
+def test_a_fallback_that_cannot_honour_the_request_is_skipped(
+    make_job: MakeJob, make_request: MakeRequest
+) -> None:
+    primary = FakeEngine(model="p", always_fail=True)
+    plain = FakeEngine(model="plain", honours=SAMPLING_FIELDS)
+    job = make_job(make_request(response_format=ResponseFormat(type="json_object")))
+    outcome = _run(_generator(primary, plain, fallback="plain", max_attempts=1).run(job))
+    assert outcome.failure is not None
+    assert plain.calls == []
+
+
+def test_a_fallback_answer_says_so(make_job: MakeJob) -> None:
+    primary = FakeEngine(model="p", always_fail=True)
+    spare = FakeEngine(model="spare")
+    job = make_job()
+    gen = _generation(_run(_generator(primary, spare, fallback="spare").run(job)), job)
+    assert (gen.model, gen.fallback) == ("spare", True)
+    assert not _generation(_run(_generator(spare).run(job)), job).fallback

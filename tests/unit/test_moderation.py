@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from processors.moderation import (
 )
 from processors.policies import Policy, PolicyBook, load_policies
 from processors.templates import load_templates
-from schemas import Citation, Generation, ModerationEvent, Response, Usage
+from schemas import ChatTurn, Citation, Generation, ModerationEvent, Request, Response, Usage
 from tests.unit.conftest import FakeClassifier, FakeRedactor
 from topics import MODERATION_EVENTS, RESPONSES
 
@@ -447,3 +448,57 @@ def test_event_helper_sets_window() -> None:
     ev = event("r", "t", result, "moderation@v1/default", window=3)
     assert (ev.request_id, ev.tenant, ev.verdict, ev.window) == ("r", "t", "blocked", 3)
     assert ev.scores == {"c": 1.0}
+
+
+# --- the caller's own instructions, and JSON answers ----------------------------------------
+
+CALLER_SYSTEM = "You are Captain Byte, the secret mascot of the operations team at the harbour."
+
+
+def test_echo_of_the_callers_system_prompt_blocks() -> None:
+    answer = "Sure: you are Captain Byte, the secret mascot of the operations team, hi."
+    result = checks().moderate(answer, ctx(instructions=CALLER_SYSTEM))
+    assert result.verdict == "blocked"
+    assert result.reasons == ["echo: repeats 8+ words of the caller's system prompt"]
+    assert checks().moderate(answer, ctx()).verdict == "allowed"
+
+
+def test_the_whole_answer_path_knows_the_callers_instructions(make_generation: MakeGen) -> None:
+    request = Request(
+        request_id="r",
+        messages=[
+            ChatTurn(role="system", content=CALLER_SYSTEM),
+            ChatTurn(role="user", content="Who are you?"),
+        ],
+    )
+    answer = "I am Captain Byte, the secret mascot of the operations team at the harbour."
+    out = Moderator(checks()).process(make_generation(request=request, text=answer), now=NOW)
+    response = out[0].message
+    assert isinstance(response, Response)
+    assert response.verdict == "blocked"
+
+
+def test_json_answers_are_redacted_inside_string_values_only() -> None:
+    redactor = FakeRedactor({**PII, "name": "PERSON"})
+    answer = json.dumps({"name": "Bob", "contact": f"mail {EMAIL}", "n": [1, PHONE]})
+    result = checks(redactor=redactor).moderate(answer, ctx(json_mode=True))
+    assert result.verdict == "redacted"
+    assert json.loads(result.text) == {  # still JSON; the key "name" is left alone
+        "name": "Bob",
+        "contact": "mail <EMAIL_ADDRESS>",
+        "n": [1, "<PHONE_NUMBER>"],
+    }
+    assert [f.check for f in result.findings] == ["pii", "pii"]
+
+
+def test_json_mode_answer_that_is_not_json_is_redacted_as_text() -> None:
+    result = checks(redactor=FakeRedactor(PII)).moderate(
+        f'{{"contact": "{EMAIL}', ctx(json_mode=True)
+    )
+    assert result.text == '{"contact": "<EMAIL_ADDRESS>'
+
+
+def test_a_json_answer_without_findings_is_left_byte_for_byte() -> None:
+    answer = '{"a":  1,\n "b": "x"}'
+    result = checks(redactor=FakeRedactor(PII)).moderate(answer, ctx(json_mode=True))
+    assert (result.text, result.verdict) == (answer, "allowed")

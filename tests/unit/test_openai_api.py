@@ -6,7 +6,7 @@ import pytest
 
 from processors import Rejected
 from processors import openai_api as api
-from schemas import Citation, Response, Usage
+from schemas import Citation, Response, Sampling, Usage
 
 USER = {"role": "user", "content": "What is Kafka?"}
 
@@ -64,9 +64,85 @@ def test_minimal_body_is_accepted() -> None:
     assert chat.max_tokens is None
 
 
-def test_unknown_fields_are_ignored() -> None:
-    chat = api.parse_chat_request(body(temperature=0.2, top_p=0.9, n=1))
+def test_unknown_fields_are_ignored_and_named() -> None:
+    chat = api.parse_chat_request(body(colour="red", store=True, temperature=0.2))
     assert chat.model == "m1"
+    assert chat.ignored() == ["colour", "store"]
+    assert api.parse_chat_request(body()).ignored() == []
+
+
+def test_sampling_and_format_fields_travel_on_the_request() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    chat = api.parse_chat_request(
+        body(
+            temperature=0.7,
+            top_p=0.9,
+            stop="END",
+            seed=42,
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+            n=2,
+            logprobs=True,
+            top_logprobs=3,
+            user="u-1",
+        )
+    )
+    request = to_req(chat)
+    assert request.sampling == Sampling(
+        temperature=0.7,
+        top_p=0.9,
+        stop=["END"],
+        seed=42,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+    )
+    assert request.response_format is not None
+    assert request.response_format.json_schema is not None
+    assert request.response_format.json_schema.schema_ == schema
+    assert (request.n, request.logprobs, request.top_logprobs, request.user) == (2, True, 3, "u-1")
+
+
+def test_tools_and_tool_turns_travel_on_the_request() -> None:
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    messages = [
+        USER,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]
+    request = to_req(
+        api.parse_chat_request(body(messages=messages, tools=[tool], tool_choice="auto"))
+    )
+    assert [t.role for t in request.messages] == ["user", "assistant", "tool"]
+    assert request.messages[1].tool_calls[0].function.name == "weather"
+    assert request.messages[2].tool_call_id == "c1"
+    assert request.tools[0].function.name == "weather"
+    assert request.tool_choice == "auto"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("logit_bias", {"50256": -100}),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("web_search_options", {}),  # an empty object still asks for search
+        ("reasoning_effort", "low"),
+    ],
+)
+def test_a_field_no_engine_can_honour_is_refused_by_name(field: str, value: Any) -> None:
+    if value == {}:
+        value = {"search_context_size": "low"}
+    exc = rejected(body(**{field: value}))
+    assert exc.reason.startswith(f"{field}:")
+    assert exc.code == "invalid_request"
+
+
+def test_a_refused_field_sent_as_null_is_unset() -> None:
+    assert api.parse_chat_request(body(logit_bias=None, audio=None)).ignored() == []
 
 
 def test_list_of_text_parts_content() -> None:
@@ -96,6 +172,11 @@ def test_non_object_body_is_rejected() -> None:
         (body(max_tokens=0), "max_tokens"),
         (body(max_completion_tokens=0), "max_completion_tokens"),
         (body(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role"),
+        (body(temperature=3), "temperature"),
+        (body(top_p=0), "top_p"),
+        (body(n=9), "n"),
+        (body(response_format={"type": "yaml"}), "response_format.type"),
+        (body(stop=["a", "b", "c", "d", "e"]), "stop"),
     ],
 )
 def test_invalid_bodies_name_the_field(raw: dict[str, Any], field: str) -> None:

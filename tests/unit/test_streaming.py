@@ -72,9 +72,16 @@ def deltas(
 ) -> list[TokenDelta]:
     """Deltas 0..n-1 with the pieces, then a final one with no text, as inference sends."""
     prompt = kw.pop("prompt", None)
+    instructions = kw.pop("instructions", None)
     common = {"request_id": RID, "model": "m", "tenant": "acme", **kw}
     out = [
-        TokenDelta(index=i, text=p, prompt=prompt if i == 0 else None, **common)
+        TokenDelta(
+            index=i,
+            text=p,
+            prompt=prompt if i == 0 else None,
+            instructions=instructions if i == 0 else None,
+            **common,
+        )
         for i, p in enumerate(pieces)
     ]
     last = TokenDelta(index=len(pieces), text="", final=True, finish_reason=finish_reason, **common)
@@ -424,3 +431,11 @@ def test_replayed_deltas_are_not_appended_twice() -> None:
         out.extend(stream.process(d, state))
     assert "".join(t.text for t in moderated(out)) == "".join(pieces)
     assert [t.index for t in moderated(out)] == list(range(len(moderated(out))))
+
+
+def test_a_stream_echoing_the_callers_system_prompt_is_blocked_in_a_later_window() -> None:
+    caller = "You are Captain Byte, the secret mascot of the operations team at the harbour."
+    pieces = ["Hello there. ", "I am Captain Byte, the secret mascot ", "of the operations team. "]
+    sent = moderated(flat(feed(stream_moderator(), deltas(pieces, instructions=caller))))
+    assert sent[-1].verdict == "blocked"
+    assert sent[0].text == "Hello there."  # only the first delta carried the instructions

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+import re
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -279,3 +280,24 @@ def test_non_toml_files_are_ignored(tmp_path: Path) -> None:
     catalog = load_templates(tmp_path)
     assert catalog.names() == ("rag",)
     assert catalog.latest("rag").description == "d"
+
+
+def test_a_template_may_drop_the_callers_instructions(tmp_path: Path) -> None:
+    _write(tmp_path, "a/v1.toml", 'client_instructions = "drop"\n' + _variant("x", 1))
+    _write(tmp_path, "b/v1.toml", _variant("x", 1))
+    catalog = load_templates(tmp_path)
+    assert catalog.assign("a", "r").locks_instructions
+    assert not catalog.assign("b", "r").locks_instructions
+
+
+@pytest.mark.parametrize(
+    ("head", "error"),
+    [
+        ('client_instructions = "ignore"\n', "must be"),
+        ('client_instruction = "drop"\n', "unknown keys ['client_instruction']"),
+    ],
+)
+def test_template_keys_are_checked(tmp_path: Path, head: str, error: str) -> None:
+    _write(tmp_path, "a/v1.toml", head + _variant("x", 1))
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        load_templates(tmp_path)
