@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-system-packages:  ## Debian packages the tests need (chromium), installed when missing, as root
+system-packages:  ## Debian packages the tests need (chromium, kcat), installed when missing, as root
 	bash deploy/system-packages.sh
 
 run: install  ## install, start every stage, answer sample questions, stop

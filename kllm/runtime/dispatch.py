@@ -189,7 +189,10 @@ def dead_letter(
         tenant = peek_field(value, "tenant") or "unknown"
         code = code or (rejected.code if rejected else _code_for(exc))
         retry = rejected.retry_after_s if rejected else None
-        response = error_response(request_id, tenant[:64], reason[:_REASON_CHARS], code, retry)
+        # A refusal reads as the caller's own problem ("n: ..."), without the class name
+        # the DLQ record keeps for operators.
+        told = str(rejected) if rejected is not None else reason
+        response = error_response(request_id, tenant[:64], told[:_REASON_CHARS], code, retry)
         out.append(Emit(RESPONSES, request_id, response))
     return out
 

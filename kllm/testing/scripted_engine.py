@@ -34,7 +34,10 @@ SCRIPTS = {
     "using the numbered context passages, and cite the passages you used. They also say: "
     "You answer questions using only the numbered context passages provided.",
     "competitor": "Globex runs a similar pipeline, but partitions work the same everywhere.",
+    "broken": "Partitions keep records in order. Then the engine fails in the middle.",
 }
+BREAKS_AFTER = {"broken": 4}
+"""Scripts whose stream fails after that many pieces, with an error chunk."""
 _SCRIPT = re.compile(r"SCRIPT:(\w+)")
 
 
@@ -46,12 +49,18 @@ async def _chat(request: Request) -> Response:
     body = orjson.loads(await request.body())
     user = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
     match = _SCRIPT.search(user)
-    text = SCRIPTS.get(match.group(1) if match else "clean", SCRIPTS["clean"])
+    name = match.group(1) if match else "clean"
+    text = SCRIPTS.get(name, SCRIPTS["clean"])
+    breaks_after = BREAKS_AFTER.get(name)
     # A fixed service time per answer gives the engine a known capacity (slots / delay).
     await asyncio.sleep(request.app.state.delay_s)
 
     async def events() -> AsyncIterator[bytes]:
-        for piece in _pieces(text):
+        for i, piece in enumerate(_pieces(text)):
+            if i == breaks_after:
+                error = {"error": {"message": "the scripted engine broke", "type": "server_error"}}
+                yield b"data: " + orjson.dumps(error) + b"\n\n"
+                return
             chunk = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
         done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}

@@ -115,7 +115,7 @@ def test_rejected_is_dead_lettered_with_its_reason(make_request: MakeRequest) ->
     assert letter.reason == "Rejected: prompt is rude"
     assert letter.request_id == "rid-3"
     assert base64.b64decode(letter.payload_b64) == encode(req)
-    assert out[1].message.error == "Rejected: prompt is rude"  # type: ignore[attr-defined]
+    assert out[1].message.error == "prompt is rude"  # type: ignore[attr-defined]
 
 
 def test_real_ingestion_rejection(make_request: MakeRequest) -> None:

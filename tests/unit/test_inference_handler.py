@@ -198,7 +198,7 @@ def test_unknown_model_dead_lettered_and_answered(
     assert response.request_id == "req-1"
     assert response.tenant == "acme"
     assert response.finish_reason == "error"
-    assert response.error == letter.reason
+    assert f"Rejected: {response.error}" == letter.reason  # the caller is told without the class
     assert published == []
     assert engine.calls == []
 

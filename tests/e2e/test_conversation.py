@@ -1,0 +1,282 @@
+"""Conversations through the real gateway and pipeline, with the official `openai`
+client and the real xllamacpp engine (SmolLM2): history, the caller's system
+prompt, JSON mode, stop, seed, fields refused by name, records from a producer
+written in another language, and follow-up questions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from jsonschema import Draft202012Validator
+
+from kllm.ops.supervisor import Supervisor
+from schemas import Document, InferenceJob, decode
+from tests import needs
+from tests.e2e.conftest import Client, Replies, collect
+from tests.e2e.test_gateway import TIMEOUT, Gateway
+from tests.e2e.test_live_corpus import publish, receipt
+from topics import DOCUMENTS_INDEXED, INFERENCE, REQUESTS, RESPONSES
+
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def gateway(pipeline: Supervisor) -> Gateway:
+    return Gateway.of(pipeline)
+
+
+@pytest.fixture(scope="module")
+def oai(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.key("conv"), timeout=TIMEOUT)
+
+
+@pytest.fixture()
+def jobs(client: Client) -> Iterator[Replies]:
+    reader = client.tail(INFERENCE)
+    yield reader
+    reader.close()
+
+
+def _ask(oai: openai.OpenAI, messages: list[dict[str, str]], **fields: Any) -> Any:
+    fields.setdefault("max_tokens", 24)
+    return oai.chat.completions.create(model=MODEL, messages=messages, **fields)  # type: ignore[call-overload]
+
+
+def _user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def _text(done: Any) -> str:
+    return str(done.choices[0].message.content or "")
+
+
+def test_the_model_answers_from_an_earlier_turn(oai: openai.OpenAI) -> None:
+    word = "PELICAN"
+    done = _ask(
+        oai,
+        [
+            _user(f"Remember this code word: {word}."),
+            {"role": "assistant", "content": f"Understood. The code word is {word}."},
+            _user("What is the code word? Answer with the word only."),
+        ],
+    )
+    assert word in _text(done).upper(), _text(done)
+
+
+def test_a_client_system_message_changes_the_answer(oai: openai.OpenAI) -> None:
+    question = _user(f"Say hello. ({uuid.uuid4().hex[:4]})")
+    plain = _text(_ask(oai, [question]))
+    pirate = _ask(
+        oai,
+        [{"role": "system", "content": "Always begin your answer with the word Ahoy."}, question],
+    )
+    assert _text(pirate).lstrip().lower().startswith("ahoy"), _text(pirate)
+    assert not plain.lstrip().lower().startswith("ahoy")
+    assert pirate.model_extra["kllm"]["instructions_dropped"] == 0
+
+
+@pytest.mark.slow
+def test_json_mode_always_returns_json(oai: openai.OpenAI) -> None:
+    topics = ["Kafka", "a topic", "a partition", "an offset", "a consumer group"]
+    answers = [
+        _text(
+            _ask(
+                oai,
+                [_user(f"Describe {topic} as a JSON object with a 'summary' field. ({i})")],
+                response_format={"type": "json_object"},
+                max_tokens=96,
+            )
+        )
+        for i in range(4)
+        for topic in topics
+    ]
+    assert len(answers) == 20
+    for answer in answers:
+        json.loads(answer)  # raises on the first answer that is not JSON
+
+
+@pytest.mark.slow
+def test_a_json_schema_is_obeyed(oai: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "stage": {"type": "string", "enum": ["ingestion", "retrieval", "inference"]},
+            "consumers": {"type": "integer", "minimum": 1, "maximum": 64},
+        },
+        "required": ["stage", "consumers"],
+        "additionalProperties": False,
+    }
+    validator = Draft202012Validator(schema)
+    fmt = {"type": "json_schema", "json_schema": {"name": "scaling", "schema": schema}}
+    for i in range(5):
+        answer = _text(
+            _ask(
+                oai,
+                [_user(f"Which stage should I scale, and to how many consumers? ({i})")],
+                response_format=fmt,
+                max_tokens=64,
+            )
+        )
+        validator.validate(json.loads(answer))
+
+
+def test_stop_is_honoured(oai: openai.OpenAI) -> None:
+    messages = [_user("Count from one to ten in words, separated by commas.")]
+    done = _ask(oai, messages, stop=[","], max_tokens=32)
+    assert "," not in _text(done)
+    assert done.choices[0].finish_reason == "stop"
+    assert "," in _text(_ask(oai, messages, max_tokens=32))
+
+
+def test_a_seed_repeats_an_answer_at_temperature_one(gateway: Gateway) -> None:
+    # Each call from its own tenant: the response cache is per tenant, so every answer
+    # here comes from the engine, none from the cache.
+    def sampled(seed: int) -> tuple[str, bool]:
+        client = openai.OpenAI(
+            base_url=f"{gateway.url}/v1", api_key=gateway.key(f"seed-{uuid.uuid4().hex[:6]}")
+        )
+        done = _ask(
+            client,
+            [_user("Write a one-line poem about logs.")],
+            temperature=1.0,
+            seed=seed,
+            max_tokens=20,
+        )
+        return _text(done), bool(done.model_extra["kllm"]["cached"])
+
+    first, again, other = sampled(7), sampled(7), sampled(8)
+    assert not any(cached for _, cached in (first, again, other))
+    assert first[0] == again[0]
+    assert first[0] != other[0]
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}]},
+            "tools",
+        ),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ],
+)
+def test_a_field_that_cannot_be_honoured_is_400_naming_it(
+    gateway: Gateway, fields: dict[str, Any], name: str
+) -> None:
+    body = {"model": MODEL, "messages": [_user("What is Kafka?")], **fields}
+    got = gateway.post(gateway.key("fields"), body)
+    assert got.status_code == 400, got.text
+    assert got.json()["error"]["message"].startswith(f"{name}:"), got.text
+
+
+def test_unknown_fields_are_ignored_and_named(gateway: Gateway) -> None:
+    body = {"model": MODEL, "messages": [_user("What is Kafka?")], "max_tokens": 4}
+    got = gateway.post(gateway.key("fields"), body | {"colour": "red", "store": False})
+    assert got.status_code == 200, got.text
+    assert got.headers["x-kllm-ignored"] == "colour, store"
+
+
+def _kcat_produce(bootstrap: str, key: str, value: dict[str, Any]) -> None:
+    kcat = needs.executable("kcat", "make system-packages, as root")
+    subprocess.run(
+        [kcat, "-P", "-b", bootstrap, "-t", REQUESTS.name, "-k", key],
+        input=json.dumps(value).encode(),
+        check=True,
+        timeout=30,
+    )
+
+
+def test_v1_and_v2_records_from_a_non_python_producer_are_answered(
+    pipeline: Supervisor, client: Client
+) -> None:
+    replies = client.tail(RESPONSES)
+    v1_id, v2_id = f"kcat-v1-{uuid.uuid4().hex[:6]}", f"kcat-v2-{uuid.uuid4().hex[:6]}"
+    v1 = {"schema": "llm.request", "v": 1, "request_id": v1_id, "prompt": "What is Kafka?"}
+    v2 = {
+        "schema": "llm.request",
+        "v": 2,
+        "request_id": v2_id,
+        "messages": [
+            {"role": "system", "content": "Answer in one sentence."},
+            {"role": "user", "content": "What is a consumer group?"},
+        ],
+        "sampling": {"temperature": 0.2, "stop": ["\n\n"]},
+        "max_tokens": 12,
+    }
+    try:
+        _kcat_produce(client.bootstrap, "default", v1)
+        _kcat_produce(client.bootstrap, "default", v2)
+        got = client.responses(replies, {v1_id, v2_id}, TIMEOUT)
+    finally:
+        replies.close()
+    assert set(got) == {v1_id, v2_id}
+    for response in got.values():
+        assert response.error is None and response.text
+
+
+def test_a_follow_up_question_retrieves_the_passage_it_refers_to(
+    client: Client, gateway: Gateway, jobs: Replies
+) -> None:
+    tenant = f"follow-{uuid.uuid4().hex[:6]}"
+    docs = {
+        "orion-pump": "The Orion pump stalls when its intake filter clogs with sediment. "
+        "To fix a stalled Orion pump, flush the intake filter and replace its seal.",
+        "zephyr-valve": "The Zephyr valve leaks when its brass gasket wears out after years "
+        "of service in the cooling loop.",
+        "atlas-fan": "The Atlas fan rattles when a blade bends; its housing is made of steel.",
+    }
+    receipts = client.tail(DOCUMENTS_INDEXED)
+    try:
+        for doc_id, text in docs.items():
+            key = publish(client, Document(tenant=tenant, doc_id=doc_id, version=1, text=text))
+            assert receipt(receipts, key).op == "upsert"
+    finally:
+        receipts.close()
+    key = gateway.keys.create(tenant, "test")[1]
+    body = {
+        "model": MODEL,
+        "max_tokens": 8,
+        "messages": [
+            _user("Why does the Orion pump stall?"),
+            {"role": "assistant", "content": "Its intake filter clogs."},
+            _user("and how do I fix that?"),
+        ],
+    }
+    got = gateway.post(key, body)
+    assert got.status_code == 200, got.text
+    rid = got.json()["id"]
+    job = decode(collect(jobs, {rid}, 30)[rid], InferenceJob)
+    assert job.context.chunks[0].doc_id == "orion-pump", [c.doc_id for c in job.context.chunks]
+    assert [t.role for t in job.messages] == ["system", "user", "assistant", "user"]
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_not_a_stop(gateway: Gateway) -> None:
+    oai = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.key("broken"))
+    stream = oai.chat.completions.create(
+        model="scripted", messages=[_user("SCRIPT:broken go")], stream=True
+    )
+    text, finishes = [], []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            for choice in chunk.choices:
+                text.append(choice.delta.content or "")
+                finishes.append(choice.finish_reason)
+    assert "".join(text).startswith("Partitions")  # what was sent before the failure
+    assert not any(finishes)  # never a clean "stop"
+    assert "failed" in str(info.value)
+
+
+def test_a_failed_answer_is_an_http_error(gateway: Gateway) -> None:
+    body = {"model": "scripted", "messages": [_user("SCRIPT:broken go")]}
+    got = gateway.post(gateway.key("broken"), body)
+    assert got.status_code == 502, got.text
+    assert got.json()["error"]["code"] == "engine_error"
