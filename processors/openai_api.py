@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -181,6 +181,12 @@ def body_hash(chat: ChatCompletionRequest) -> str:
 
 
 B = TypeVar("B", bound=BaseModel)
+Shape = Callable[[dict[str, Any]], dict[str, Any]]
+"""Reshapes a chat completion body or chunk for another endpoint (legacy completions)."""
+
+
+def as_is(event: dict[str, Any]) -> dict[str, Any]:
+    return event
 
 
 def _first_error(exc: ValidationError) -> Rejected:
@@ -189,7 +195,7 @@ def _first_error(exc: ValidationError) -> Rejected:
     return Rejected(f"{where}: {first['msg']}")
 
 
-def _validated(model: type[B], body: Any) -> B:
+def validated(model: type[B], body: Any) -> B:
     if not isinstance(body, dict):
         raise Rejected("the body must be a JSON object")
     try:
@@ -203,7 +209,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     if isinstance(body, dict):
         refuse_unsupported(body)
         body = {k: v for k, v in body.items() if k not in REFUSED_FIELDS}
-    return _validated(ChatCompletionRequest, body)
+    return validated(ChatCompletionRequest, body)
 
 
 class FeedbackBody(BaseModel):
@@ -218,7 +224,7 @@ class FeedbackBody(BaseModel):
 
 
 def parse_feedback(body: Any) -> FeedbackBody:
-    return _validated(FeedbackBody, body)
+    return validated(FeedbackBody, body)
 
 
 def to_request(

@@ -34,6 +34,9 @@ class Settings(StageSettings):
     """API keys (hashed); default: keys.json in the run folder (`kllm keys create`)."""
     gateway_models: list[str] = Field(default_factory=lambda: ["smollm2-135m"])
     """Model names callers may ask for (served by the inference pools)."""
+    model_pools: dict[str, str] = Field(default_factory=dict)
+    """Model -> inference pool (KLLM_MODEL_POOLS, as retrieval routes them); unlisted
+    models are served by the default pool."""
     gateway_max_waiting: int = Field(default=64, ge=1)
     """Callers this replica lets wait at once; beyond that: 429 with Retry-After."""
     gateway_retry_after_s: int = Field(default=1, ge=1)
@@ -72,6 +75,7 @@ class Settings(StageSettings):
             publish_timeout_s=self.gateway_publish_timeout_s,
             health_interval_s=self.gateway_health_interval_s,
             pools=tuple(self.inference_pools),
+            model_pools=tuple(sorted(self.model_pools.items())),
             status_file=str(self.run_dir / STATUS_FILE),
         )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STAGE = "gateway"
+DEFAULT_POOL = "default"
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class GatewayConfig:
     """How often the producer and the reply router are checked against the broker (0: never)."""
     pools: tuple[str, ...] = ()
     """The inference pools (KLLM_INFERENCE_POOLS): the dashboard shows their groups too."""
+    model_pools: tuple[tuple[str, str], ...] = ()
+    """Model -> the inference pool that serves it; unlisted: the default pool."""
     status_file: str = ""
     """The supervisor's status file (kllm.gateway.stages); empty: none is read."""
 
@@ -40,3 +43,7 @@ class ServerConfig:
     keep_alive_s: int
     ready_file: str
     """Written once the server listens (empty: none)."""
+
+
+def pool_of(config: GatewayConfig, model: str) -> str:
+    return dict(config.model_pools).get(model, DEFAULT_POOL)

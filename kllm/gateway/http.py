@@ -67,9 +67,12 @@ class ReleasingStream(StreamingResponse):
                 await aclose()
 
 
-async def replayed(response: Response, created: int, include_usage: bool) -> AsyncIterator[bytes]:
+async def replayed(
+    response: Response, created: int, include_usage: bool, shape: api.Shape = api.as_is
+) -> AsyncIterator[bytes]:
     rid, model = response.request_id, response.model
-    yield data(api.chunk(rid, model, created, {"role": "assistant", "content": response.text}))
+    first = api.chunk(rid, model, created, {"role": "assistant", "content": response.text})
+    yield data(shape(first))
     for event in api.closing_chunks(response, created, include_usage):
-        yield data(event)
+        yield data(shape(event))
     yield b"data: [DONE]\n\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import orjson
 
@@ -34,6 +35,7 @@ class LiveStream:
         model: str,
         deadline: float,
         include_usage: bool,
+        shape: api.Shape = api.as_is,
     ) -> None:
         self.queue = queue
         self.release = release
@@ -41,6 +43,7 @@ class LiveStream:
         self.model = model
         self.deadline = deadline  # time.time() by which the pipeline has given up
         self.include_usage = include_usage
+        self.shape = shape
         self.created = int(time.time())
         self.sent = -1  # highest moderated window index sent (replays are skipped)
         self.closing: TokenDelta | None = None
@@ -50,8 +53,11 @@ class LiveStream:
         left = max(0.01, self.deadline + 1.0 - time.time())
         return await asyncio.wait_for(self.queue.get(), timeout=left)
 
+    def _data(self, event: dict[str, Any]) -> bytes:
+        return data(self.shape(event))
+
     def _chunk(self, delta: dict[str, str], finish: str | None = None) -> bytes:
-        return data(api.chunk(self.request_id, self.model, self.created, delta, finish))
+        return self._data(api.chunk(self.request_id, self.model, self.created, delta, finish))
 
     def _take(self, reply: Reply) -> bytes | None:
         """Record a reply; the SSE bytes to send for it, if any."""
@@ -97,18 +103,18 @@ class LiveStream:
         r = self.response
         if r is None:  # the deadline passed without the final response
             body = api.error_body("no answer before the request's deadline", "timeout", 504)
-            return [data(body), b"data: [DONE]\n\n"]
+            return [self._data(body), b"data: [DONE]\n\n"]
         if r.error is not None:
             code, status = api.error_code_for(r), api.status_for(r)
             body = api.error_body(api.caller_message(r), code, status)
             body["kllm"] = api.extension(r)
-            return [data(body), b"data: [DONE]\n\n"]
+            return [self._data(body), b"data: [DONE]\n\n"]
         out = []
         if self.sent < 0 and self.closing is None and r.text:
             out.append(self._chunk({"content": r.text}))  # a cached answer: all at once
         closing = list(api.closing_chunks(r, self.created, self.include_usage))
         if self.closing is not None and self.closing.finish_reason == "content_filter":
             closing[0]["choices"][0]["finish_reason"] = "content_filter"
-        out.extend(data(c) for c in closing)
+        out.extend(self._data(c) for c in closing)
         out.append(b"data: [DONE]\n\n")
         return out

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import orjson
@@ -24,13 +25,15 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from kllm.core.errors import PipelineError
-from kllm.gateway.config import STAGE
+from kllm.gateway.config import STAGE, pool_of
 from kllm.gateway.dashboard import PAGE
 from kllm.gateway.http import HttpError, error_response, replayed, reply_error
 from kllm.gateway.service import Gateway, Outcome
 from kllm.gateway.stages import add_stage_health, stage_report
 from kllm.runtime import tracing
 from processors import openai_api as api
+from processors import text_completions
+from processors.openai_api import Shape
 from schemas import Feedback, encode
 from topics import FEEDBACK
 
@@ -66,7 +69,12 @@ async def until_disconnected(http: HttpRequest) -> None:
         pass
 
 
-async def parse(gw: Gateway, http: HttpRequest, tenant: str) -> api.ChatCompletionRequest:
+Parser = Callable[[object], api.ChatCompletionRequest]
+
+
+async def parse(
+    gw: Gateway, http: HttpRequest, tenant: str, parser: Parser = api.parse_chat_request
+) -> api.ChatCompletionRequest:
     """The body as a chat request for a served model; refusals are dead-lettered (one
     too large with no payload: it was not read)."""
     try:
@@ -76,7 +84,7 @@ async def parse(gw: Gateway, http: HttpRequest, tenant: str) -> api.ChatCompleti
         raise
     try:
         try:
-            chat_request = api.parse_chat_request(orjson.loads(raw))
+            chat_request = parser(orjson.loads(raw))
         except orjson.JSONDecodeError as exc:
             raise HttpError(400, "invalid_request", f"body is not JSON: {exc}") from exc
         except PipelineError as exc:
@@ -98,30 +106,52 @@ def _include_usage(chat_request: api.ChatCompletionRequest) -> bool:
 
 async def chat(gw: Gateway, http: HttpRequest) -> HttpResponse:
     """POST /v1/chat/completions, in the caller's trace (the trace id comes back)."""
-    name = "POST /v1/chat/completions"
+    return await _traced(gw, http, "POST /v1/chat/completions", CHAT)
+
+
+async def completions(gw: Gateway, http: HttpRequest) -> HttpResponse:
+    """POST /v1/completions, the legacy text completions: the same path as chat."""
+    return await _traced(gw, http, "POST /v1/completions", TEXT)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How an endpoint reads its body and shapes what it sends back."""
+
+    parser: Parser
+    shape: Shape
+
+
+CHAT = Dialect(api.parse_chat_request, api.as_is)
+TEXT = Dialect(text_completions.parse_text_request, text_completions.reshape)
+
+
+async def _traced(gw: Gateway, http: HttpRequest, name: str, dialect: Dialect) -> HttpResponse:
     with tracing.server_span(STAGE, name, http.headers.items()) as span:
-        response = await answer_chat(gw, http)
+        response = await answer_chat(gw, http, dialect)
         span.set_attribute("http.response.status_code", response.status_code)
         span.set_attribute("kllm.request_id", response.headers.get("x-request-id", ""))
         response.headers["x-kllm-trace-id"] = tracing.trace_id(span)
         return response
 
 
-async def answer_chat(gw: Gateway, http: HttpRequest) -> HttpResponse:
+async def answer_chat(gw: Gateway, http: HttpRequest, dialect: Dialect = CHAT) -> HttpResponse:
     """The answer, with the fields the body sent that changed nothing named in
     ``x-kllm-ignored``."""
     ignored: list[str] = []
-    response = await _answer_chat(gw, http, ignored)
+    response = await _answer_chat(gw, http, ignored, dialect)
     if ignored:
         response.headers["x-kllm-ignored"] = ", ".join(ignored)
     return response
 
 
-async def _answer_chat(gw: Gateway, http: HttpRequest, ignored: list[str]) -> HttpResponse:
+async def _answer_chat(
+    gw: Gateway, http: HttpRequest, ignored: list[str], dialect: Dialect
+) -> HttpResponse:
     t0 = time.perf_counter()
     try:
         tenant = gw.tenant(http)
-        chat_request = await parse(gw, http, tenant)
+        chat_request = await parse(gw, http, tenant, dialect.parser)
         ignored.extend(chat_request.ignored())
         request = api.to_request(
             chat_request,
@@ -132,7 +162,8 @@ async def _answer_chat(gw: Gateway, http: HttpRequest, ignored: list[str]) -> Ht
         )
         gone = partial(until_disconnected, http)
         if chat_request.stream and gw.fresh(request.request_id):
-            return await gw.stream(request, _include_usage(chat_request), t0, gone)
+            include = _include_usage(chat_request)
+            return await gw.stream(request, include, t0, gone, dialect.shape)
         outcome = await gw.answer(request, gone)
         if outcome.response.error is not None:
             raise reply_error(outcome.response)
@@ -140,11 +171,15 @@ async def _answer_chat(gw: Gateway, http: HttpRequest, ignored: list[str]) -> Ht
         gw.metrics.observe_error(exc.status, exc.code)
         log.info("refused", extra={"status": exc.status, "code": exc.code, "reason": str(exc)})
         return error_response(exc)
-    return answered(gw, outcome, t0, chat_request)
+    return answered(gw, outcome, t0, chat_request, dialect.shape)
 
 
 def answered(
-    gw: Gateway, outcome: Outcome, t0: float, chat_request: api.ChatCompletionRequest
+    gw: Gateway,
+    outcome: Outcome,
+    t0: float,
+    chat_request: api.ChatCompletionRequest,
+    shape: Shape = api.as_is,
 ) -> HttpResponse:
     """The answer as JSON, or in one piece as SSE for a replayed streamed request."""
     response = outcome.response
@@ -158,9 +193,9 @@ def answered(
     log.info("answered", extra={"request_id": response.request_id, "cached": response.cached})
     created = int(time.time())
     if chat_request.stream:
-        events = replayed(response, created, _include_usage(chat_request))
+        events = replayed(response, created, _include_usage(chat_request), shape)
         return StreamingResponse(events, headers=headers, media_type="text/event-stream")
-    body = orjson.dumps(api.completion(response, created))
+    body = orjson.dumps(shape(api.completion(response, created)))
     return HttpResponse(body, 200, headers, "application/json")
 
 
@@ -189,7 +224,14 @@ async def models(gw: Gateway, http: HttpRequest) -> HttpResponse:
     except HttpError as exc:
         return error_response(exc)
     data = [
-        {"id": m, "object": "model", "created": 0, "owned_by": "kllm"} for m in gw.config.models
+        {
+            "id": m,
+            "object": "model",
+            "created": 0,
+            "owned_by": "kllm",
+            "kllm": {"pool": pool_of(gw.config, m)},
+        }
+        for m in gw.config.models
     ]
     return _json({"object": "list", "data": data})
 
@@ -223,6 +265,7 @@ async def metrics(gw: Gateway, _http: HttpRequest) -> HttpResponse:
 
 ROUTES: list[tuple[str, str, Endpoint]] = [
     ("/v1/chat/completions", "POST", chat),
+    ("/v1/completions", "POST", completions),
     ("/v1/models", "GET", models),
     ("/v1/feedback", "POST", feedback),
     ("/healthz", "GET", health),

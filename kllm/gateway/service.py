@@ -226,7 +226,12 @@ class Gateway:
             )
 
     async def stream(
-        self, request: Request, include_usage: bool, t0: float, gone: Gone
+        self,
+        request: Request,
+        include_usage: bool,
+        t0: float,
+        gone: Gone,
+        shape: api.Shape = api.as_is,
     ) -> HttpResponse:
         """Publish, wait for the first reply, then stream moderated windows as SSE. An
         error reply before any window is an HTTP error, as for a non-streamed call. The
@@ -252,6 +257,7 @@ class Gateway:
             request.model or "",
             request.deadline_at or time.time(),
             include_usage,
+            shape,
         )
         try:
             await self._publish(request)

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from jsonschema import Draft202012Validator

@@ -308,7 +308,15 @@ def test_models_health_and_metrics(rig: Rig) -> None:
         down = client.get("/healthz")
     assert models.json() == {
         "object": "list",
-        "data": [{"id": "smollm2-135m", "object": "model", "created": 0, "owned_by": "kllm"}],
+        "data": [
+            {
+                "id": "smollm2-135m",
+                "object": "model",
+                "created": 0,
+                "owned_by": "kllm",
+                "kllm": {"pool": "default"},
+            }
+        ],
     }
     assert health.status_code == 200
     assert health.json() == {
