@@ -24,6 +24,7 @@ from kllm.core.errors import ContextLengthError, EngineError
 from processors.base import Emit, Outcome, Rejected
 from schemas import Generation, InferenceJob, Request, TokenDelta, Usage
 from schemas.chat import ChatTurn, ResponseFormat, Sampling
+from schemas.messages import Choice
 from topics import GENERATIONS, TOKENS
 
 
@@ -89,14 +90,13 @@ class Engine(Protocol):
 
 
 def asked_fields(request: Request) -> list[str]:
-    """The request's fields that an engine must honour, by their OpenAI names."""
+    """The request's fields that an engine must honour, by their OpenAI names (``n``
+    is the generator's own: it runs the engine n times)."""
     asked = list(Options.of(request).fields())
     if request.tools:
         asked.append("tools")
     if request.tool_choice is not None:
         asked.append("tool_choice")
-    if request.n > 1:
-        asked.append("n")
     if request.logprobs:
         asked.append("logprobs")
     if request.top_logprobs:
@@ -295,6 +295,8 @@ class Generator:
     def _capable(self, plan: list[str], request: Request) -> list[str]:
         """The plan's models that can honour every field the request asks; Rejected,
         naming the field, when the first choice cannot (a field is never dropped)."""
+        if request.n > 1 and request.stream:
+            raise Rejected("n: a streamed answer has one choice; ask for n > 1 without stream")
         asked = asked_fields(request)
         for name in asked:
             if name not in self.router.engines[plan[0]].honours:
@@ -319,47 +321,82 @@ class Generator:
     async def _attempt(
         self, engine: Engine, job: InferenceJob, on_delta: DeltaSink | None, sent: list[int]
     ) -> Generation:
+        """One generation of every choice the request asks for (``n``), side by side on
+        the engine's slots; only the first streams."""
         request = job.request
-        max_tokens = request.max_tokens or self.default_max_tokens
         remaining = None if request.deadline_at is None else request.deadline_at - self.clock()
         t0 = time.perf_counter()
-        ttft_ms: float | None = None
-        parts: list[str] = []
-        finish = Finish("stop", Usage())
         try:
             async with asyncio.timeout(remaining):
-                async for event in engine.stream(job.messages, max_tokens, Options.of(request)):
-                    if isinstance(event, Finish):
-                        finish = event
-                        continue
-                    if ttft_ms is None:
-                        ttft_ms = (time.perf_counter() - t0) * 1000
-                    parts.append(event.text)
-                    if on_delta is not None and request.stream:
-                        on_delta(
-                            TokenDelta(
-                                request_id=request.request_id,
-                                index=sent[0],
-                                text=event.text,
-                                model=engine.model,
-                                **stream_context(request, first=sent[0] == 0),
-                            )
-                        )
-                        sent[0] += 1
+                drawn = await asyncio.gather(
+                    self._choice(engine, job, 0, on_delta, sent, t0),
+                    *(self._choice(engine, job, i, None, [0], t0) for i in range(1, request.n)),
+                )
         except TimeoutError as exc:
             raise DeadlineExceeded from exc
+        (text, finish, ttft_ms), rest = drawn[0], drawn[1:]
+        usage = Usage(
+            prompt_tokens=finish.usage.prompt_tokens,  # the prompt is read once per choice,
+            completion_tokens=sum(f.usage.completion_tokens for _, f, _ in drawn),
+        )  # but billed once, as OpenAI does
         price = self.prices.get(engine.model, Price())
         return Generation(
             request=request,
             chunks=job.context.chunks,
-            text="".join(parts),
+            text=text,
             model=engine.model,
             finish_reason=finish.finish_reason,
-            usage=finish.usage,
+            usage=usage,
             latency_ms=(time.perf_counter() - t0) * 1000,
             ttft_ms=ttft_ms,
-            cost_usd=price.cost(finish.usage),
+            cost_usd=price.cost(usage),
+            alternatives=[
+                Choice(index=i, text=t, finish_reason=f.finish_reason)
+                for i, (t, f, _) in enumerate(rest, start=1)
+            ],
         )
+
+    async def _choice(
+        self,
+        engine: Engine,
+        job: InferenceJob,
+        index: int,
+        on_delta: DeltaSink | None,
+        sent: list[int],
+        t0: float,
+    ) -> tuple[str, Finish, float | None]:
+        """Choice ``index``'s text, how it ended, and its time to first token. A seeded
+        request's choices draw with seeds one apart, so they differ and repeat."""
+        request = job.request
+        max_tokens = request.max_tokens or self.default_max_tokens
+        options = Options.of(request)
+        if index and request.sampling.seed is not None:
+            seed = request.sampling.seed + index
+            options = Options(
+                request.sampling.model_copy(update={"seed": seed}), options.response_format
+            )
+        ttft_ms: float | None = None
+        parts: list[str] = []
+        finish = Finish("stop", Usage())
+        async for event in engine.stream(job.messages, max_tokens, options):
+            if isinstance(event, Finish):
+                finish = event
+                continue
+            if ttft_ms is None:
+                ttft_ms = (time.perf_counter() - t0) * 1000
+            parts.append(event.text)
+            if on_delta is not None and request.stream:
+                on_delta(
+                    TokenDelta(
+                        request_id=request.request_id,
+                        index=sent[0],
+                        text=event.text,
+                        model=engine.model,
+                        **stream_context(request, first=sent[0] == 0),
+                    )
+                )
+                sent[0] += 1
+        return "".join(parts), finish, ttft_ms
 
     def _failed(
         self, job: InferenceJob, model: str, finish_reason: str, error: str, attempts: int

@@ -28,6 +28,7 @@ from processors.base import Emit
 from processors.guardrails import Redactor
 from processors.policies import Policy, PolicyBook
 from schemas import Citation, Generation, ModerationEvent, Request, Response
+from schemas.messages import Choice
 from topics import MODERATION_EVENTS, RESPONSES
 
 BLOCKED_TEXT = "This answer was withheld by output moderation."
@@ -227,7 +228,9 @@ class Moderator:
     def process(self, generation: Generation, *, now: float | None = None) -> list[Emit]:
         request = generation.request
         policy = self.checks.policies.for_tenant(request.tenant).tag
-        result = self.checks.moderate(generation.text, self.context(request))
+        ctx = self.context(request)
+        result = self.checks.moderate(generation.text, ctx)
+        judged = [(alt, self.checks.moderate(alt.text, ctx)) for alt in generation.alternatives]
         blocked = result.verdict == "blocked"
         now = time.time() if now is None else now
         response = Response(
@@ -254,8 +257,9 @@ class Moderator:
             instructions_dropped=request.instructions_dropped,
             trimmed_turns=request.trimmed_turns,
             fallback=generation.fallback,
+            alternatives=[_moderated_choice(alt, r) for alt, r in judged],
         )
-        return [
+        out = [
             Emit(RESPONSES, request.request_id, response),
             Emit(
                 MODERATION_EVENTS,
@@ -263,6 +267,25 @@ class Moderator:
                 event(request.request_id, request.tenant, result, policy),
             ),
         ]
+        for alt, r in judged:
+            if r.verdict != "allowed":
+                ev = event(request.request_id, request.tenant, r, policy)
+                ev = ev.model_copy(
+                    update={"reasons": [f"choice {alt.index}: {x}" for x in r.reasons]}
+                )
+                out.append(Emit(MODERATION_EVENTS, request.request_id, ev))
+        return out
+
+
+def _moderated_choice(choice: Choice, result: Moderated) -> Choice:
+    blocked = result.verdict == "blocked"
+    return choice.model_copy(
+        update={
+            "text": result.text,
+            "verdict": result.verdict,
+            "finish_reason": "content_filter" if blocked else choice.finish_reason,
+        }
+    )
 
 
 def event(

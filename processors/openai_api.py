@@ -312,7 +312,11 @@ def error_body(message: str, code: str, status: int) -> dict[str, Any]:
 
 
 def _finish(response: Response) -> str:
-    return response.finish_reason if response.finish_reason in FINISH_REASONS else "stop"
+    return _finish_reason(response.finish_reason)
+
+
+def _finish_reason(reason: str) -> str:
+    return reason if reason in FINISH_REASONS else "stop"
 
 
 def _usage(response: Response) -> dict[str, int]:
@@ -355,7 +359,15 @@ def completion(response: Response, created: int) -> dict[str, Any]:
                 "index": 0,
                 "message": {"role": "assistant", "content": response.text},
                 "finish_reason": _finish(response),
-            }
+            },
+            *(
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": _finish_reason(c.finish_reason),
+                }
+                for c in response.alternatives
+            ),
         ],
         "usage": _usage(response),
         "kllm": extension(response),

@@ -145,6 +145,17 @@ class Usage(_Model):
     completion_tokens: int = 0
 
 
+class Choice(_Model):
+    """One more answer to a request that asked for ``n`` > 1 (the first is the message's
+    own text)."""
+
+    index: int = Field(ge=1)
+    text: str
+    finish_reason: str
+    verdict: Verdict | None = None
+    """Set by moderation, which judges each choice on its own."""
+
+
 class Generation(Message):
     """The engine's unmoderated output for one request."""
 
@@ -164,6 +175,8 @@ class Generation(Message):
     error: str | None = None
     fallback: bool = False
     """Answered by the fallback model, not the one the request was routed to."""
+    alternatives: list[Choice] = Field(default_factory=list)
+    """Choices 1..n-1 of a request for n > 1."""
 
 
 class TokenDelta(Message):
@@ -232,6 +245,8 @@ class Response(Message):
     """The oldest conversation turns left out so it fits the model's prompt."""
     fallback: bool = False
     """Answered by the fallback model."""
+    alternatives: list[Choice] = Field(default_factory=list)
+    """Choices 1..n-1 of a request for n > 1, each moderated."""
 
 
 class ModerationEvent(Message):

@@ -126,6 +126,13 @@ def test_a_json_schema_is_obeyed(oai: openai.OpenAI) -> None:
         validator.validate(json.loads(answer))
 
 
+def test_n_gives_several_choices(oai: openai.OpenAI) -> None:
+    done = _ask(oai, [_user("Name a Kafka concept.")], n=2, temperature=1.0, seed=3, max_tokens=12)
+    assert [c.index for c in done.choices] == [0, 1]
+    assert all(c.message.content for c in done.choices)
+    assert done.choices[0].message.content != done.choices[1].message.content
+
+
 def test_stop_is_honoured(oai: openai.OpenAI) -> None:
     messages = [_user("Count from one to ten in words, separated by commas.")]
     done = _ask(oai, messages, stop=[","], max_tokens=32)
@@ -159,7 +166,7 @@ def test_a_seed_repeats_an_answer_at_temperature_one(gateway: Gateway) -> None:
 @pytest.mark.parametrize(
     ("fields", "name"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 2, "stream": True}, "n"),
         ({"logprobs": True}, "logprobs"),
         (
             {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}]},

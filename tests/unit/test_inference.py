@@ -553,7 +553,6 @@ def test_unset_fields_are_left_to_the_engine(make_job: MakeJob) -> None:
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
         ({"tools": [Tool(function=FunctionSpec(name="f"))]}, "tools"),
         ({"response_format": ResponseFormat(type="json_object")}, "response_format"),
@@ -586,3 +585,20 @@ def test_a_fallback_answer_says_so(make_job: MakeJob) -> None:
     gen = _generation(_run(_generator(primary, spare, fallback="spare").run(job)), job)
     assert (gen.model, gen.fallback) == ("spare", True)
     assert not _generation(_run(_generator(spare).run(job)), job).fallback
+
+
+def test_n_choices_are_drawn_side_by_side(make_job: MakeJob, make_request: MakeRequest) -> None:
+    engine = FakeEngine()
+    job = make_job(make_request(n=3, sampling=Sampling(temperature=1.0, seed=5)))
+    gen = _generation(_run(_generator(engine).run(job)), job)
+    assert gen.text == engine.text
+    assert [(c.index, c.text) for c in gen.alternatives] == [(1, engine.text), (2, engine.text)]
+    assert [o.sampling.seed for o in engine.options] == [5, 6, 7]  # differ, and repeat
+    assert gen.usage == Usage(prompt_tokens=42, completion_tokens=21)  # prompt billed once
+
+
+def test_a_streamed_request_for_several_choices_is_refused(
+    make_job: MakeJob, make_request: MakeRequest
+) -> None:
+    with pytest.raises(Rejected, match=r"^n: a streamed answer has one choice"):
+        _run(_generator(FakeEngine()).run(make_job(make_request(n=2, stream=True))))

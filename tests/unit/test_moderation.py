@@ -24,6 +24,7 @@ from processors.moderation import (
 from processors.policies import Policy, PolicyBook, load_policies
 from processors.templates import load_templates
 from schemas import ChatTurn, Citation, Generation, ModerationEvent, Request, Response, Usage
+from schemas.messages import Choice
 from tests.unit.conftest import FakeClassifier, FakeRedactor
 from topics import MODERATION_EVENTS, RESPONSES
 
@@ -502,3 +503,23 @@ def test_a_json_answer_without_findings_is_left_byte_for_byte() -> None:
     answer = '{"a":  1,\n "b": "x"}'
     result = checks(redactor=FakeRedactor(PII)).moderate(answer, ctx(json_mode=True))
     assert (result.text, result.verdict) == (answer, "allowed")
+
+
+def test_each_choice_is_moderated_on_its_own(make_generation: MakeGen) -> None:
+    alternatives = [
+        Choice(index=1, text="A clean second answer.", finish_reason="stop"),
+        Choice(index=2, text="Mail alice@example.com now.", finish_reason="length"),
+    ]
+    gen = make_generation(alternatives=alternatives)
+    out = Moderator(checks(redactor=FakeRedactor(PII))).process(gen, now=NOW)
+    response = out[0].message
+    assert isinstance(response, Response)
+    assert [(c.index, c.verdict, c.finish_reason) for c in response.alternatives] == [
+        (1, "allowed", "stop"),
+        (2, "redacted", "length"),
+    ]
+    assert response.alternatives[1].text == "Mail <EMAIL_ADDRESS> now."
+    events = [e.message for e in out if e.topic is MODERATION_EVENTS]
+    assert len(events) == 2
+    assert isinstance(events[1], ModerationEvent)
+    assert events[1].reasons[0].startswith("choice 2: pii")

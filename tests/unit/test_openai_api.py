@@ -7,6 +7,7 @@ import pytest
 from processors import Rejected
 from processors import openai_api as api
 from schemas import Citation, Response, Sampling, Usage
+from schemas.messages import Choice
 
 USER = {"role": "user", "content": "What is Kafka?"}
 
@@ -362,3 +363,12 @@ def test_error_body(status: int, kind: str) -> None:
     assert out == {
         "error": {"message": "slow down", "type": kind, "code": "quota_exceeded", "param": None}
     }
+
+
+def test_several_choices_are_listed_in_order() -> None:
+    alternatives = [Choice(index=1, text="Another.", finish_reason="length", verdict="allowed")]
+    body = api.completion(resp(alternatives=alternatives), created=1)
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "Kafka is a log [1].", "stop"),
+        (1, "Another.", "length"),
+    ]
