@@ -17,13 +17,13 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from kllm.core.errors import ContextLengthError, EngineError
 from processors.base import Emit, Outcome, Rejected
 from schemas import Generation, InferenceJob, Request, TokenDelta, Usage
-from schemas.chat import ChatTurn, ResponseFormat, Sampling
+from schemas.chat import ChatTurn, ResponseFormat, Sampling, TokenLogprob
 from schemas.messages import Choice
 from topics import GENERATIONS, TOKENS
 
@@ -37,10 +37,12 @@ class Delta:
 
 @dataclass(frozen=True)
 class Finish:
-    """The end of a stream: why it stopped and what it used."""
+    """The end of a stream: why it stopped, what it used, and (when asked for) each
+    token's log probability."""
 
     finish_reason: str
     usage: Usage
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 EngineEvent = Delta | Finish
@@ -57,10 +59,14 @@ class Options:
 
     sampling: Sampling = field(default_factory=Sampling)
     response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
     @classmethod
     def of(cls, request: Request) -> Options:
-        return cls(request.sampling, request.response_format)
+        return cls(
+            request.sampling, request.response_format, request.logprobs, request.top_logprobs
+        )
 
     def fields(self) -> dict[str, Any]:
         """The OpenAI body fields these options set (unset ones are left to the engine)."""
@@ -69,6 +75,10 @@ class Options:
             body["response_format"] = self.response_format.model_dump(
                 mode="json", by_alias=True, exclude_none=True
             )
+        if self.logprobs:
+            body["logprobs"] = True
+        if self.top_logprobs:
+            body["top_logprobs"] = self.top_logprobs
         return body
 
 
@@ -97,10 +107,6 @@ def asked_fields(request: Request) -> list[str]:
         asked.append("tools")
     if request.tool_choice is not None:
         asked.append("tool_choice")
-    if request.logprobs:
-        asked.append("logprobs")
-    if request.top_logprobs:
-        asked.append("top_logprobs")
     return asked
 
 
@@ -297,6 +303,9 @@ class Generator:
         naming the field, when the first choice cannot (a field is never dropped)."""
         if request.n > 1 and request.stream:
             raise Rejected("n: a streamed answer has one choice; ask for n > 1 without stream")
+        if request.logprobs and request.stream:
+            # Moderation cuts a stream into windows of its own: tokens would not line up.
+            raise Rejected("logprobs: given for answers that are not streamed")
         asked = asked_fields(request)
         for name in asked:
             if name not in self.router.engines[plan[0]].honours:
@@ -350,6 +359,7 @@ class Generator:
             latency_ms=(time.perf_counter() - t0) * 1000,
             ttft_ms=ttft_ms,
             cost_usd=price.cost(usage),
+            logprobs=list(finish.logprobs),
             alternatives=[
                 Choice(index=i, text=t, finish_reason=f.finish_reason)
                 for i, (t, f, _) in enumerate(rest, start=1)
@@ -372,9 +382,7 @@ class Generator:
         options = Options.of(request)
         if index and request.sampling.seed is not None:
             seed = request.sampling.seed + index
-            options = Options(
-                request.sampling.model_copy(update={"seed": seed}), options.response_format
-            )
+            options = replace(options, sampling=request.sampling.model_copy(update={"seed": seed}))
         ttft_ms: float | None = None
         parts: list[str] = []
         finish = Finish("stop", Usage())

@@ -258,6 +258,9 @@ class Moderator:
             trimmed_turns=request.trimmed_turns,
             fallback=generation.fallback,
             alternatives=[_moderated_choice(alt, r) for alt, r in judged],
+            logprobs=generation.logprobs
+            if request.logprobs and result.verdict == "allowed"
+            else None,
         )
         out = [
             Emit(RESPONSES, request.request_id, response),

@@ -311,6 +311,12 @@ def error_body(message: str, code: str, status: int) -> dict[str, Any]:
     }
 
 
+def _logprobs(response: Response) -> dict[str, Any]:
+    if response.logprobs is None:
+        return {}
+    return {"logprobs": {"content": [t.model_dump(mode="json") for t in response.logprobs]}}
+
+
 def _finish(response: Response) -> str:
     return _finish_reason(response.finish_reason)
 
@@ -359,6 +365,7 @@ def completion(response: Response, created: int) -> dict[str, Any]:
                 "index": 0,
                 "message": {"role": "assistant", "content": response.text},
                 "finish_reason": _finish(response),
+                **_logprobs(response),
             },
             *(
                 {

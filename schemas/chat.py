@@ -115,3 +115,19 @@ class NamedToolChoice(_Part):
 
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class TopLogprob(_Part):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(_Part):
+    """One generated token's log probability, and the likeliest alternatives (OpenAI's
+    ``choices[].logprobs.content[]``)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)

@@ -11,7 +11,15 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.chat import INSTRUCTION_ROLES, ChatTurn, ResponseFormat, Sampling, Tool, ToolChoice
+from schemas.chat import (
+    INSTRUCTION_ROLES,
+    ChatTurn,
+    ResponseFormat,
+    Sampling,
+    TokenLogprob,
+    Tool,
+    ToolChoice,
+)
 
 Verdict = Literal["allowed", "redacted", "blocked"]
 
@@ -177,6 +185,8 @@ class Generation(Message):
     """Answered by the fallback model, not the one the request was routed to."""
     alternatives: list[Choice] = Field(default_factory=list)
     """Choices 1..n-1 of a request for n > 1."""
+    logprobs: list[TokenLogprob] = Field(default_factory=list)
+    """The answer's tokens with their log probabilities, when the request asked."""
 
 
 class TokenDelta(Message):
@@ -247,6 +257,9 @@ class Response(Message):
     """Answered by the fallback model."""
     alternatives: list[Choice] = Field(default_factory=list)
     """Choices 1..n-1 of a request for n > 1, each moderated."""
+    logprobs: list[TokenLogprob] | None = None
+    """The answer's tokens with their log probabilities, when asked for and the answer
+    reads as generated; None when moderation changed its text (they would not match)."""
 
 
 class ModerationEvent(Message):

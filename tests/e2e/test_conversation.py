@@ -133,6 +133,15 @@ def test_n_gives_several_choices(oai: openai.OpenAI) -> None:
     assert done.choices[0].message.content != done.choices[1].message.content
 
 
+def test_logprobs_come_back_when_asked_for(oai: openai.OpenAI) -> None:
+    done = _ask(oai, [_user("Say yes.")], logprobs=True, top_logprobs=2, max_tokens=4)
+    content = done.choices[0].logprobs.content
+    assert content and all(t.logprob <= 0 for t in content)
+    assert "".join(t.token for t in content) == _text(done)
+    assert all(len(t.top_logprobs) == 2 for t in content)
+    assert _ask(oai, [_user("Say yes.")], max_tokens=4).choices[0].logprobs is None
+
+
 def test_stop_is_honoured(oai: openai.OpenAI) -> None:
     messages = [_user("Count from one to ten in words, separated by commas.")]
     done = _ask(oai, messages, stop=[","], max_tokens=32)
@@ -167,7 +176,7 @@ def test_a_seed_repeats_an_answer_at_temperature_one(gateway: Gateway) -> None:
     ("fields", "name"),
     [
         ({"n": 2, "stream": True}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "stream": True}, "logprobs"),
         (
             {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}]},
             "tools",

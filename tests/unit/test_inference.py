@@ -602,3 +602,10 @@ def test_a_streamed_request_for_several_choices_is_refused(
 ) -> None:
     with pytest.raises(Rejected, match=r"^n: a streamed answer has one choice"):
         _run(_generator(FakeEngine()).run(make_job(make_request(n=2, stream=True))))
+
+
+def test_a_streamed_request_for_log_probabilities_is_refused(
+    make_job: MakeJob, make_request: MakeRequest
+) -> None:
+    with pytest.raises(Rejected, match=r"^logprobs: given for answers that are not streamed"):
+        _run(_generator(FakeEngine()).run(make_job(make_request(logprobs=True, stream=True))))

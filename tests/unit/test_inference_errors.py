@@ -126,3 +126,21 @@ def test_an_error_chunk_about_the_context_is_a_context_length_error() -> None:
         reader.deltas(chunk)
     with pytest.raises(EngineError):
         reader.deltas({"error": {"message": "slot unavailable"}})
+
+
+def test_log_probabilities_are_gathered_across_chunks() -> None:
+    reader = ChunkReader()
+    for token, logprob in (("Ka", -0.5), ("fka", -0.25)):
+        top = [{"token": token, "logprob": logprob, "bytes": [75]}]
+        content = [{"token": token, "logprob": logprob, "bytes": [75], "top_logprobs": top}]
+        choice = {"delta": {"content": token}, "logprobs": {"content": content}}
+        reader.deltas({"choices": [choice]})
+    logprobs = reader.finish().logprobs
+    assert [(t.token, t.logprob) for t in logprobs] == [("Ka", -0.5), ("fka", -0.25)]
+    assert logprobs[0].top_logprobs[0].token == "Ka"
+
+
+def test_unreadable_log_probabilities_are_an_engine_error() -> None:
+    bad = {"choices": [{"delta": {"content": "x"}, "logprobs": {"content": [{"token": 1}]}}]}
+    with pytest.raises(EngineError, match="unreadable log probabilities"):
+        ChunkReader().deltas(bad)

@@ -24,6 +24,7 @@ from processors.moderation import (
 from processors.policies import Policy, PolicyBook, load_policies
 from processors.templates import load_templates
 from schemas import ChatTurn, Citation, Generation, ModerationEvent, Request, Response, Usage
+from schemas.chat import TokenLogprob
 from schemas.messages import Choice
 from tests.unit.conftest import FakeClassifier, FakeRedactor
 from topics import MODERATION_EVENTS, RESPONSES
@@ -523,3 +524,17 @@ def test_each_choice_is_moderated_on_its_own(make_generation: MakeGen) -> None:
     assert len(events) == 2
     assert isinstance(events[1], ModerationEvent)
     assert events[1].reasons[0].startswith("choice 2: pii")
+
+
+def test_log_probabilities_pass_only_with_the_text_they_describe(make_generation: MakeGen) -> None:
+    logprobs = [TokenLogprob(token="Kafka", logprob=-0.1)]
+    asked = Request.from_prompt("q", request_id="r", logprobs=True)
+    clean = make_generation(request=asked, text="Kafka is a log.", logprobs=logprobs)
+    leaked = make_generation(request=asked, text=f"Mail {EMAIL}.", logprobs=logprobs)
+    moderator = Moderator(checks(redactor=FakeRedactor(PII)))
+    (clean_response, *_), (leaked_response, *_) = (
+        [e.message for e in moderator.process(g, now=NOW)] for g in (clean, leaked)
+    )
+    assert isinstance(clean_response, Response) and isinstance(leaked_response, Response)
+    assert clean_response.logprobs == logprobs
+    assert leaked_response.verdict == "redacted" and leaked_response.logprobs is None

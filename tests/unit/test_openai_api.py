@@ -7,6 +7,7 @@ import pytest
 from processors import Rejected
 from processors import openai_api as api
 from schemas import Citation, Response, Sampling, Usage
+from schemas.chat import TokenLogprob
 from schemas.messages import Choice
 
 USER = {"role": "user", "content": "What is Kafka?"}
@@ -372,3 +373,12 @@ def test_several_choices_are_listed_in_order() -> None:
         (0, "Kafka is a log [1].", "stop"),
         (1, "Another.", "length"),
     ]
+
+
+def test_log_probabilities_come_back_when_moderation_kept_them() -> None:
+    tokens = [TokenLogprob(token="Kafka", logprob=-0.5)]
+    body = api.completion(resp(logprobs=tokens), created=1)
+    assert body["choices"][0]["logprobs"] == {
+        "content": [{"token": "Kafka", "logprob": -0.5, "bytes": None, "top_logprobs": []}]
+    }
+    assert "logprobs" not in api.completion(resp(), created=1)["choices"][0]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from kllm.core.errors import ContextLengthError, EngineError
 from processors.inference import Delta, Finish
 from schemas import Usage
+from schemas.chat import TokenLogprob
 
 # How OpenAI-compatible servers word "the prompt does not fit": vLLM ("maximum context
 # length", "maximum model length"), llama.cpp (exceed_context_size_error), OpenAI
@@ -42,6 +45,7 @@ class ChunkReader:
     def __init__(self) -> None:
         self.finish_reason = "stop"
         self.usage = Usage()
+        self.logprobs: list[TokenLogprob] = []
 
     def deltas(self, chunk: dict[str, Any]) -> list[Delta]:
         if "error" in chunk:
@@ -54,6 +58,7 @@ class ChunkReader:
             )
         out = []
         for choice in chunk.get("choices") or []:
+            self._take_logprobs(choice.get("logprobs"))
             text = (choice.get("delta") or {}).get("content")
             if text:
                 out.append(Delta(text))
@@ -61,5 +66,15 @@ class ChunkReader:
                 self.finish_reason = str(choice["finish_reason"])
         return out
 
+    def _take_logprobs(self, logprobs: Any) -> None:
+        content = logprobs.get("content") if isinstance(logprobs, dict) else None
+        for token in content or []:
+            try:
+                self.logprobs.append(TokenLogprob.model_validate(token, strict=False))
+            except ValidationError as exc:
+                raise EngineError(
+                    f"unreadable log probabilities: {exc.error_count()} errors"
+                ) from exc
+
     def finish(self) -> Finish:
-        return Finish(self.finish_reason, self.usage)
+        return Finish(self.finish_reason, self.usage, tuple(self.logprobs))

@@ -19,7 +19,7 @@ from kllm.core.errors import ConfigError, ContextLengthError, EngineError
 from processors.inference import NO_OPTIONS, SAMPLING_FIELDS, EngineEvent, Options
 from schemas.chat import ChatTurn
 
-HONOURS = SAMPLING_FIELDS | {"response_format"}
+HONOURS = SAMPLING_FIELDS | {"response_format", "logprobs", "top_logprobs"}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _END = object()
 
