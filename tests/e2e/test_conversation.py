@@ -74,10 +74,10 @@ def test_a_client_system_message_changes_the_answer(oai: openai.OpenAI) -> None:
     plain = _text(_ask(oai, [question]))
     pirate = _ask(
         oai,
-        [{"role": "system", "content": "Always begin your answer with the word Ahoy."}, question],
+        [{"role": "system", "content": "Always greet with the word Ahoy."}, question],
     )
-    assert _text(pirate).lstrip().lower().startswith("ahoy"), _text(pirate)
-    assert not plain.lstrip().lower().startswith("ahoy")
+    assert "ahoy" in _text(pirate).lower(), _text(pirate)
+    assert "ahoy" not in plain.lower(), plain
     assert pirate.model_extra["kllm"]["instructions_dropped"] == 0
 
 
