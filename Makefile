@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages run up test test-unit test-e2e test-e2e-durable check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load bench-faults bench-overload bench-overhead bench-broker
+.PHONY: install system-packages node-packages run up test test-unit test-e2e test-e2e-durable check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load bench-faults bench-overload bench-overhead bench-broker
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,8 +18,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-system-packages:  ## Debian packages the tests need (chromium, kcat), installed when missing, as root
+system-packages:  ## Debian packages the tests need (chromium, npm), installed when missing, as root
 	bash deploy/system-packages.sh
+
+NODE_STAMP := tests/e2e/node/node_modules/.installed
+$(NODE_STAMP): tests/e2e/node/package-lock.json
+	npm ci --prefix tests/e2e/node --no-audit --no-fund --silent
+	touch $(NODE_STAMP)
+
+node-packages: system-packages $(NODE_STAMP)  ## kafkajs, for the test of a producer in another language
 
 run: install  ## install, start every stage, answer sample questions, stop
 	$(BIN)/kllm up --demo
@@ -27,16 +34,16 @@ run: install  ## install, start every stage, answer sample questions, stop
 up: install  ## start the pipeline and keep it running (Ctrl-C stops it)
 	$(BIN)/kllm up
 
-test: install system-packages  ## unit tests, then the end-to-end suite against real processes
+test: install system-packages node-packages  ## unit tests, then the end-to-end suite against real processes
 	$(BIN)/pytest -q
 
 test-unit: install
 	$(BIN)/pytest -q -m "not e2e"
 
-test-e2e: install system-packages
+test-e2e: install system-packages node-packages
 	$(BIN)/pytest -q -m e2e
 
-test-e2e-durable: install system-packages  ## the end-to-end suite again, its brokers on durable storage (storage server, data on disk)
+test-e2e-durable: install system-packages node-packages  ## the end-to-end suite again, its brokers on durable storage (storage server, data on disk)
 	KLLM_TEST_BROKER_STORAGE=durable $(BIN)/pytest -q -m e2e
 
 check: install

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite needs, when they are missing:
-# chromium for the dashboard's browser test, kcat for the test of a producer
-# written in another language than Python. As root it installs them; otherwise
+# chromium for the dashboard's browser test, npm (and with it Node.js) for the
+# test of a producer written in JavaScript. As root it installs them; otherwise
 # it says what is missing (and, under CI=true, such a test then fails, never skips).
 set -euo pipefail
-PACKAGES=(chromium kcat)
+PACKAGES=(chromium npm)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   command -v "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import NoReturn
 
 import pytest
 
@@ -14,7 +15,11 @@ def executable(name: str, how: str) -> str:
     path = shutil.which(name)
     if path is not None:
         return path
-    reason = f"{name} is not installed ({how})"
+    missing(f"{name} is not installed ({how})")
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip for ``reason``, or fail under CI=true."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason}; under CI=true a missing dependency fails the test")
     pytest.skip(reason)

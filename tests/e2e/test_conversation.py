@@ -9,6 +9,7 @@ import json
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -70,35 +71,34 @@ def test_the_model_answers_from_an_earlier_turn(oai: openai.OpenAI) -> None:
 
 
 def test_a_client_system_message_changes_the_answer(oai: openai.OpenAI) -> None:
-    question = _user(f"Say hello. ({uuid.uuid4().hex[:4]})")
-    plain = _text(_ask(oai, [question]))
-    pirate = _ask(
-        oai,
-        [{"role": "system", "content": "Always greet with the word Ahoy."}, question],
+    question = _user("What is the name of the secret project? Answer with the name only.")
+    told = _ask(
+        oai, [{"role": "system", "content": "The secret project is named KESTREL."}, question]
     )
-    assert "ahoy" in _text(pirate).lower(), _text(pirate)
-    assert "ahoy" not in plain.lower(), plain
-    assert pirate.model_extra["kllm"]["instructions_dropped"] == 0
+    assert "KESTREL" in _text(told).upper(), _text(told)
+    assert "KESTREL" not in _text(_ask(oai, [question])).upper()
+    assert told.model_extra["kllm"]["instructions_dropped"] == 0
 
 
 @pytest.mark.slow
 def test_json_mode_always_returns_json(oai: openai.OpenAI) -> None:
     topics = ["Kafka", "a topic", "a partition", "an offset", "a consumer group"]
     answers = [
-        _text(
-            _ask(
-                oai,
-                [_user(f"Describe {topic} as a JSON object with a 'summary' field. ({i})")],
-                response_format={"type": "json_object"},
-                max_tokens=96,
-            )
-        )
+        _ask(
+            oai,
+            [_user(f'Give a JSON object {{"name": ..., "short": ...}} for {topic}. ({i})')],
+            response_format={"type": "json_object"},
+            max_tokens=160,
+        ).choices[0]
         for i in range(4)
         for topic in topics
     ]
     assert len(answers) == 20
-    for answer in answers:
-        json.loads(answer)  # raises on the first answer that is not JSON
+    for choice in answers:
+        try:
+            json.loads(choice.message.content)
+        except ValueError as exc:
+            raise AssertionError(f"{choice.finish_reason}: {choice.message.content!r}") from exc
 
 
 @pytest.mark.slow
@@ -143,17 +143,23 @@ def test_logprobs_come_back_when_asked_for(oai: openai.OpenAI) -> None:
 
 
 def test_stop_is_honoured(oai: openai.OpenAI) -> None:
-    messages = [_user("Count from one to ten in words, separated by commas.")]
-    done = _ask(oai, messages, stop=[","], max_tokens=32)
-    assert "," not in _text(done)
+    messages = [_user("Name three parts of the pipeline.")]
+    plain = _text(_ask(oai, messages, max_tokens=32))
+    words = plain.split()
+    assert len(words) >= 4, plain
+    stop = f" {words[3]}"  # the answer, greedy, stops before its fourth word
+    done = _ask(oai, messages, stop=[stop], max_tokens=32)
     assert done.choices[0].finish_reason == "stop"
-    assert "," in _text(_ask(oai, messages, max_tokens=32))
+    assert stop not in _text(done)
+    assert plain.startswith(_text(done)), (plain, _text(done))
+    assert len(_text(done)) < len(plain)
 
 
 def test_a_seed_repeats_an_answer_at_temperature_one(gateway: Gateway) -> None:
     # Each call from its own tenant: the response cache is per tenant, so every answer
-    # here comes from the engine, none from the cache.
-    def sampled(seed: int) -> tuple[str, bool]:
+    # here comes from the engine, none from the cache. A request's template variant
+    # follows from its id: answers are compared within one variant.
+    def sampled(seed: int) -> tuple[str, str]:
         client = openai.OpenAI(
             base_url=f"{gateway.url}/v1", api_key=gateway.key(f"seed-{uuid.uuid4().hex[:6]}")
         )
@@ -164,12 +170,27 @@ def test_a_seed_repeats_an_answer_at_temperature_one(gateway: Gateway) -> None:
             seed=seed,
             max_tokens=20,
         )
-        return _text(done), bool(done.model_extra["kllm"]["cached"])
+        ext = done.model_extra["kllm"]
+        assert not ext["cached"]
+        return ext["template"], _text(done)
 
-    first, again, other = sampled(7), sampled(7), sampled(8)
-    assert not any(cached for _, cached in (first, again, other))
-    assert first[0] == again[0]
-    assert first[0] != other[0]
+    answers: dict[tuple[str, int], list[str]] = {}
+
+    def comparable() -> list[str]:
+        """Variants with two answers to seed 7 and one to seed 8."""
+        return [t for t, _ in answers if len(answers.get((t, 7), [])) >= 2 and (t, 8) in answers]
+
+    for _ in range(8):
+        for seed in (7, 8):
+            template, text = sampled(seed)
+            answers.setdefault((template, seed), []).append(text)
+        if comparable():
+            break
+    assert comparable(), f"no variant answered both seeds: {sorted(answers)}"
+    template = comparable()[0]
+    first, *again = answers[(template, 7)]
+    assert all(text == first for text in again), answers[(template, 7)]
+    assert answers[(template, 8)][0] != first
 
 
 @pytest.mark.parametrize(
@@ -200,13 +221,21 @@ def test_unknown_fields_are_ignored_and_named(gateway: Gateway) -> None:
     assert got.headers["x-kllm-ignored"] == "colour, store"
 
 
-def _kcat_produce(bootstrap: str, key: str, value: dict[str, Any]) -> None:
-    kcat = needs.executable("kcat", "make system-packages, as root")
+NODE_PRODUCER = Path(__file__).parent / "node" / "produce.mjs"
+
+
+def _node_produce(bootstrap: str, key: str, *values: dict[str, Any]) -> None:
+    """Publish with kafkajs from Node.js: a producer that is not Python."""
+    node = needs.executable("node", "make system-packages, as root")
+    if not (NODE_PRODUCER.parent / "node_modules" / "kafkajs").is_dir():
+        needs.missing("kafkajs is not installed: make node-packages")
+    lines = "".join(json.dumps(v) + "\n" for v in values)
     subprocess.run(
-        [kcat, "-P", "-b", bootstrap, "-t", REQUESTS.name, "-k", key],
-        input=json.dumps(value).encode(),
+        [node, str(NODE_PRODUCER), bootstrap, REQUESTS.name, key],
+        input=lines.encode(),
         check=True,
-        timeout=30,
+        timeout=60,
+        capture_output=True,
     )
 
 
@@ -228,8 +257,7 @@ def test_v1_and_v2_records_from_a_non_python_producer_are_answered(
         "max_tokens": 12,
     }
     try:
-        _kcat_produce(client.bootstrap, "default", v1)
-        _kcat_produce(client.bootstrap, "default", v2)
+        _node_produce(client.bootstrap, "default", v1, v2)
         got = client.responses(replies, {v1_id, v2_id}, TIMEOUT)
     finally:
         replies.close()

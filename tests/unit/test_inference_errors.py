@@ -131,8 +131,8 @@ def test_an_error_chunk_about_the_context_is_a_context_length_error() -> None:
 def test_log_probabilities_are_gathered_across_chunks() -> None:
     reader = ChunkReader()
     for token, logprob in (("Ka", -0.5), ("fka", -0.25)):
-        top = [{"token": token, "logprob": logprob, "bytes": [75]}]
-        content = [{"token": token, "logprob": logprob, "bytes": [75], "top_logprobs": top}]
+        top = [{"id": 7, "token": token, "logprob": logprob, "bytes": [75]}]
+        content = [{"id": 7, "token": token, "logprob": logprob, "top_logprobs": top}]
         choice = {"delta": {"content": token}, "logprobs": {"content": content}}
         reader.deltas({"choices": [choice]})
     logprobs = reader.finish().logprobs

@@ -70,7 +70,7 @@ class ChunkReader:
         content = logprobs.get("content") if isinstance(logprobs, dict) else None
         for token in content or []:
             try:
-                self.logprobs.append(TokenLogprob.model_validate(token, strict=False))
+                self.logprobs.append(TokenLogprob.model_validate(_known(token)))
             except ValidationError as exc:
                 raise EngineError(
                     f"unreadable log probabilities: {exc.error_count()} errors"
@@ -78,3 +78,19 @@ class ChunkReader:
 
     def finish(self) -> Finish:
         return Finish(self.finish_reason, self.usage, tuple(self.logprobs))
+
+
+_TOKEN_KEYS = ("token", "logprob", "bytes")
+
+
+def _known(token: Any) -> Any:
+    """A token's log probability without the fields servers add (llama.cpp's ``id``)."""
+    if not isinstance(token, dict):
+        return token
+    known = {k: token[k] for k in _TOKEN_KEYS if k in token}
+    tops = token.get("top_logprobs")
+    if isinstance(tops, list):
+        known["top_logprobs"] = [
+            {k: t[k] for k in _TOKEN_KEYS if k in t} if isinstance(t, dict) else t for t in tops
+        ]
+    return known
