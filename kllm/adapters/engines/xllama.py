@@ -87,6 +87,9 @@ class XLlamaEngine:
             "temperature": self.temperature,
             "repeat_penalty": self.repeat_penalty,
             **options.fields(),  # llama.cpp enforces response_format by grammar
+            # A seeded request repeats only when evaluated afresh: a prompt taken from the
+            # cache gives slightly different logits, and sampling at temperature 1 drifts.
+            "cache_prompt": options.sampling.seed is None,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
