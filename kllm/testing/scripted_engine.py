@@ -34,10 +34,11 @@ SCRIPTS = {
     "using the numbered context passages, and cite the passages you used. They also say: "
     "You answer questions using only the numbered context passages provided.",
     "competitor": "Globex runs a similar pipeline, but partitions work the same everywhere.",
-    "broken": "Partitions keep records in order. Then the engine fails in the middle.",
+    "broken": "Partitions keep records. Then the engine fails in the middle.",
 }
-BREAKS_AFTER = {"broken": 4}
-"""Scripts whose stream fails after that many pieces, with an error chunk."""
+BREAKS_AFTER = {"broken": (6, 1.0)}
+"""Scripts whose stream fails after that many pieces, with an error chunk, that many
+seconds later (the first sentence reaches the caller before the failure does)."""
 _SCRIPT = re.compile(r"SCRIPT:(\w+)")
 
 
@@ -57,7 +58,8 @@ async def _chat(request: Request) -> Response:
 
     async def events() -> AsyncIterator[bytes]:
         for i, piece in enumerate(_pieces(text)):
-            if i == breaks_after:
+            if breaks_after is not None and i == breaks_after[0]:
+                await asyncio.sleep(breaks_after[1])
                 error = {"error": {"message": "the scripted engine broke", "type": "server_error"}}
                 yield b"data: " + orjson.dumps(error) + b"\n\n"
                 return
