@@ -47,7 +47,7 @@ BAD_FIELDS: dict[str, list[Any]] = {
 ENVELOPE_BREAKS: list[dict[str, Any]] = [
     {"schema": "llm.other"},
     {"schema": None},
-    {"v": 2},
+    {"v": 3},  # 1 and 2 are read
     {"v": "1"},
     {"v": None},
 ]

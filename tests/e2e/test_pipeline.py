@@ -40,8 +40,8 @@ def test_bad_input_lands_in_the_dlq_with_a_reason(pipeline: Supervisor, client: 
         future = {"schema": Request.SCHEMA, "v": 99, "request_id": "future-1", "prompt": "hi"}
         client.send_raw("tenant-x", orjson.dumps(future))
         missing = Request(request_id="missing-1", prompt="x").model_dump(mode="json")
-        del missing["prompt"]
-        client.send_raw("tenant-x", orjson.dumps({"schema": Request.SCHEMA, "v": 1, **missing}))
+        del missing["messages"]  # neither a v2 conversation nor a v1 prompt
+        client.send_raw("tenant-x", orjson.dumps({"schema": Request.SCHEMA, "v": 2, **missing}))
         letters = client.dead_letters(dlq, {"malformed-1", "future-1", "missing-1"}, 60)
         errors = client.responses(responses, {"future-1", "missing-1"}, 30)
     finally:
@@ -50,7 +50,7 @@ def test_bad_input_lands_in_the_dlq_with_a_reason(pipeline: Supervisor, client: 
     assert "not valid JSON" in letters["malformed-1"].reason
     assert letters["malformed-1"].request_id is None
     assert "unknown schema version 99" in letters["future-1"].reason
-    assert "missing field 'prompt'" in letters["missing-1"].reason
+    assert "missing field 'messages'" in letters["missing-1"].reason
     for letter in letters.values():
         assert letter.stage == "ingestion"
         assert letter.source_topic == REQUESTS.name
