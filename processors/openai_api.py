@@ -166,10 +166,15 @@ class ChatCompletionRequest(BaseModel):
         return sorted([*(self.model_extra or {}), *known])
 
 
-def refuse_unsupported(body: dict[str, Any]) -> None:
-    """Rejected, naming the field, for a field set that no engine here can honour."""
-    for name, why in REFUSED_FIELDS.items():
-        if body.get(name) not in (None, {}, []):
+def refuse_unsupported(
+    body: dict[str, Any],
+    refused: dict[str, str] = REFUSED_FIELDS,
+    unset: tuple[object, ...] = (None, {}, []),
+) -> None:
+    """Rejected, naming the field, for a field of ``refused`` set (to a value not in
+    ``unset``): no engine here can honour it."""
+    for name, why in refused.items():
+        if body.get(name) not in unset:
             raise Rejected(f"{name}: {why}")
 
 

@@ -17,6 +17,7 @@ from processors.openai_api import (
     MAX_TOKENS,
     ChatCompletionRequest,
     parse_chat_request,
+    refuse_unsupported,
     validated,
 )
 
@@ -55,9 +56,7 @@ def to_chat_body(body: Any) -> dict[str, Any]:
     field for what cannot be honoured."""
     if not isinstance(body, dict):
         raise Rejected("the body must be a JSON object")
-    for name, why in REFUSED.items():
-        if body.get(name) not in (None, False, "", {}):
-            raise Rejected(f"{name}: {why}")
+    refuse_unsupported(body, REFUSED, unset=(None, False, "", {}))
     if body.get("logprobs") not in (None, 0):
         body = {**body, "logprobs": True, "top_logprobs": body["logprobs"]}
     legacy = validated(TextCompletionRequest, body)
