@@ -159,10 +159,11 @@ class OutputModerator:
         except ValueError:
             return self._redact(text, policy)
         found: list[Finding] = []
+        per_string = replace(policy, max_chars=None)  # the cap applies to the whole answer
 
         def walk(node: Any) -> Any:
             if isinstance(node, str):
-                redacted, findings = self._redact(node, replace(policy, max_chars=None))
+                redacted, findings = self._redact(node, per_string)
                 found.extend(findings)
                 return redacted
             if isinstance(node, list):
