@@ -149,12 +149,25 @@ def test_durable_up_loses_nothing_to_kill_9_nor_to_a_restart(tmp_path: Path) -> 
             sent = load.acked
             assert len(sent) == int(LOAD_S * RATE)
 
+            seen: Counter[str] = Counter()
+
             def answers() -> Counter[str]:
                 got = _read_all(bootstrap, RESPONSES.name, RESPONSES.partitions)
-                ids = Counter(decode(v, Response).request_id for _k, v in got)
-                return ids if sent <= ids.keys() else Counter()
+                seen.clear()
+                seen.update(decode(v, Response).request_id for _k, v in got)
+                return seen.copy() if sent <= seen.keys() else Counter()
 
-            wait_until(answers, 180, "every acknowledged request answered")
+            def unanswered() -> str:
+                missing = sorted(sent - seen.keys())
+                dead = _read_all(bootstrap, REQUESTS.dlq.name, REQUESTS.dlq.partitions)
+                reasons = [decode(v, DeadLetter).reason[:120] for _k, v in dead]
+                return (
+                    f"every acknowledged request answered: {len(missing)} of {len(sent)} "
+                    f"missing, e.g. {missing[:5]}; dead letters: {reasons[:5]}"
+                )
+
+            # A busy machine can take minutes: every stage rejoins its group on the new broker.
+            wait_until(answers, 300, unanswered)
             time.sleep(5)  # a replay's second answer would come now
             # Once: a request in flight at the kill is processed again (its offset was
             # not committed), but its answer was acknowledged, and the answer ledger

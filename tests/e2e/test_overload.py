@@ -19,9 +19,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_three_times_capacity_is_shed_and_the_pipeline_recovers() -> None:
-    phases = ["--baseline-s", "6", "--overload-s", "16", "--recovery-s", "20"]
-    # A busy CI machine drains the admitted callers more slowly than the benchmark's.
-    phases += ["--recovery-slack-s", "8"]
+    phases = ["--baseline-s", "6", "--overload-s", "16", "--recovery-s", "30"]
+    # A busy CI machine drains the admitted callers more slowly than the benchmark's
+    # nominal capacity (CI once took 14.5 s against a 12 s limit). This test asks that
+    # the pipeline recovers; `make bench-overload` reports how fast, on a quiet machine.
+    phases += ["--recovery-slack-s", "18"]
     run = subprocess.run(
         [sys.executable, str(REPO / "loadtest" / "overload.py"), *phases],
         capture_output=True,
