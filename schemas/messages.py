@@ -14,10 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from schemas.chat import (
     INSTRUCTION_ROLES,
     ChatTurn,
+    NamedToolChoice,
     ResponseFormat,
     Sampling,
     TokenLogprob,
     Tool,
+    ToolCall,
     ToolChoice,
 )
 
@@ -99,6 +101,17 @@ class Request(Message):
             raise ValueError("the conversation needs a user turn with text")
         return messages
 
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> Request:
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice is set but no tools are given")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+            t.function.name for t in self.tools
+        }:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not a tool")
+        return self
+
     @classmethod
     def from_prompt(cls, prompt: str, **fields: Any) -> Request:
         """A one-question conversation (what version 1 carried)."""
@@ -160,6 +173,7 @@ class Choice(_Model):
     index: int = Field(ge=1)
     text: str
     finish_reason: str
+    tool_calls: list[ToolCall] = Field(default_factory=list)
     verdict: Verdict | None = None
     """Set by moderation, which judges each choice on its own."""
 
@@ -187,6 +201,8 @@ class Generation(Message):
     """Choices 1..n-1 of a request for n > 1."""
     logprobs: list[TokenLogprob] = Field(default_factory=list)
     """The answer's tokens with their log probabilities, when the request asked."""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """The caller's tools the model called; the finish reason is then "tool_calls"."""
 
 
 class TokenDelta(Message):
@@ -260,6 +276,8 @@ class Response(Message):
     logprobs: list[TokenLogprob] | None = None
     """The answer's tokens with their log probabilities, when asked for and the answer
     reads as generated; None when moderation changed its text (they would not match)."""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """The caller's tools the model called, their arguments moderated."""
 
 
 class ModerationEvent(Message):
