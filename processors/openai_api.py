@@ -15,11 +15,27 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from processors.base import Rejected
 from schemas import Request, Response
-from schemas.chat import ChatTurn, ResponseFormat, Sampling, Tool, ToolCall, ToolChoice
+from schemas.chat import (
+    ChatTurn,
+    ResponseFormat,
+    Sampling,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    check_tool_choice,
+)
 
 STATUS_BY_CODE = {
     "invalid_request": 400,
@@ -152,6 +168,11 @@ class ChatCompletionRequest(BaseModel):
         if not any(m.role == "user" and m.text().strip() for m in messages):
             raise ValueError("messages must contain a user message with text")
         return messages
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        check_tool_choice(self.tools, self.tool_choice)
+        return self
 
     @field_validator("stop", mode="before")
     @classmethod

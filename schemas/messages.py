@@ -14,13 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from schemas.chat import (
     INSTRUCTION_ROLES,
     ChatTurn,
-    NamedToolChoice,
     ResponseFormat,
     Sampling,
     TokenLogprob,
     Tool,
     ToolCall,
     ToolChoice,
+    check_tool_choice,
 )
 
 Verdict = Literal["allowed", "redacted", "blocked"]
@@ -103,13 +103,7 @@ class Request(Message):
 
     @model_validator(mode="after")
     def _tool_choice_names_a_tool(self) -> Request:
-        choice = self.tool_choice
-        if choice not in (None, "none") and not self.tools:
-            raise ValueError("tool_choice is set but no tools are given")
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
-            t.function.name for t in self.tools
-        }:
-            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not a tool")
+        check_tool_choice(self.tools, self.tool_choice)
         return self
 
     @classmethod

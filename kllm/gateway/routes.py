@@ -153,13 +153,17 @@ async def _answer_chat(
         tenant = gw.tenant(http)
         chat_request = await parse(gw, http, tenant, dialect.parser)
         ignored.extend(chat_request.ignored())
-        request = api.to_request(
-            chat_request,
-            request_id=gw.request_id(http, tenant, chat_request),
-            tenant=tenant,
-            model=chat_request.model,
-            timeout_s=gw.config.timeout_s,
-        )
+        request_id = gw.request_id(http, tenant, chat_request)
+        try:
+            request = api.to_request(
+                chat_request,
+                request_id=request_id,
+                tenant=tenant,
+                model=chat_request.model,
+                timeout_s=gw.config.timeout_s,
+            )
+        except PipelineError as exc:  # a body valid for OpenAI that no request can carry
+            raise HttpError(400, "invalid_request", str(exc)) from exc
         gone = partial(until_disconnected, http)
         if chat_request.stream and gw.fresh(request.request_id):
             include = _include_usage(chat_request)
