@@ -8,6 +8,7 @@ import orjson
 from pydantic import ValidationError
 
 from kllm.core.errors import PipelineError
+from schemas.embeddings import EmbeddingRequest, Embeddings
 from schemas.messages import (
     DeadLetter,
     Document,
@@ -41,6 +42,8 @@ _MODELS: tuple[type[Message], ...] = (
     TokenDelta,
     Document,
     DocumentIndexed,
+    EmbeddingRequest,
+    Embeddings,
 )
 
 registry: dict[tuple[str, int], type[Message]] = {(m.SCHEMA, m.VERSION): m for m in _MODELS}

@@ -13,6 +13,8 @@ from schemas import (
     Document,
     DocumentIndexed,
     DriftAlert,
+    EmbeddingRequest,
+    Embeddings,
     Feedback,
     FeedbackEnriched,
     Generation,
@@ -118,6 +120,10 @@ SAMPLES: dict[type[Message], Message] = {
         version=3,
         metadata={"lang": "en"},
         created_at=11.0,
+    ),
+    EmbeddingRequest: EmbeddingRequest(request_id="e-1", tenant="acme", inputs=["a", "b c"]),
+    Embeddings: Embeddings(
+        request_id="e-1", tenant="acme", model="m", vectors=[[0.5, -1.0]], prompt_tokens=1
     ),
     DocumentIndexed: DocumentIndexed(
         tenant="acme", doc_id="guides/kafka", version=3, op="skipped", chunks=0, reason="older"

@@ -1,0 +1,65 @@
+"""Embedding requests answered with the pipeline's own embedding model: the one the
+retrieval stage searches with, so a caller's vectors are comparable to the corpus's.
+
+Requests in a batch share one embedding call; when it fails, the batch is split
+(processors.batching.isolate) so each failing request fails on its own, and a
+model that looks down leaves the rest to be read again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from processors.base import Emit, Rejected
+from processors.batching import Failed, Result, isolate
+from processors.retrieval import Embedder
+from schemas import EmbeddingRequest, Embeddings
+from topics import EMBEDDINGS
+
+
+class EmbeddingAnswerer:
+    def __init__(self, embedder: Embedder, model: str) -> None:
+        self.embedder = embedder
+        self.model = model
+        """The name callers ask for the embedder by."""
+
+    def process_each(self, requests: Sequence[EmbeddingRequest]) -> list[Result]:
+        """One result per request, in order (fewer when the model is down)."""
+        results: list[Result | None] = [None] * len(requests)
+        asked: list[int] = []
+        for i, request in enumerate(requests):
+            if request.model not in (None, self.model):
+                why = f"model {request.model!r} is not served here (embeddings: {self.model!r})"
+                results[i] = Failed(Rejected(why, code="model_not_found"))
+            else:
+                asked.append(i)
+        answered = isolate([requests[i] for i in asked], self._answer)
+        for i, answer in zip(asked, answered, strict=False):
+            results[i] = answer
+        done: list[Result] = []
+        for result in results:
+            if result is None:
+                break  # not tried: the model is down; this and the rest come again
+            done.append(result)
+        return done
+
+    def _answer(self, part: Sequence[EmbeddingRequest]) -> list[Result]:
+        t0 = time.perf_counter()
+        vectors = self.embedder.embed([text for r in part for text in r.inputs])
+        embed_ms = (time.perf_counter() - t0) * 1000
+        out: list[Result] = []
+        start = 0
+        for request in part:
+            end = start + len(request.inputs)
+            answer = Embeddings(
+                request_id=request.request_id,
+                tenant=request.tenant,
+                model=self.model,
+                vectors=vectors[start:end],
+                prompt_tokens=sum(self.embedder.count_tokens(t) for t in request.inputs),
+                embed_ms=embed_ms,
+            )
+            out.append([Emit(EMBEDDINGS, request.request_id, answer)])
+            start = end
+        return out
