@@ -51,6 +51,7 @@ class XLlamaEngine:
         threads: int = 2,
         temperature: float = 0.0,
         repeat_penalty: float = 1.15,
+        bounded_json: bool = True,
     ) -> None:
         import xllamacpp
 
@@ -69,6 +70,9 @@ class XLlamaEngine:
         self.temperature = temperature
         # Small models loop on their own phrases; a mild penalty keeps answers on topic.
         self.repeat_penalty = repeat_penalty
+        # A small model asked for any JSON object can run on inside a string until
+        # max_tokens cuts it; a flat object with short strings closes in time.
+        self.bounded_json = bounded_json
         self._pool = ThreadPoolExecutor(n_parallel, thread_name_prefix="xllamacpp")
         try:
             self._server = xllamacpp.Server(params)
@@ -89,6 +93,10 @@ class XLlamaEngine:
         fields.pop("tool_choice", None)
         tools = tool_calls.offered(options.tools, options.tool_choice)
         turns = tool_calls.as_text_turns(messages, tools_offered=bool(tools))
+        fmt = options.response_format
+        if fmt is not None and fmt.type == "json_object" and self.bounded_json and not tools:
+            del fields["response_format"]
+            fields["grammar"] = bounded_object(max_tokens)
         if tools:
             schema = tool_calls.reply_schema(tools, options.tool_choice, options.response_format)
             turns = tool_calls.with_tool_prompt(
@@ -158,6 +166,32 @@ class XLlamaEngine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+JSON_OBJECT_FIELDS = 6
+JSON_KEY_CHARS = 32
+
+
+def bounded_object(max_tokens: int) -> str:
+    """What JSON mode (``json_object``) asks of the model, as a llama.cpp grammar: a flat
+    object of at most six fields, each named by a key of at most 32 characters and
+    holding a number, a boolean, null or a string of at most a quarter of
+    ``max_tokens`` characters, with little whitespace: it closes before max_tokens. A
+    request wanting nested values sends a ``json_schema``."""
+    chars = max(16, max_tokens // 4)
+    more = JSON_OBJECT_FIELDS - 1
+    return "\n".join(
+        [
+            f'root ::= "{{" ws (pair ("," ws pair){{0,{more}}})? ws "}}"',
+            'pair ::= "\\"" [a-zA-Z_] [a-zA-Z0-9_ -]'
+            + f'{{0,{JSON_KEY_CHARS - 1}}} "\\"" ws ":" ws value',
+            'value ::= text | number | "true" | "false" | "null"',
+            f'text ::= "\\"" char{{0,{chars}}} "\\""',
+            'char ::= [^"\\\\\\x00-\\x1f] | "\\\\" ["\\\\/bfnrt]',
+            'number ::= "-"? [0-9]{1,15} ("." [0-9]{1,8})?',
+            "ws ::= [ \\n]{0,4}",
+        ]
+    )
 
 
 def _tool_reply(text: str, finish: Finish) -> list[EngineEvent]:
