@@ -321,7 +321,12 @@ class FeedbackEnriched(Message):
     feedback_at: float
     model: str | None = None
     prompt: str | None = None
+    messages: list[ChatTurn] = Field(default_factory=list)
+    """The whole (redacted) conversation the answer continues; its last user turn is
+    ``prompt``."""
     answer: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """The answer's calls of the caller's tools."""
     verdict: Verdict | None = None
     finish_reason: str | None = None
     template: str | None = None
