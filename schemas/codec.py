@@ -102,6 +102,9 @@ def decode(data: bytes | str, expected: type[M]) -> M:
     if model is None:
         known = sorted(v for (n, v) in registry if n == name)
         raise SchemaError(f"unknown schema version {version} for '{name}' (supported: {known})")
+    if (name, version) == (Request.SCHEMA, 1) and "prompt" not in body:
+        # Version 1 carried one prompt; its producers know nothing of messages.
+        raise SchemaError("missing field 'prompt'")
     try:
         message = model.model_validate(body)
     except ValidationError as exc:

@@ -236,6 +236,12 @@ def test_missing_field() -> None:
     assert _reason(orjson.dumps(_body(_REQ, messages=_DROP))) == "missing field 'messages'"
 
 
+def test_a_version_1_request_without_its_prompt_names_the_prompt() -> None:
+    v1 = {"schema": "llm.request", "v": 1, "request_id": "r", "tenant": "t"}
+    assert _reason(orjson.dumps(v1)) == "missing field 'prompt'"
+    assert decode(orjson.dumps(v1 | {"prompt": "hi"}), Request).prompt == "hi"
+
+
 def test_missing_nested_field_is_dotted() -> None:
     body = _body(SAMPLES[InferenceJob])
     del body["request"]["messages"]
