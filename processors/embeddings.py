@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from processors.base import Emit, Rejected
-from processors.batching import Failed, Result, isolate
+from processors.batching import Failed, Result, isolate, tried
 from processors.retrieval import Embedder
 from schemas import EmbeddingRequest, Embeddings
 from topics import EMBEDDINGS
@@ -37,12 +37,7 @@ class EmbeddingAnswerer:
         answered = isolate([requests[i] for i in asked], self._answer)
         for i, answer in zip(asked, answered, strict=False):
             results[i] = answer
-        done: list[Result] = []
-        for result in results:
-            if result is None:
-                break  # not tried: the model is down; this and the rest come again
-            done.append(result)
-        return done
+        return tried(results)
 
     def _answer(self, part: Sequence[EmbeddingRequest]) -> list[Result]:
         t0 = time.perf_counter()
