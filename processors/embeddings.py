@@ -8,8 +8,11 @@ model that looks down leaves the rest to be read again.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Sequence
+
+import numpy as np
 
 from processors.base import Emit, Rejected
 from processors.batching import Failed, Result, isolate, tried
@@ -18,23 +21,40 @@ from schemas import EmbeddingRequest, Embeddings
 from topics import EMBEDDINGS
 
 
+def packed(vector: Sequence[float]) -> str:
+    """A vector as base64 of its little-endian float32 values."""
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+def unpacked(text: str) -> list[float]:
+    values: list[float] = np.frombuffer(base64.b64decode(text), dtype="<f4").tolist()
+    return values
+
+
 class EmbeddingAnswerer:
-    def __init__(self, embedder: Embedder, model: str) -> None:
+    def __init__(self, embedder: Embedder, model: str, max_inputs: int = 256) -> None:
         self.embedder = embedder
         self.model = model
         """The name callers ask for the embedder by."""
+        self.max_inputs = max_inputs
+        """Inputs embedded per call, over the batch's requests: a large batch is taken a
+        part at a time, so the stage's other consumers get their turn."""
 
     def process_each(self, requests: Sequence[EmbeddingRequest]) -> list[Result]:
         """One result per request, in order (fewer when the model is down)."""
         results: list[Result | None] = [None] * len(requests)
         asked: list[int] = []
+        inputs = 0
         for i, request in enumerate(requests):
             if request.model not in (None, self.model):
                 why = f"model {request.model!r} is not served here (embeddings: {self.model!r})"
                 results[i] = Failed(Rejected(why, code="model_not_found"))
-            else:
-                asked.append(i)
-        answered = isolate([requests[i] for i in asked], self._answer)
+                continue
+            inputs += len(request.inputs)
+            if asked and inputs > self.max_inputs:
+                break  # this and the rest are read again, after the other consumers
+            asked.append(i)
+        answered = isolate([requests[i] for i in asked], self._answer) if asked else []
         for i, answer in zip(asked, answered, strict=False):
             results[i] = answer
         return tried(results)
@@ -51,7 +71,7 @@ class EmbeddingAnswerer:
                 request_id=request.request_id,
                 tenant=request.tenant,
                 model=self.model,
-                vectors=vectors[start:end],
+                vectors_b64=[packed(v) for v in vectors[start:end]],
                 prompt_tokens=sum(self.embedder.count_tokens(t) for t in request.inputs),
                 embed_ms=embed_ms,
             )

@@ -81,6 +81,9 @@ class Context:
     """The caller's own system and developer turns."""
     json_mode: bool = False
     """The answer is JSON: redact inside its string values, so it stays valid."""
+    uncapped: bool = False
+    """The policy's length cap does not apply (tool-call arguments: a cut would leave
+    JSON no tool can read)."""
 
 
 def shared_run(text: str, source: str, min_words: int) -> bool:
@@ -111,6 +114,8 @@ class OutputModerator:
         stream's earlier windows), so a denied phrase, a block pattern or an echo running
         across a window boundary counts."""
         policy = self.policies.for_tenant(ctx.tenant)
+        if ctx.uncapped:
+            policy = replace(policy, max_chars=None)
         if not text.strip():
             return Moderated(text, "allowed")
         (toxicity,) = self.classifier.score([text])
@@ -290,7 +295,7 @@ class Moderator:
         """One answer's text and tool calls judged together. Arguments are JSON: they
         are redacted inside their string values. A blocked call blocks the answer."""
         result = self.checks.moderate(text, ctx)
-        as_json = replace(ctx, json_mode=True)
+        as_json = replace(ctx, json_mode=True, uncapped=True)
         kept, findings, scores = [], list(result.findings), dict(result.scores)
         for call in calls:
             judged = self.checks.moderate(call.function.arguments, as_json)

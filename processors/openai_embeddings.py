@@ -7,14 +7,13 @@ as OpenAI encodes them).
 
 from __future__ import annotations
 
-import base64
 import time
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from processors.base import Rejected
+from processors.embeddings import unpacked
 from processors.openai_api import refuse_unsupported, validated
 from schemas import EmbeddingRequest, Embeddings
 from schemas.embeddings import MAX_INPUTS
@@ -68,18 +67,14 @@ def to_embedding_request(
         raise Rejected(f"input: {first['msg']}") from exc
 
 
-def _encoded(vector: list[float], encoding: str) -> list[float] | str:
-    if encoding == "float":
-        return vector
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-
-
 def embeddings_body(answer: Embeddings, encoding: str = "float") -> dict[str, Any]:
+    """OpenAI's answer; base64 is passed on as the stage packed it (the same format)."""
+    base64 = encoding == "base64"
     return {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": i, "embedding": _encoded(v, encoding)}
-            for i, v in enumerate(answer.vectors)
+            {"object": "embedding", "index": i, "embedding": v if base64 else unpacked(v)}
+            for i, v in enumerate(answer.vectors_b64)
         ],
         "model": answer.model,
         "usage": {"prompt_tokens": answer.prompt_tokens, "total_tokens": answer.prompt_tokens},

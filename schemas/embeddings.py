@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from schemas.messages import Message, RequestId
 
-MAX_INPUTS = 256
+MAX_INPUTS = 128
 MAX_INPUT_CHARS = 32_000
 
 
@@ -39,7 +39,9 @@ class EmbeddingRequest(Message):
 
 
 class Embeddings(Message):
-    """One vector per input, in the request's order."""
+    """One vector per input, in the request's order, each as base64 of its little-endian
+    float32 values (OpenAI's ``encoding_format: base64``): a fourth the size of JSON
+    floats, so a full request's answer fits one record."""
 
     SCHEMA: ClassVar[str] = "llm.embeddings"
     VERSION: ClassVar[int] = 1
@@ -47,6 +49,6 @@ class Embeddings(Message):
     request_id: RequestId
     tenant: str
     model: str
-    vectors: list[list[float]]
+    vectors_b64: list[str]
     prompt_tokens: int = 0
     embed_ms: float = 0.0

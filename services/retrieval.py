@@ -51,6 +51,8 @@ class Settings(StageSettings):
     embed_model: str = ""
     embedding_name: str = "all-minilm-l6-v2"
     """The name /v1/embeddings callers ask for the embedding model by."""
+    embedding_max_inputs: int = Field(default=256, ge=1)
+    """Texts embedded per poll for /v1/embeddings, over however many requests."""
     top_k: int = 2
     min_score: float = 0.2
     model_pools: dict[str, str] = Field(default_factory=dict)
@@ -137,7 +139,7 @@ def build(
     index = isolated(
         INDEXER, Document, indexer.process_each, require_text, retry_budget_s=settings.index_retry_s
     )
-    embeddings = EmbeddingAnswerer(embedder, settings.embedding_name)
+    embeddings = EmbeddingAnswerer(embedder, settings.embedding_name, settings.embedding_max_inputs)
     embed = isolated(
         EMBEDDER,
         EmbeddingRequest,

@@ -240,14 +240,15 @@ async def embeddings(gw: Gateway, http: HttpRequest) -> HttpResponse:
             )
         except (orjson.JSONDecodeError, PipelineError) as exc:
             error = HttpError(400, "invalid_request", str(exc))
-            gw.dead_letter(tenant, raw, error)
+            gw.dead_letter(tenant, raw, error, "/v1/embeddings")
             raise error from exc
         answer = await gw.embed(request, partial(until_disconnected, http))
     except HttpError as exc:
         gw.metrics.observe_error(exc.status, exc.code)
         return error_response(exc)
     gw.metrics.observe_ok(time.perf_counter() - t0, 0.0, False)
-    log.info("embedded", extra={"request_id": answer.request_id, "inputs": len(answer.vectors)})
+    inputs = len(answer.vectors_b64)
+    log.info("embedded", extra={"request_id": answer.request_id, "inputs": inputs})
     headers = {"x-request-id": answer.request_id}
     body_bytes = orjson.dumps(emb.embeddings_body(answer, body.encoding_format))
     return HttpResponse(body_bytes, 200, headers, "application/json")

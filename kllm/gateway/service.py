@@ -144,13 +144,15 @@ class Gateway:
             raise HttpError(401, "invalid_api_key", "missing or invalid API key")
         return tenant
 
-    def dead_letter(self, tenant: str, raw: bytes, exc: HttpError) -> None:
+    def dead_letter(
+        self, tenant: str, raw: bytes, exc: HttpError, route: str = "/v1/chat/completions"
+    ) -> None:
         """A body refused here is kept on the request DLQ like any other refusal
         (fire and forget: the caller's answer does not wait for it)."""
         letter = DeadLetter(
             stage=STAGE,
             reason=f"HTTP {exc.status} {exc.code}: {exc}",
-            source_topic="http:/v1/chat/completions",
+            source_topic=f"http:{route}",
             partition=-1,
             offset=-1,
             key=tenant,

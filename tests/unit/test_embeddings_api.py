@@ -10,7 +10,9 @@ import pytest
 
 from processors import openai_embeddings as emb
 from processors.base import Rejected
-from schemas import Embeddings
+from processors.batching import Failed
+from processors.embeddings import EmbeddingAnswerer, packed
+from schemas import EmbeddingRequest, Embeddings
 
 
 def _body(**fields: Any) -> dict[str, Any]:
@@ -31,7 +33,7 @@ def test_one_input_or_several_become_one_request() -> None:
     [
         ({"dimensions": 64}, "dimensions:"),
         ({"input": [1, 2, 3]}, "input: token arrays"),
-        ({"input": ["x"] * 257}, "input: at most 256"),
+        ({"input": ["x"] * 129}, "input: at most 128"),
         ({"encoding_format": "int8"}, "encoding_format:"),
         ({"input": []}, "input:"),
     ],
@@ -49,11 +51,49 @@ def test_an_empty_input_is_refused_with_its_index() -> None:
 
 
 def test_base64_is_little_endian_float32_as_openai_sends_it() -> None:
+    vectors = [[0.25, -1.5], [3.0, 0.0]]
     answer = Embeddings(
-        request_id="e", tenant="t", model="m", vectors=[[0.25, -1.5], [3.0, 0.0]], prompt_tokens=4
+        request_id="e",
+        tenant="t",
+        model="m",
+        vectors_b64=[packed(v) for v in vectors],
+        prompt_tokens=4,
     )
     floats = emb.embeddings_body(answer)
     assert [d["embedding"] for d in floats["data"]] == [[0.25, -1.5], [3.0, 0.0]]
     assert floats["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
-    packed = emb.embeddings_body(answer, "base64")["data"][1]["embedding"]
-    assert np.frombuffer(base64.b64decode(packed), dtype="<f4").tolist() == [3.0, 0.0]
+    sent = emb.embeddings_body(answer, "base64")["data"][1]["embedding"]
+    assert np.frombuffer(base64.b64decode(sent), dtype="<f4").tolist() == [3.0, 0.0]
+
+
+class _CountingEmbedder:
+    dim = 2
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def embed(self, texts: Any) -> list[list[float]]:
+        self.calls.append(len(texts))
+        return [[float(len(t)), 1.0] for t in texts]
+
+    def count_tokens(self, text: str) -> int:
+        return 1
+
+
+def _asked(rid: str, n: int, model: str | None = None) -> EmbeddingRequest:
+    return EmbeddingRequest(request_id=rid, inputs=["x"] * n, model=model)
+
+
+def test_a_large_batch_is_embedded_a_part_at_a_time() -> None:
+    embedder = _CountingEmbedder()
+    answerer = EmbeddingAnswerer(embedder, "m", max_inputs=5)
+    done = answerer.process_each([_asked("a", 3), _asked("b", 2), _asked("c", 1)])
+    assert len(done) == 2 and embedder.calls == [5]  # "c" is read again later
+    alone = answerer.process_each([_asked("big", 9)])
+    assert len(alone) == 1 and embedder.calls == [5, 9]  # one request is never split
+
+
+def test_a_batch_of_other_models_never_calls_the_embedder() -> None:
+    embedder = _CountingEmbedder()
+    (refused,) = EmbeddingAnswerer(embedder, "m").process_each([_asked("a", 1, "other")])
+    assert isinstance(refused, Failed) and embedder.calls == []

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
@@ -15,6 +16,7 @@ from kllm.adapters.retrieval.documents import seed_documents as seed_documents_o
 from kllm.runtime.batch import BatchHandler, isolated
 from kllm.runtime.dispatch import RecordRef
 from processors.base import Emit
+from processors.embeddings import unpacked
 from processors.indexing import Indexer, chunk_by_tokens, require_text
 from processors.retrieval import PUBLIC_TENANT, Retriever, StoredChunk
 from schemas import (
@@ -324,7 +326,9 @@ def test_the_embedding_handler_answers_with_the_retrieval_embedder(
     assert emit.topic is EMBEDDINGS
     answer = emit.message
     assert isinstance(answer, Embeddings)
-    assert answer.vectors == [embedder.vector("kafka logs"), embedder.vector("qdrant")]
+    got = [unpacked(v) for v in answer.vectors_b64]
+    want = [embedder.vector("kafka logs"), embedder.vector("qdrant")]
+    assert np.allclose(got, want, atol=1e-7)
     assert answer.prompt_tokens == 3 and answer.model == "all-minilm-l6-v2"
     other = asked.model_copy(update={"request_id": "e2", "model": "text-embedding-3-small"})
     letter, error = embed([(_ref(EMBEDDING_REQUESTS, 1, "e2"), encode(other))])

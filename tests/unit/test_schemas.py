@@ -123,7 +123,7 @@ SAMPLES: dict[type[Message], Message] = {
     ),
     EmbeddingRequest: EmbeddingRequest(request_id="e-1", tenant="acme", inputs=["a", "b c"]),
     Embeddings: Embeddings(
-        request_id="e-1", tenant="acme", model="m", vectors=[[0.5, -1.0]], prompt_tokens=1
+        request_id="e-1", tenant="acme", model="m", vectors_b64=["AAAAPwAAgL8="], prompt_tokens=1
     ),
     DocumentIndexed: DocumentIndexed(
         tenant="acme", doc_id="guides/kafka", version=3, op="skipped", chunks=0, reason="older"

@@ -12,6 +12,7 @@ from jsonschema import Draft202012Validator
 
 from kllm.adapters.engines.chat_chunks import ChunkReader
 from kllm.adapters.engines.xllama import _tool_reply
+from kllm.core.errors import EngineError
 from processors import openai_api as api
 from processors import tool_calls as tc
 from processors.base import Rejected
@@ -240,3 +241,27 @@ def test_the_gateway_refuses_a_tool_choice_naming_no_tool() -> None:
     }
     with pytest.raises(Rejected, match="'get_time', which is not a tool"):
         api.parse_chat_request(body)
+
+
+def test_a_call_cut_at_max_tokens_stays_length() -> None:
+    reader = ChunkReader()
+    piece = {"index": 0, "id": "a", "function": {"name": "get_time", "arguments": '{"tz": '}}
+    reader.deltas({"choices": [{"delta": {"tool_calls": [piece]}, "finish_reason": "length"}]})
+    finish = reader.finish()
+    assert finish.finish_reason == "length" and finish.tool_calls[0].function.name == "get_time"
+
+
+@pytest.mark.parametrize(
+    "piece", [{"index": None, "function": {}}, {"index": 0, "function": "x"}, "text"]
+)
+def test_an_unreadable_call_piece_is_an_engine_error(piece: Any) -> None:
+    with pytest.raises(EngineError, match="unreadable tool call piece"):
+        ChunkReader().deltas({"choices": [{"delta": {"tool_calls": [piece]}}]})
+
+
+def test_call_arguments_are_never_cut_by_the_length_cap() -> None:
+    policy = Policy(1, "default", max_chars=10)
+    moderator = Moderator(OutputModerator(_Scores(), None, PolicyBook(1, policy, {})))
+    arguments = '{"body": "a long message that runs past ten characters"}'
+    result, (call,) = moderator.judge("", [_call(arguments)], Context("default"))
+    assert call.function.arguments == arguments and result.verdict == "allowed"

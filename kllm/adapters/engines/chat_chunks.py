@@ -84,10 +84,11 @@ class ChunkReader:
 
     def _take_calls(self, pieces: Any) -> None:
         for piece in pieces if isinstance(pieces, list) else []:
-            if not isinstance(piece, dict):
+            function = piece.get("function") if isinstance(piece, dict) else None
+            index = piece.get("index", max(self.calls, default=0)) if function else None
+            if not isinstance(function, dict) or not isinstance(index, int):
                 raise EngineError("unreadable tool call piece")
-            call = self.calls.setdefault(int(piece.get("index", len(self.calls))), {})
-            function = piece.get("function") or {}
+            call = self.calls.setdefault(index, {})
             for key, value in (("id", piece.get("id")), ("name", function.get("name"))):
                 if value:
                     call[key] = str(value)
@@ -107,7 +108,8 @@ class ChunkReader:
 
     def finish(self) -> Finish:
         calls = self._tool_calls()
-        reason = "tool_calls" if calls else self.finish_reason
+        # A call cut at max_tokens stays "length": its arguments are not whole.
+        reason = "tool_calls" if calls and self.finish_reason != "length" else self.finish_reason
         return Finish(reason, self.usage, tuple(self.logprobs), calls)
 
 
