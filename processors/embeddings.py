@@ -54,7 +54,9 @@ class EmbeddingAnswerer:
             if asked and inputs > self.max_inputs:
                 break  # this and the rest are read again, after the other consumers
             asked.append(i)
-        answered = isolate([requests[i] for i in asked], self._answer) if asked else []
+        answered: list[Result] = []
+        if asked:  # none when every request named another model
+            answered = isolate([requests[i] for i in asked], self._answer)
         for i, answer in zip(asked, answered, strict=False):
             results[i] = answer
         return tried(results)
