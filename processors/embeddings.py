@@ -61,11 +61,11 @@ class EmbeddingAnswerer:
             results[i] = answer
         return tried(results)
 
-    def _answer(self, part: Sequence[EmbeddingRequest]) -> list[Result]:
+    def _answer(self, part: Sequence[EmbeddingRequest]) -> list[list[Emit]]:
         t0 = time.perf_counter()
         vectors = self.embedder.embed([text for r in part for text in r.inputs])
         embed_ms = (time.perf_counter() - t0) * 1000
-        out: list[Result] = []
+        out: list[list[Emit]] = []
         start = 0
         for request in part:
             end = start + len(request.inputs)
