@@ -34,6 +34,9 @@ from topics import GROUPLESS, STAGES, stage_groups
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE_S = 15.0
+"""How long a stage sent SIGTERM may take to stop before it is sent SIGKILL."""
+
 __all__ = [
     "GROUPLESS",
     "STAGES",
@@ -355,7 +358,7 @@ class Supervisor:
         for sp in mine[replicas:]:
             if sp.proc is not None and sp.alive():
                 sp.proc.terminate()
-                sp.proc.wait(15)
+                _wait_or_kill(sp, time.monotonic() + STOP_GRACE_S)
             sp.ready_file.unlink(missing_ok=True)
             self.procs.remove(sp)
             changed.append(f"stopped {sp.name}")
@@ -395,7 +398,7 @@ class Supervisor:
             sp.proc.send_signal(sig)
             sp.proc.wait()
 
-    def stop_all(self, timeout_s: float = 15.0) -> None:
+    def stop_all(self, timeout_s: float = STOP_GRACE_S) -> None:
         """Stop every process (SIGTERM, then SIGKILL past ``timeout_s``); none is
         restarted after."""
         self.stopping = True
@@ -405,15 +408,22 @@ class Supervisor:
             sp.proc.terminate()
         deadline = time.monotonic() + timeout_s
         for sp in live:
-            assert sp.proc is not None
-            try:
-                sp.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("stage ignored SIGTERM; killing", extra={"stage": sp.name})
-                sp.proc.kill()
-                sp.proc.wait()
+            _wait_or_kill(sp, deadline)
         for sp in self.procs:
             sp.ready_file.unlink(missing_ok=True)
+
+
+def _wait_or_kill(sp: StageProcess, deadline: float) -> None:
+    """Wait for a process sent SIGTERM until ``deadline``, then SIGKILL it: a stage's
+    graceful stop (flush, commit, leave its group) can outlast any grace on a busy host,
+    and every stage survives a SIGKILL without losing a request."""
+    assert sp.proc is not None
+    try:
+        sp.proc.wait(max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        log.warning("stage ignored SIGTERM; killing", extra={"stage": sp.name})
+        sp.proc.kill()
+        sp.proc.wait()
 
 
 def groups_stable(admin: AdminClient, groups: Iterable[str]) -> bool:

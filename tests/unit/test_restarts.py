@@ -3,6 +3,9 @@ a failed process left alone while the others run, and the status file that says 
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 
 from kllm.core.errors import ConfigError, PipelineError
 from kllm.core.stage_status import STATUS_FILE, ProcessStatus, read_status, write_status
+from kllm.ops import supervisor
 from kllm.ops.restarts import CrashBudget, RestartPolicy
 from kllm.ops.supervisor import ChildSettings, Supervisor
 
@@ -182,6 +186,25 @@ def test_scaling_a_failed_stage_starts_it_again_with_a_new_budget(tmp_path: Path
     assert sup.procs[0].state() in ("starting", "restarting")
     sup.stop_all()
     assert sup.supervise() == []  # stopping: nothing restarts
+
+
+def test_scaling_down_kills_a_process_that_ignores_sigterm_past_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor, "STOP_GRACE_S", 0.5)
+    sup = Supervisor(tmp_path, {}, stages=("stubborn",))
+    (sp,) = sup.procs  # not started: stand in a process that ignores SIGTERM
+    ignores_term = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print(flush=True); time.sleep(60)"
+    )
+    sp.proc = subprocess.Popen([sys.executable, "-c", ignores_term], stdout=subprocess.PIPE)
+    assert sp.proc.stdout is not None
+    sp.proc.stdout.readline()  # its handler is in place
+    t0 = time.monotonic()
+    assert sup.scale("stubborn", 0) == ["stopped stubborn-0"]
+    assert sp.proc.returncode == -signal.SIGKILL
+    assert time.monotonic() - t0 < 10 and sup.procs == []
 
 
 # --- the status file ----------------------------------------------------------------------
