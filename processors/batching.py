@@ -101,6 +101,17 @@ def each(
     return _mark_down(out, succeeded)
 
 
+def tried(results: Sequence[Result | None]) -> list[Result]:
+    """The results up to the first record not tried (its dependency is down): that one
+    and the rest are read again."""
+    done: list[Result] = []
+    for result in results:
+        if result is None:
+            break
+        done.append(result)
+    return done
+
+
 def _mark_down(out: list[R | Failed], succeeded: bool) -> list[R | Failed]:
     trailing = _trailing_failures(out)
     if trailing >= DOWN_AFTER or (not succeeded and trailing):

@@ -42,15 +42,8 @@ def _setup_digest(request: Request) -> str:
     the token budget, the output format and the tools."""
     turns = [m.model_dump(mode="json") for m in request.messages]
     del turns[latest_question_index(request.messages)]
-    setup = {
-        "turns": turns,
-        "sampling": request.sampling.model_dump(mode="json"),
-        "max_tokens": request.max_tokens,
-        "response_format": request.response_format
-        and request.response_format.model_dump(mode="json", by_alias=True),
-        "tools": [t.model_dump(mode="json") for t in request.tools],
-        "tool_choice": request.tool_choice,
-    }
+    shaping = {"sampling", "max_tokens", "response_format", "tools", "tool_choice"}
+    setup = request.model_dump(mode="json", by_alias=True, include=shaping) | {"turns": turns}
     return hashlib.sha256(orjson.dumps(setup, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 

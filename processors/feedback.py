@@ -46,6 +46,10 @@ class FeedbackJoin:
                 "tenant": request.tenant,
                 "model": request.model,
                 "prompt": request.prompt,  # redacted by ingestion before this topic
+                "messages": [
+                    m.model_dump(mode="json", exclude_defaults=True) | {"role": m.role}
+                    for m in request.messages
+                ],  # every turn redacted likewise
                 "template": request.template,
                 "pii": list(request.pii),
                 "injection_score": request.injection_score,
@@ -71,6 +75,7 @@ class FeedbackJoin:
                 "tenant": response.tenant,
                 "model": response.model,
                 "answer": response.text,
+                "tool_calls": [c.model_dump(mode="json") for c in response.tool_calls],
                 "verdict": response.verdict,
                 "finish_reason": response.finish_reason,
                 "template": response.template,
@@ -131,7 +136,9 @@ def _joined(
     return {
         "model": response["model"] or request.get("model"),
         "prompt": request.get("prompt"),
+        "messages": request.get("messages", []),
         "answer": response["answer"],
+        "tool_calls": response.get("tool_calls", []),
         "verdict": response["verdict"],
         "finish_reason": response["finish_reason"],
         "template": response["template"] or request.get("template"),

@@ -23,7 +23,15 @@ from typing import Any, Protocol
 from kllm.core.errors import ContextLengthError, EngineError
 from processors.base import Emit, Outcome, Rejected
 from schemas import Generation, InferenceJob, Request, TokenDelta, Usage
-from schemas.chat import ChatTurn, ResponseFormat, Sampling, TokenLogprob
+from schemas.chat import (
+    ChatTurn,
+    ResponseFormat,
+    Sampling,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
 from schemas.messages import Choice
 from topics import GENERATIONS, TOKENS
 
@@ -37,12 +45,14 @@ class Delta:
 
 @dataclass(frozen=True)
 class Finish:
-    """The end of a stream: why it stopped, what it used, and (when asked for) each
-    token's log probability."""
+    """The end of a stream: why it stopped, what it used, (when asked for) each
+    token's log probability, and the tool calls it made."""
 
     finish_reason: str
     usage: Usage
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The caller's tools the model called (then ``finish_reason`` is "tool_calls")."""
 
 
 EngineEvent = Delta | Finish
@@ -61,11 +71,18 @@ class Options:
     response_format: ResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
 
     @classmethod
     def of(cls, request: Request) -> Options:
         return cls(
-            request.sampling, request.response_format, request.logprobs, request.top_logprobs
+            request.sampling,
+            request.response_format,
+            request.logprobs,
+            request.top_logprobs,
+            tuple(request.tools),
+            request.tool_choice,
         )
 
     def fields(self) -> dict[str, Any]:
@@ -79,6 +96,11 @@ class Options:
             body["logprobs"] = True
         if self.top_logprobs:
             body["top_logprobs"] = self.top_logprobs
+        if self.tools:
+            body["tools"] = [t.model_dump(mode="json", exclude_none=True) for t in self.tools]
+        if self.tool_choice is not None:
+            choice = self.tool_choice
+            body["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
         return body
 
 
@@ -102,12 +124,7 @@ class Engine(Protocol):
 def asked_fields(request: Request) -> list[str]:
     """The request's fields that an engine must honour, by their OpenAI names (``n``
     is the generator's own: it runs the engine n times)."""
-    asked = list(Options.of(request).fields())
-    if request.tools:
-        asked.append("tools")
-    if request.tool_choice is not None:
-        asked.append("tool_choice")
-    return asked
+    return list(Options.of(request).fields())
 
 
 @dataclass(frozen=True)
@@ -306,6 +323,9 @@ class Generator:
         if request.logprobs and request.stream:
             # Moderation cuts a stream into windows of its own: tokens would not line up.
             raise Rejected("logprobs: given for answers that are not streamed")
+        if request.logprobs and request.tools:
+            # A tool call's tokens are not the text returned: they would not line up either.
+            raise Rejected("logprobs: given for answers to requests without tools")
         asked = asked_fields(request)
         for name in asked:
             if name not in self.router.engines[plan[0]].honours:
@@ -360,8 +380,11 @@ class Generator:
             ttft_ms=ttft_ms,
             cost_usd=price.cost(usage),
             logprobs=list(finish.logprobs),
+            tool_calls=list(finish.tool_calls),
             alternatives=[
-                Choice(index=i, text=t, finish_reason=f.finish_reason)
+                Choice(
+                    index=i, text=t, finish_reason=f.finish_reason, tool_calls=list(f.tool_calls)
+                )
                 for i, (t, f, _) in enumerate(rest, start=1)
             ],
         )

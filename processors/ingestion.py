@@ -78,10 +78,15 @@ class Ingestion:
     def _screened(
         self, tenant: str, turns: list[ChatTurn]
     ) -> tuple[list[ChatTurn], dict[str, object]]:
-        """Every turn PII-redacted, and the conversation judged by its riskiest turn."""
+        """Every turn (and every tool call's arguments) PII-redacted, and the conversation
+        judged by its riskiest turn."""
         assert self.guardrails is not None
+        # Tool-call arguments are the caller's text too: screened and redacted alike.
+        calls = [(i, j) for i, m in enumerate(turns) for j in range(len(m.tool_calls))]
+        texts = [m.content for m in turns]
+        texts += [turns[i].tool_calls[j].function.arguments for i, j in calls]
         try:
-            screened = self.guardrails.screen_turns(tenant, [m.content for m in turns])
+            screened = self.guardrails.screen_turns(tenant, texts)
         except GuardrailError as exc:
             # A screening model's failure is ours, not the caller's: 503, retry.
             raise Rejected(
@@ -95,10 +100,17 @@ class Ingestion:
                 f"(score {screened.injection_score:.2f})",
                 code="prompt_blocked",
             )
+        contents, arguments = screened.texts[: len(turns)], screened.texts[len(turns) :]
         redacted = [
-            m.model_copy(update={"content": text})
-            for m, text in zip(turns, screened.texts, strict=True)
+            m.model_copy(update={"content": text}) for m, text in zip(turns, contents, strict=True)
         ]
+        for (i, j), text in zip(calls, arguments, strict=True):
+            turn = redacted[i]
+            call = turn.tool_calls[j]
+            function = call.function.model_copy(update={"arguments": text})
+            kept = list(turn.tool_calls)
+            kept[j] = call.model_copy(update={"function": function})
+            redacted[i] = turn.model_copy(update={"tool_calls": kept})
         return redacted, {
             "pii": list(screened.pii),
             "injection_score": round(screened.injection_score, 4),

@@ -28,6 +28,7 @@ from processors.base import Emit
 from processors.guardrails import Redactor
 from processors.policies import Policy, PolicyBook
 from schemas import Citation, Generation, ModerationEvent, Request, Response
+from schemas.chat import ToolCall
 from schemas.messages import Choice
 from topics import MODERATION_EVENTS, RESPONSES
 
@@ -80,6 +81,9 @@ class Context:
     """The caller's own system and developer turns."""
     json_mode: bool = False
     """The answer is JSON: redact inside its string values, so it stays valid."""
+    uncapped: bool = False
+    """The policy's length cap does not apply (tool-call arguments: a cut would leave
+    JSON no tool can read)."""
 
 
 def shared_run(text: str, source: str, min_words: int) -> bool:
@@ -110,6 +114,8 @@ class OutputModerator:
         stream's earlier windows), so a denied phrase, a block pattern or an echo running
         across a window boundary counts."""
         policy = self.policies.for_tenant(ctx.tenant)
+        if ctx.uncapped:
+            policy = replace(policy, max_chars=None)
         if not text.strip():
             return Moderated(text, "allowed")
         (toxicity,) = self.classifier.score([text])
@@ -230,8 +236,10 @@ class Moderator:
         request = generation.request
         policy = self.checks.policies.for_tenant(request.tenant).tag
         ctx = self.context(request)
-        result = self.checks.moderate(generation.text, ctx)
-        judged = [(alt, self.checks.moderate(alt.text, ctx)) for alt in generation.alternatives]
+        result, calls = self.judge(generation.text, generation.tool_calls, ctx)
+        judged = [
+            (alt, *self.judge(alt.text, alt.tool_calls, ctx)) for alt in generation.alternatives
+        ]
         blocked = result.verdict == "blocked"
         now = time.time() if now is None else now
         response = Response(
@@ -258,7 +266,8 @@ class Moderator:
             instructions_dropped=request.instructions_dropped,
             trimmed_turns=request.trimmed_turns,
             fallback=generation.fallback,
-            alternatives=[_moderated_choice(alt, r) for alt, r in judged],
+            alternatives=[_moderated_choice(alt, r, c) for alt, r, c in judged],
+            tool_calls=calls,
             logprobs=generation.logprobs
             if request.logprobs and result.verdict == "allowed"
             else None,
@@ -271,7 +280,7 @@ class Moderator:
                 event(request.request_id, request.tenant, result, policy),
             ),
         ]
-        for alt, r in judged:
+        for alt, r, _ in judged:
             if r.verdict != "allowed":
                 ev = event(request.request_id, request.tenant, r, policy)
                 ev = ev.model_copy(
@@ -280,14 +289,38 @@ class Moderator:
                 out.append(Emit(MODERATION_EVENTS, request.request_id, ev))
         return out
 
+    def judge(
+        self, text: str, calls: Sequence[ToolCall], ctx: Context
+    ) -> tuple[Moderated, list[ToolCall]]:
+        """One answer's text and tool calls judged together. Arguments are JSON: they
+        are redacted inside their string values. A blocked call blocks the answer."""
+        result = self.checks.moderate(text, ctx)
+        as_json = replace(ctx, json_mode=True, uncapped=True)
+        kept, findings, scores = [], list(result.findings), dict(result.scores)
+        for call in calls:
+            judged = self.checks.moderate(call.function.arguments, as_json)
+            name = call.function.name
+            findings += [
+                replace(f, reason=f"tool call {name}: {f.reason}") for f in judged.findings
+            ]
+            for key, score in judged.scores.items():
+                scores[key] = max(score, scores.get(key, score))
+            function = call.function.model_copy(update={"arguments": judged.text})
+            kept.append(call.model_copy(update={"function": function}))
+        if any(f.action == "block" for f in findings):
+            return Moderated(BLOCKED_TEXT, "blocked", tuple(findings), scores), []
+        verdict: Verdict = "redacted" if findings else "allowed"
+        return Moderated(result.text, verdict, tuple(findings), scores), kept
 
-def _moderated_choice(choice: Choice, result: Moderated) -> Choice:
+
+def _moderated_choice(choice: Choice, result: Moderated, calls: list[ToolCall]) -> Choice:
     blocked = result.verdict == "blocked"
     return choice.model_copy(
         update={
             "text": result.text,
             "verdict": result.verdict,
             "finish_reason": "content_filter" if blocked else choice.finish_reason,
+            "tool_calls": calls,
         }
     )
 

@@ -15,11 +15,27 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from processors.base import Rejected
 from schemas import Request, Response
-from schemas.chat import ChatTurn, ResponseFormat, Sampling, Tool, ToolCall, ToolChoice
+from schemas.chat import (
+    ChatTurn,
+    ResponseFormat,
+    Sampling,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    check_tool_choice,
+)
 
 STATUS_BY_CODE = {
     "invalid_request": 400,
@@ -152,6 +168,11 @@ class ChatCompletionRequest(BaseModel):
         if not any(m.role == "user" and m.text().strip() for m in messages):
             raise ValueError("messages must contain a user message with text")
         return messages
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        check_tool_choice(self.tools, self.tool_choice)
+        return self
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -359,6 +380,22 @@ def extension(response: Response) -> dict[str, Any]:
     }
 
 
+def _message(text: str, calls: Sequence[ToolCall]) -> dict[str, Any]:
+    """An answer as OpenAI's assistant message: with calls, and no text, its content is null."""
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {
+        "role": "assistant",
+        "content": text or None,
+        "tool_calls": [c.model_dump(mode="json") for c in calls],
+    }
+
+
+def call_pieces(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """Tool calls as a stream's delta carries them: each whole, with its index."""
+    return [{"index": i, **c.model_dump(mode="json")} for i, c in enumerate(calls)]
+
+
 def completion(response: Response, created: int) -> dict[str, Any]:
     return {
         "id": response.request_id,
@@ -368,14 +405,14 @@ def completion(response: Response, created: int) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": response.text},
+                "message": _message(response.text, response.tool_calls),
                 "finish_reason": _finish(response),
                 **_logprobs(response),
             },
             *(
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": _message(c.text, c.tool_calls),
                     "finish_reason": _finish_reason(c.finish_reason),
                 }
                 for c in response.alternatives
@@ -390,7 +427,7 @@ def chunk(
     request_id: str,
     model: str,
     created: int,
-    delta: dict[str, str],
+    delta: dict[str, Any],
     finish_reason: str | None = None,
 ) -> dict[str, Any]:
     return {
@@ -403,19 +440,26 @@ def chunk(
 
 
 def closing_chunks(
-    response: Response, created: int, include_usage: bool
+    response: Response, created: int, include_usage: bool, finish_reason: str | None = None
 ) -> Sequence[dict[str, Any]]:
-    """The last chunk (finish reason and the pipeline's extension), then usage if asked."""
-    last = chunk(response.request_id, response.model, created, {}, _finish(response))
+    """The tool calls if any, the last chunk (the finish reason, or ``finish_reason``
+    when given, and the pipeline's extension), then usage if asked."""
+    rid, model = response.request_id, response.model
+    out = []
+    if response.tool_calls:
+        out.append(chunk(rid, model, created, {"tool_calls": call_pieces(response.tool_calls)}))
+    last = chunk(rid, model, created, {}, finish_reason or _finish(response))
     last["kllm"] = extension(response)
-    if not include_usage:
-        return [last]
-    usage = {
-        "id": response.request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": response.model,
-        "choices": [],
-        "usage": _usage(response),
-    }
-    return [last, usage]
+    out.append(last)
+    if include_usage:
+        out.append(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": _usage(response),
+            }
+        )
+    return out

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from kllm.core.errors import ConfigError, PipelineError
 from processors.base import Emit, Rejected
-from processors.batching import Failed, Result, each, isolate
+from processors.batching import Failed, Result, each, isolate, tried
 from processors.cache import Hit, ResponseCache
 from processors.conversation import build_messages, search_text, trim_history
 from processors.templates import TemplateCatalog
@@ -188,12 +188,7 @@ class Retriever:
                 ]
         if misses:
             self._answer_misses(requests, misses, results, now)
-        done: list[Result] = []
-        for result in results:
-            if result is None:
-                break  # not tried: the dependency is down; this and the rest come again
-            done.append(result)
-        return done
+        return tried(results)
 
     def _answer_misses(
         self,

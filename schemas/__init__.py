@@ -14,6 +14,7 @@ from schemas.chat import (
     ToolCall,
 )
 from schemas.codec import SchemaError, decode, encode, peek_field, peek_request_id, registry
+from schemas.embeddings import EmbeddingRequest, Embeddings
 from schemas.messages import (
     Chunk,
     Citation,
@@ -42,6 +43,8 @@ __all__ = [
     "Document",
     "DocumentIndexed",
     "DriftAlert",
+    "EmbeddingRequest",
+    "Embeddings",
     "Feedback",
     "FeedbackEnriched",
     "FunctionCall",

@@ -117,6 +117,18 @@ class NamedToolChoice(_Part):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
+def check_tool_choice(tools: list[Tool] | None, choice: ToolChoice | None) -> None:
+    """ValueError unless ``choice`` can be met: it needs tools, and a named one is one of them."""
+    if choice in (None, "none"):
+        return
+    if not tools:
+        raise ValueError("tool_choice is set but no tools are given")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+        t.function.name for t in tools
+    }:
+        raise ValueError(f"tool_choice names {choice.function.name!r}, which is not a tool")
+
+
 class TopLogprob(_Part):
     token: str
     logprob: float

@@ -8,6 +8,7 @@ import orjson
 from pydantic import ValidationError
 
 from kllm.core.errors import PipelineError
+from schemas.embeddings import EmbeddingRequest, Embeddings
 from schemas.messages import (
     DeadLetter,
     Document,
@@ -41,6 +42,8 @@ _MODELS: tuple[type[Message], ...] = (
     TokenDelta,
     Document,
     DocumentIndexed,
+    EmbeddingRequest,
+    Embeddings,
 )
 
 registry: dict[tuple[str, int], type[Message]] = {(m.SCHEMA, m.VERSION): m for m in _MODELS}
@@ -99,6 +102,9 @@ def decode(data: bytes | str, expected: type[M]) -> M:
     if model is None:
         known = sorted(v for (n, v) in registry if n == name)
         raise SchemaError(f"unknown schema version {version} for '{name}' (supported: {known})")
+    if (name, version) == (Request.SCHEMA, 1) and "prompt" not in body:
+        # Version 1 carried one prompt; its producers know nothing of messages.
+        raise SchemaError("missing field 'prompt'")
     try:
         message = model.model_validate(body)
     except ValidationError as exc:

@@ -18,7 +18,9 @@ from schemas.chat import (
     Sampling,
     TokenLogprob,
     Tool,
+    ToolCall,
     ToolChoice,
+    check_tool_choice,
 )
 
 Verdict = Literal["allowed", "redacted", "blocked"]
@@ -99,6 +101,11 @@ class Request(Message):
             raise ValueError("the conversation needs a user turn with text")
         return messages
 
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> Request:
+        check_tool_choice(self.tools, self.tool_choice)
+        return self
+
     @classmethod
     def from_prompt(cls, prompt: str, **fields: Any) -> Request:
         """A one-question conversation (what version 1 carried)."""
@@ -160,6 +167,7 @@ class Choice(_Model):
     index: int = Field(ge=1)
     text: str
     finish_reason: str
+    tool_calls: list[ToolCall] = Field(default_factory=list)
     verdict: Verdict | None = None
     """Set by moderation, which judges each choice on its own."""
 
@@ -187,6 +195,8 @@ class Generation(Message):
     """Choices 1..n-1 of a request for n > 1."""
     logprobs: list[TokenLogprob] = Field(default_factory=list)
     """The answer's tokens with their log probabilities, when the request asked."""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """The caller's tools the model called; the finish reason is then "tool_calls"."""
 
 
 class TokenDelta(Message):
@@ -260,6 +270,8 @@ class Response(Message):
     logprobs: list[TokenLogprob] | None = None
     """The answer's tokens with their log probabilities, when asked for and the answer
     reads as generated; None when moderation changed its text (they would not match)."""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """The caller's tools the model called, their arguments moderated."""
 
 
 class ModerationEvent(Message):
@@ -309,7 +321,12 @@ class FeedbackEnriched(Message):
     feedback_at: float
     model: str | None = None
     prompt: str | None = None
+    messages: list[ChatTurn] = Field(default_factory=list)
+    """The whole (redacted) conversation the answer continues; its last user turn is
+    ``prompt``."""
     answer: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """The answer's calls of the caller's tools."""
     verdict: Verdict | None = None
     finish_reason: str | None = None
     template: str | None = None

@@ -24,7 +24,7 @@ from kllm.gateway.service import Gateway
 from kllm.runtime import logs, tracing
 from kllm.runtime.kafka import make_producer
 from kllm.runtime.settings import StageSettings
-from topics import MODERATED_TOKENS, RESPONSES
+from topics import EMBEDDINGS, MODERATED_TOKENS, RESPONSES
 
 
 class Settings(StageSettings):
@@ -103,7 +103,11 @@ def build(
         fetch = {"fetch.wait.max.ms": settings.consumer_config()["fetch.wait.max.ms"]}
         # Moderated windows only: the raw token topic never reaches a caller.
         router = ReplyRouter(
-            bootstrap, [RESPONSES, MODERATED_TOKENS], fetch, recent, settings.gateway_replay_warm
+            bootstrap,
+            [RESPONSES, MODERATED_TOKENS, EMBEDDINGS],
+            fetch,
+            recent,
+            settings.gateway_replay_warm,
         )
     keys = keys or KeyStore(settings.keys_path())
     return Gateway(settings.gateway(), keys, producer, router, recent)

@@ -1,7 +1,8 @@
 """Retrieval stage: the live corpus in, questions with their context out.
 
-Three consumers in one process, because embedded Qdrant can be opened by one
-process only: the indexer (documents -> Qdrant, receipts out), the query path
+Four consumers in one process, because embedded Qdrant can be opened by one
+process only: the indexer (documents -> Qdrant, receipts out), the embedding
+answerer (callers' texts -> vectors, with the same model), the query path
 (questions -> inference jobs, or cached answers straight to the responses),
 and the cache filler (answers coming back). All in micro-batches so the
 embedding model sees batches.
@@ -28,14 +29,16 @@ from kllm.runtime.ready import mark_ready
 from kllm.runtime.settings import DOCS_DIR, PROMPTS_DIR, StageSettings
 from kllm.runtime.stop import Stop
 from processors.cache import ResponseCache
+from processors.embeddings import EmbeddingAnswerer
 from processors.indexing import Indexer, require_text
 from processors.retrieval import PUBLIC_TENANT, Embedder, Retriever, VectorStore
 from processors.templates import load_templates
-from schemas import Document, Request, Response
-from topics import CACHE_GROUP, INDEXER_GROUP, RETRIEVAL_GROUP, ConsumerGroup
+from schemas import Document, EmbeddingRequest, Request, Response
+from topics import CACHE_GROUP, EMBEDDING_GROUP, INDEXER_GROUP, RETRIEVAL_GROUP, ConsumerGroup
 
 STAGE = "retrieval"
 INDEXER = "indexer"
+EMBEDDER = "embeddings"
 CACHE = "cache"
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,10 @@ class Settings(StageSettings):
     collection: str = "kllm_docs"
     seed_dir: Path = DOCS_DIR
     embed_model: str = ""
+    embedding_name: str = "all-minilm-l6-v2"
+    """The name /v1/embeddings callers ask for the embedding model by."""
+    embedding_max_inputs: int = Field(default=256, ge=1)
+    """Texts embedded per poll for /v1/embeddings, over however many requests."""
     top_k: int = 2
     min_score: float = 0.2
     model_pools: dict[str, str] = Field(default_factory=dict)
@@ -84,8 +91,9 @@ def build(
 ) -> list[tuple[ConsumerGroup, str, BatchHandler]]:
     """The stage's handlers, each with its consumer group and the name it reports (DLQ
     records, spans, metrics), in the order the loop steps them: the
-    indexer first (a fresh document is searchable by the next query), the cache filler
-    (when the cache is on), then the query path. The seed corpus is indexed here."""
+    indexer first (a fresh document is searchable by the next query), the embedding
+    answerer, the cache filler (when the cache is on), then the query path. The seed
+    corpus is indexed here."""
     if embedder is None:
         from kllm.adapters.retrieval.embedder import SentenceTransformerEmbedder
 
@@ -131,7 +139,14 @@ def build(
     index = isolated(
         INDEXER, Document, indexer.process_each, require_text, retry_budget_s=settings.index_retry_s
     )
-    handlers = [(INDEXER_GROUP, INDEXER, index)]
+    embeddings = EmbeddingAnswerer(embedder, settings.embedding_name, settings.embedding_max_inputs)
+    embed = isolated(
+        EMBEDDER,
+        EmbeddingRequest,
+        embeddings.process_each,
+        retry_budget_s=settings.query_retry_s,
+    )
+    handlers = [(INDEXER_GROUP, INDEXER, index), (EMBEDDING_GROUP, EMBEDDER, embed)]
     if cache is not None:
         # A side reader of the responses: their own stage reports what it cannot read.
         handlers.append(

@@ -10,6 +10,8 @@ from schemas import (
     Document,
     DocumentIndexed,
     DriftAlert,
+    EmbeddingRequest,
+    Embeddings,
     Feedback,
     FeedbackEnriched,
     Generation,
@@ -79,6 +81,10 @@ FEEDBACK_ENRICHED = TopicSpec(
     "llm.feedback.enriched", 4, "request id", FeedbackEnriched, retention_ms=90 * _DAY_MS
 )
 DRIFT_ALERTS = TopicSpec("llm.drift.alerts", 1, "tenant/model", DriftAlert)
+EMBEDDING_REQUESTS = TopicSpec(
+    "llm.embeddings.requests", 2, "request id", EmbeddingRequest, has_dlq=True
+)
+EMBEDDINGS = TopicSpec("llm.embeddings", 2, "request id", Embeddings, retention_ms=_DAY_MS)
 
 _PRIMARY = (
     REQUESTS,
@@ -94,6 +100,8 @@ _PRIMARY = (
     FEEDBACK,
     FEEDBACK_ENRICHED,
     DRIFT_ALERTS,
+    EMBEDDING_REQUESTS,
+    EMBEDDINGS,
 )
 
 ALL: tuple[TopicSpec, ...] = _PRIMARY + tuple(t.dlq for t in _PRIMARY if t.has_dlq)

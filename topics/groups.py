@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from topics.catalog import (
     ALL,
     DOCUMENTS,
+    EMBEDDING_REQUESTS,
     FEEDBACK,
     FEEDBACK_ENRICHED,
     GENERATIONS,
@@ -65,6 +66,8 @@ INGESTION_GROUP = ConsumerGroup(group_id("ingestion"), "ingestion", (REQUESTS,))
 RETRIEVAL_GROUP = ConsumerGroup(group_id("retrieval"), "retrieval", (RETRIEVAL,))
 INDEXER_GROUP = ConsumerGroup(group_id("indexer"), "retrieval", (DOCUMENTS,))
 """The document indexer, inside the retrieval process (embedded Qdrant has one opener)."""
+EMBEDDING_GROUP = ConsumerGroup(group_id("embeddings"), "retrieval", (EMBEDDING_REQUESTS,))
+"""Embedding requests, inside the retrieval process: it owns the embedding model."""
 CACHE_GROUP = ConsumerGroup(group_id("cache"), "retrieval", (RESPONSES,), runs_if="KLLM_CACHE")
 """The cache filler, inside the retrieval process: answers coming back."""
 MODERATION_GROUP = ConsumerGroup(group_id("moderation"), "moderation", (GENERATIONS, TOKENS))
@@ -160,7 +163,7 @@ GROUPLESS = frozenset({"gateway"})
 
 _FIXED: dict[str, tuple[ConsumerGroup, ...]] = {
     "ingestion": (INGESTION_GROUP,),
-    "retrieval": (RETRIEVAL_GROUP, INDEXER_GROUP, CACHE_GROUP),
+    "retrieval": (RETRIEVAL_GROUP, INDEXER_GROUP, EMBEDDING_GROUP, CACHE_GROUP),
     "moderation": (MODERATION_GROUP,),
     "feedback": (FEEDBACK_GROUP,),
     "drift": (DRIFT_GROUP,),

@@ -112,9 +112,10 @@ class LiveStream:
         out = []
         if self.sent < 0 and self.closing is None and r.text:
             out.append(self._chunk({"content": r.text}))  # a cached answer: all at once
-        closing = list(api.closing_chunks(r, self.created, self.include_usage))
-        if self.closing is not None and self.closing.finish_reason == "content_filter":
-            closing[0]["choices"][0]["finish_reason"] = "content_filter"
+        cut = self.closing is not None and self.closing.finish_reason == "content_filter"
+        closing = api.closing_chunks(
+            r, self.created, self.include_usage, "content_filter" if cut else None
+        )
         out.extend(self._data(c) for c in closing)
         out.append(b"data: [DONE]\n\n")
         return out

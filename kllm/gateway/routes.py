@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from kllm.gateway.service import Gateway, Outcome
 from kllm.gateway.stages import add_stage_health, stage_report
 from kllm.runtime import tracing
 from processors import openai_api as api
+from processors import openai_embeddings as emb
 from processors import text_completions
 from processors.openai_api import Shape
 from schemas import Feedback, encode
@@ -153,13 +155,17 @@ async def _answer_chat(
         tenant = gw.tenant(http)
         chat_request = await parse(gw, http, tenant, dialect.parser)
         ignored.extend(chat_request.ignored())
-        request = api.to_request(
-            chat_request,
-            request_id=gw.request_id(http, tenant, chat_request),
-            tenant=tenant,
-            model=chat_request.model,
-            timeout_s=gw.config.timeout_s,
-        )
+        request_id = gw.request_id(http, tenant, chat_request)
+        try:
+            request = api.to_request(
+                chat_request,
+                request_id=request_id,
+                tenant=tenant,
+                model=chat_request.model,
+                timeout_s=gw.config.timeout_s,
+            )
+        except PipelineError as exc:  # a body valid for OpenAI that no request can carry
+            raise HttpError(400, "invalid_request", str(exc)) from exc
         gone = partial(until_disconnected, http)
         if chat_request.stream and gw.fresh(request.request_id):
             include = _include_usage(chat_request)
@@ -218,6 +224,36 @@ async def feedback(gw: Gateway, http: HttpRequest) -> HttpResponse:
     return _json({"status": "accepted", "request_id": message.request_id}, 202)
 
 
+async def embeddings(gw: Gateway, http: HttpRequest) -> HttpResponse:
+    """The pipeline's embedding model, over Kafka, through the stage that owns it."""
+    t0 = time.perf_counter()
+    try:
+        tenant = gw.tenant(http)
+        raw = await read_body(http, gw.config.max_body_bytes)
+        try:
+            body = emb.parse_embeddings_request(orjson.loads(raw))
+            request = emb.to_embedding_request(
+                body,
+                request_id=f"emb-{uuid.uuid4().hex}",
+                tenant=tenant,
+                timeout_s=gw.config.timeout_s,
+            )
+        except (orjson.JSONDecodeError, PipelineError) as exc:
+            error = HttpError(400, "invalid_request", str(exc))
+            gw.dead_letter(tenant, raw, error, "/v1/embeddings")
+            raise error from exc
+        answer = await gw.embed(request, partial(until_disconnected, http))
+    except HttpError as exc:
+        gw.metrics.observe_error(exc.status, exc.code)
+        return error_response(exc)
+    gw.metrics.observe_ok(time.perf_counter() - t0, 0.0, False)
+    inputs = len(answer.vectors_b64)
+    log.info("embedded", extra={"request_id": answer.request_id, "inputs": inputs})
+    headers = {"x-request-id": answer.request_id}
+    body_bytes = orjson.dumps(emb.embeddings_body(answer, body.encoding_format))
+    return HttpResponse(body_bytes, 200, headers, "application/json")
+
+
 async def models(gw: Gateway, http: HttpRequest) -> HttpResponse:
     try:
         gw.tenant(http)
@@ -266,6 +302,7 @@ async def metrics(gw: Gateway, _http: HttpRequest) -> HttpResponse:
 ROUTES: list[tuple[str, str, Endpoint]] = [
     ("/v1/chat/completions", "POST", chat),
     ("/v1/completions", "POST", completions),
+    ("/v1/embeddings", "POST", embeddings),
     ("/v1/models", "GET", models),
     ("/v1/feedback", "POST", feedback),
     ("/healthz", "GET", health),

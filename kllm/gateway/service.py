@@ -34,8 +34,8 @@ from kllm.runtime.delivery import produce_acked_async
 from kllm.runtime.metrics import GatewayMetrics
 from processors import openai_api as api
 from processors.admission import idempotent_id
-from schemas import DeadLetter, Request, Response, encode
-from topics import REQUESTS, RESPONSES
+from schemas import DeadLetter, EmbeddingRequest, Embeddings, Request, Response, encode
+from topics import EMBEDDING_REQUESTS, REQUESTS, RESPONSES
 
 T = TypeVar("T")
 Gone = Callable[[], Awaitable[None]]
@@ -64,6 +64,8 @@ class Gateway:
     _callers: dict[str, int] = field(default_factory=dict)
     """Callers awaiting each round trip."""
     streams: int = 0
+    embedding: int = 0
+    """Embedding requests waiting for their vectors (each holds one slot)."""
     health: Health | None = None
     _monitor: PipelineMonitor | None = None
     _stop_polling: threading.Event = field(default_factory=threading.Event)
@@ -81,8 +83,8 @@ class Gateway:
 
     @property
     def busy(self) -> int:
-        """Callers holding a slot here: waiting for an answer, or streaming one."""
-        return len(self.waiting) + self.streams
+        """Callers holding a slot here: waiting for an answer or vectors, or streaming."""
+        return len(self.waiting) + self.streams + self.embedding
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Delivery callbacks run from the producer's poll(): a thread keeps them flowing."""
@@ -142,13 +144,15 @@ class Gateway:
             raise HttpError(401, "invalid_api_key", "missing or invalid API key")
         return tenant
 
-    def dead_letter(self, tenant: str, raw: bytes, exc: HttpError) -> None:
+    def dead_letter(
+        self, tenant: str, raw: bytes, exc: HttpError, route: str = "/v1/chat/completions"
+    ) -> None:
         """A body refused here is kept on the request DLQ like any other refusal
         (fire and forget: the caller's answer does not wait for it)."""
         letter = DeadLetter(
             stage=STAGE,
             reason=f"HTTP {exc.status} {exc.code}: {exc}",
-            source_topic="http:/v1/chat/completions",
+            source_topic=f"http:{route}",
             partition=-1,
             offset=-1,
             key=tenant,
@@ -283,6 +287,37 @@ class Gateway:
         return ReleasingStream(
             live.events(first), release, headers=headers, media_type="text/event-stream"
         )
+
+    async def embed(self, request: EmbeddingRequest, gone: Gone) -> Embeddings:
+        """Publish an embedding request and wait for its vectors, holding a slot like any
+        caller; the stage's error answer (on the responses) is the caller's HTTP error."""
+        self._admit()
+        rid = request.request_id
+        queue = self.router.subscribe(rid)
+        self.embedding += 1  # a slot, released however the wait ends
+        try:
+            key, value = rid, encode(request)
+            await self.publish(EMBEDDING_REQUESTS.name, key, value, request.deadline_at)
+            reply = await _unless_gone(self._embedded(queue, request.deadline_at), gone)
+        finally:
+            self.embedding -= 1
+            self.router.unsubscribe(rid, queue)
+        if reply is None:
+            raise HttpError(499, "client_closed", "the caller closed the connection")
+        if isinstance(reply.message, Response):
+            raise reply_error(reply.message)
+        assert isinstance(reply.message, Embeddings)
+        return reply.message
+
+    async def _embedded(self, queue: asyncio.Queue[Reply], deadline_at: float | None) -> Reply:
+        left = (deadline_at or time.time()) - time.time() + 1.0
+        try:
+            while True:
+                reply = await asyncio.wait_for(queue.get(), timeout=max(left, 0.01))
+                if isinstance(reply.message, (Embeddings, Response)):
+                    return reply
+        except TimeoutError as exc:
+            raise HttpError(504, "timeout", "no answer before the request's deadline") from exc
 
     async def _round_trip(self, request: Request) -> Outcome:
         queue = self.router.subscribe(request.request_id)

@@ -70,13 +70,13 @@ def latest_per_request(records: Iterator[FeedbackEnriched]) -> list[FeedbackEnri
 
 
 def chat_row(r: FeedbackEnriched) -> dict[str, Any]:
-    """One JSONL line: the exchange as chat messages, the rating, and where it came from."""
-    meta = r.model_dump(exclude={"prompt", "answer", "rating", "label", "comment"})
+    """One JSONL line: the whole conversation and the answer as chat messages (ready to
+    fine-tune on), the rating, and where it came from."""
+    meta = r.model_dump(
+        exclude={"prompt", "messages", "answer", "tool_calls", "rating", "label", "comment"}
+    )
     return {
-        "messages": [
-            {"role": "user", "content": r.prompt or ""},
-            {"role": "assistant", "content": r.answer or ""},
-        ],
+        "messages": [*_turns(r), _answer(r)],
         "rating": r.rating,
         "label": r.label,
         "comment": r.comment,
@@ -84,8 +84,24 @@ def chat_row(r: FeedbackEnriched) -> dict[str, Any]:
     }
 
 
+def _turns(r: FeedbackEnriched) -> list[dict[str, Any]]:
+    if not r.messages:  # joined before conversations travelled: the question alone
+        return [{"role": "user", "content": r.prompt or ""}]
+    return [m.wire() for m in r.messages]
+
+
+def _answer(r: FeedbackEnriched) -> dict[str, Any]:
+    turn: dict[str, Any] = {"role": "assistant", "content": r.answer or ""}
+    if r.tool_calls:
+        turn["tool_calls"] = [c.model_dump(mode="json") for c in r.tool_calls]
+    return turn
+
+
 def flat_row(r: FeedbackEnriched) -> dict[str, Any]:
-    row = r.model_dump(exclude={"usage"})
+    row = r.model_dump(exclude={"usage", "messages", "tool_calls"})
+    # One column each, as JSON text: a table's columns keep one type whatever the turns.
+    row["messages"] = orjson.dumps([m.wire() for m in r.messages]).decode()
+    row["tool_calls"] = orjson.dumps([c.model_dump(mode="json") for c in r.tool_calls]).decode()
     usage = r.usage
     row["prompt_tokens"] = usage.prompt_tokens if usage else None
     row["completion_tokens"] = usage.completion_tokens if usage else None

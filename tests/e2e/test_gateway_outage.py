@@ -23,7 +23,15 @@ from kllm.runtime.kafka import ConfluentTopicAdmin, TailReader, make_producer
 from schemas import Request, Response, decode, encode
 from tests.e2e.conftest import CONSUMER, FAST_GROUPS, embedded_broker, wait_until
 from tests.e2e.gateways import gateway_process, health
-from topics import FEEDBACK, MODERATED_TOKENS, REQUESTS, RESPONSES, provision
+from topics import (
+    EMBEDDING_REQUESTS,
+    EMBEDDINGS,
+    FEEDBACK,
+    MODERATED_TOKENS,
+    REQUESTS,
+    RESPONSES,
+    provision,
+)
 
 PUBLISH_TIMEOUT_S = 2.0
 DEADLINE_S = 10.0
@@ -65,7 +73,9 @@ class Responder:
 def paused_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     log = tmp_path_factory.mktemp("outage-broker") / "broker.log"
     with embedded_broker(log) as broker:
+        # The topics a gateway writes and reads (it refuses to start without its replies').
         specs = [REQUESTS, REQUESTS.dlq, RESPONSES, MODERATED_TOKENS, FEEDBACK]
+        specs += [EMBEDDING_REQUESTS, EMBEDDINGS]
         provision(ConfluentTopicAdmin(broker.bootstrap), specs)
         yield broker
 

@@ -8,7 +8,7 @@ import pytest
 
 from processors.cache import ResponseCache
 from schemas import Citation, Request, Response, ResponseFormat, Sampling, Tool, Usage
-from schemas.chat import ChatTurn, FunctionSpec
+from schemas.chat import ChatTurn, FunctionSpec, NamedFunction, NamedToolChoice
 
 NOW = 1000.0
 E1 = [1.0, 0.0, 0.0, 0.0]
@@ -336,6 +336,10 @@ def test_a_random_request_is_neither_served_nor_stored() -> None:
         {"response_format": ResponseFormat(type="json_object")},
         {"tools": [Tool(function=FunctionSpec(name="weather"))]},
         {
+            "tools": [Tool(function=FunctionSpec(name="weather"))],
+            "tool_choice": NamedToolChoice(function=NamedFunction(name="weather")),
+        },
+        {
             "messages": [
                 ChatTurn(role="system", content="Answer in French."),
                 ChatTurn(role="user", content="What is Kafka?"),
@@ -349,7 +353,7 @@ def test_a_random_request_is_neither_served_nor_stored() -> None:
             ]
         },
     ],
-    ids=["max_tokens", "stop", "top_p", "json", "tools", "instructions", "history"],
+    ids=["max_tokens", "stop", "top_p", "json", "tools", "named", "instructions", "history"],
 )
 def test_the_same_question_asked_differently_is_a_miss(change: dict[str, Any]) -> None:
     assert not _learned_then(req(request_id="r2", **change))

@@ -12,7 +12,7 @@ import pytest
 
 from kllm.core.errors import ConfigError
 from kllm.ops.export import Filter, chat_row, flat_row, latest_per_request, parse_when, write
-from schemas import FeedbackEnriched, Usage
+from schemas import ChatTurn, FeedbackEnriched, FunctionCall, ToolCall, Usage
 
 NOW = 1_700_000_000.0
 
@@ -246,3 +246,30 @@ def test_write_other_suffix_is_a_config_error(tmp_path: Path, name: str) -> None
     with pytest.raises(ConfigError, match=r"\.jsonl or \.parquet"):
         write(some_records(), tmp_path / name)
     assert not (tmp_path / name).exists()
+
+
+def test_a_chat_row_is_the_whole_transcript_with_the_answer_s_calls() -> None:
+    turns = [
+        ChatTurn(role="system", content="Be brief."),
+        ChatTurn(role="user", content="What is Kafka?"),
+        ChatTurn(role="assistant", content="A log."),
+        ChatTurn(role="user", content="Look up partitions."),
+    ]
+    call = ToolCall(id="c1", function=FunctionCall(name="lookup", arguments='{"q": "p"}'))
+    r = record(messages=turns, prompt="Look up partitions.", answer="", tool_calls=[call])
+    row = chat_row(r)
+    assert row["messages"][:4] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is Kafka?"},
+        {"role": "assistant", "content": "A log."},
+        {"role": "user", "content": "Look up partitions."},
+    ]
+    assert row["messages"][4] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [call.model_dump(mode="json")],
+    }
+    assert "messages" not in row["metadata"] and "tool_calls" not in row["metadata"]
+    flat = flat_row(r)
+    assert orjson.loads(flat["messages"])[3]["content"] == "Look up partitions."
+    assert orjson.loads(flat["tool_calls"])[0]["function"]["name"] == "lookup"

@@ -15,10 +15,12 @@ from schemas import (
     Chunk,
     Feedback,
     FeedbackEnriched,
+    FunctionCall,
     InferenceJob,
     Request,
     Response,
     RetrievalContext,
+    ToolCall,
     Usage,
 )
 from tests.unit.conftest import FakeRedactor, FakeState
@@ -283,3 +285,22 @@ def test_feedback_after_the_ttl_is_an_orphan() -> None:
     assert late.status == "orphan"
     assert late.reason and "TTL" in late.reason
     assert (join.counts.joined, join.counts.orphans) == (1, 1)
+
+
+def test_the_join_carries_the_whole_conversation_and_the_tool_calls() -> None:
+    turns = [
+        ChatTurn(role="system", content="Be brief."),
+        ChatTurn(role="user", content="What is Kafka?"),
+        ChatTurn(role="assistant", content="A log."),
+        ChatTurn(role="user", content="And a partition?"),
+    ]
+    call = ToolCall(id="c1", function=FunctionCall(name="lookup", arguments='{"q": "p"}'))
+    join, state = FeedbackJoin(), FakeState()
+    req = Request(request_id=RID, tenant="acme", messages=turns)
+    join.on_request(req, state)
+    join.on_job(job(req), state)
+    join.on_response(response(tool_calls=[call], finish_reason="tool_calls"), state)
+    r = single(join.on_feedback(feedback(), state))
+    assert r.messages == turns
+    assert r.prompt == "And a partition?"
+    assert r.tool_calls == [call]

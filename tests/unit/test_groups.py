@@ -24,6 +24,7 @@ from services.gateway import Settings as GatewaySettings
 from services.gateway import build as build_gateway
 from topics import (
     CACHE_GROUP,
+    EMBEDDING_GROUP,
     GROUP_PREFIX,
     GROUPLESS,
     INDEXER_GROUP,
@@ -172,6 +173,7 @@ def test_supervisor_waits_for_the_groups_its_stages_always_join(tmp_path: Path) 
     assert sup.awaited_groups() == {
         primary_group("retrieval").name,
         INDEXER_GROUP.name,
+        EMBEDDING_GROUP.name,
         inference_group("gpu").name,
     }
 

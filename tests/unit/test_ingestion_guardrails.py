@@ -15,7 +15,7 @@ from processors.admission import Admission, Quota
 from processors.guardrails import GuardrailError, Guardrails, InjectionPolicy
 from processors.ingestion import Ingestion
 from processors.templates import TemplateCatalog, load_templates
-from schemas import ChatTurn, DeadLetter, Request, Response, encode
+from schemas import ChatTurn, DeadLetter, FunctionCall, Request, Response, ToolCall, encode
 from tests.unit.conftest import FakeRedactor, FakeState
 from topics import REQUESTS, RESPONSES, RETRIEVAL
 
@@ -412,3 +412,18 @@ def test_the_whole_conversation_has_a_size_limit() -> None:
     request = _conversation(("user", long), ("assistant", long), ("user", "and?"))
     with pytest.raises(Rejected, match="the conversation has 40004 characters"):
         Ingestion().process(request, now=NOW)
+
+
+def test_tool_call_arguments_are_redacted_like_turns(ingestion: Ingestion) -> None:
+    call = ToolCall(id="c1", function=FunctionCall(name="mail", arguments=f'{{"to": "{EMAIL}"}}'))
+    turns = [
+        ChatTurn(role="user", content="Mail the team."),
+        ChatTurn(role="assistant", tool_calls=[call]),
+        ChatTurn(role="tool", tool_call_id="c1", content="sent"),
+        ChatTurn(role="user", content="What is Kafka?"),
+    ]
+    request = Request(request_id="r-tools", tenant="acme", messages=turns)
+    out = _one(ingestion.process(request, FakeState(), now=NOW))
+    assert EMAIL not in out.model_dump_json()
+    (kept,) = out.messages[1].tool_calls
+    assert kept.id == "c1" and kept.function.arguments == '{"to": "<EMAIL_ADDRESS>"}'

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
@@ -15,15 +16,29 @@ from kllm.adapters.retrieval.documents import seed_documents as seed_documents_o
 from kllm.runtime.batch import BatchHandler, isolated
 from kllm.runtime.dispatch import RecordRef
 from processors.base import Emit
+from processors.embeddings import unpacked
 from processors.indexing import Indexer, chunk_by_tokens, require_text
 from processors.retrieval import PUBLIC_TENANT, Retriever, StoredChunk
-from schemas import DeadLetter, Document, DocumentIndexed, InferenceJob, Request, Response, encode
-from services.retrieval import CACHE, INDEXER, STAGE, Settings, build
+from schemas import (
+    DeadLetter,
+    Document,
+    DocumentIndexed,
+    EmbeddingRequest,
+    Embeddings,
+    InferenceJob,
+    Request,
+    Response,
+    encode,
+)
+from services.retrieval import CACHE, EMBEDDER, INDEXER, STAGE, Settings, build
 from tests.unit.conftest import count_words
 from topics import (
     CACHE_GROUP,
     DOCUMENTS,
     DOCUMENTS_INDEXED,
+    EMBEDDING_GROUP,
+    EMBEDDING_REQUESTS,
+    EMBEDDINGS,
     INDEXER_GROUP,
     INFERENCE,
     RESPONSES,
@@ -287,6 +302,7 @@ def test_build_wires_the_handlers(seed_dir: Path, embedder: Any, store: Any) -> 
     handlers = build(_settings(seed_dir), embedder=embedder, store=store)
     assert [(g, name) for g, name, _ in handlers] == [
         (INDEXER_GROUP, INDEXER),
+        (EMBEDDING_GROUP, EMBEDDER),
         (CACHE_GROUP, CACHE),
         (RETRIEVAL_GROUP, STAGE),
     ]
@@ -294,10 +310,30 @@ def test_build_wires_the_handlers(seed_dir: Path, embedder: Any, store: Any) -> 
     empty = Document(tenant="acme", doc_id="x", text=" ")
     (emit,) = index([(_ref(DOCUMENTS, 0, "acme/x"), encode(empty))])
     assert "no text" in _letter(emit, DOCUMENTS).reason  # the text check is on
-    fill = handlers[1][2]
+    fill = handlers[2][2]
     assert fill([(_ref(RESPONSES, 0, "k"), b"not json")]) == []  # a side reader: no DLQ
     without_cache = build(_settings(seed_dir, cache=False), embedder=embedder, store=store)
-    assert [g for g, _, _ in without_cache] == [INDEXER_GROUP, RETRIEVAL_GROUP]
+    assert [g for g, _, _ in without_cache] == [INDEXER_GROUP, EMBEDDING_GROUP, RETRIEVAL_GROUP]
+
+
+def test_the_embedding_handler_answers_with_the_retrieval_embedder(
+    seed_dir: Path, embedder: Any, store: Any
+) -> None:
+    handlers = build(_settings(seed_dir), embedder=embedder, store=store)
+    embed = outputs_of(handlers[1][2])
+    asked = EmbeddingRequest(request_id="e1", tenant="acme", inputs=["kafka logs", "qdrant"])
+    (emit,) = embed([(_ref(EMBEDDING_REQUESTS, 0, "e1"), encode(asked))])
+    assert emit.topic is EMBEDDINGS
+    answer = emit.message
+    assert isinstance(answer, Embeddings)
+    got = [unpacked(v) for v in answer.vectors_b64]
+    want = [embedder.vector("kafka logs"), embedder.vector("qdrant")]
+    assert np.allclose(got, want, atol=1e-7)
+    assert answer.prompt_tokens == 3 and answer.model == "all-minilm-l6-v2"
+    other = asked.model_copy(update={"request_id": "e2", "model": "text-embedding-3-small"})
+    letter, error = embed([(_ref(EMBEDDING_REQUESTS, 1, "e2"), encode(other))])
+    assert "'text-embedding-3-small' is not served" in _letter(letter, EMBEDDING_REQUESTS).reason
+    assert isinstance(error.message, Response) and error.message.error_code == "model_not_found"
 
 
 def test_build_twice_reindexes_in_place(seed_dir: Path, embedder: Any, store: Any) -> None:
@@ -311,4 +347,4 @@ def test_build_without_a_seed_dir(tmp_path: Path, embedder: Any, store: Any) -> 
     handlers = build(_settings(tmp_path / "missing"), embedder=embedder, store=store)
     assert store.points == {}
     assert embedder.calls == []
-    assert len(handlers) == 3
+    assert len(handlers) == 4

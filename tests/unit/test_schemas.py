@@ -13,6 +13,8 @@ from schemas import (
     Document,
     DocumentIndexed,
     DriftAlert,
+    EmbeddingRequest,
+    Embeddings,
     Feedback,
     FeedbackEnriched,
     Generation,
@@ -118,6 +120,10 @@ SAMPLES: dict[type[Message], Message] = {
         version=3,
         metadata={"lang": "en"},
         created_at=11.0,
+    ),
+    EmbeddingRequest: EmbeddingRequest(request_id="e-1", tenant="acme", inputs=["a", "b c"]),
+    Embeddings: Embeddings(
+        request_id="e-1", tenant="acme", model="m", vectors_b64=["AAAAPwAAgL8="], prompt_tokens=1
     ),
     DocumentIndexed: DocumentIndexed(
         tenant="acme", doc_id="guides/kafka", version=3, op="skipped", chunks=0, reason="older"
@@ -228,6 +234,12 @@ def test_the_prompt_is_the_latest_user_turn_with_text() -> None:
 
 def test_missing_field() -> None:
     assert _reason(orjson.dumps(_body(_REQ, messages=_DROP))) == "missing field 'messages'"
+
+
+def test_a_version_1_request_without_its_prompt_names_the_prompt() -> None:
+    v1 = {"schema": "llm.request", "v": 1, "request_id": "r", "tenant": "t"}
+    assert _reason(orjson.dumps(v1)) == "missing field 'prompt'"
+    assert decode(orjson.dumps(v1 | {"prompt": "hi"}), Request).prompt == "hi"
 
 
 def test_missing_nested_field_is_dotted() -> None:

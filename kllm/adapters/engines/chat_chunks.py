@@ -8,8 +8,9 @@ from pydantic import ValidationError
 
 from kllm.core.errors import ContextLengthError, EngineError
 from processors.inference import Delta, Finish
+from processors.tool_calls import new_call_id
 from schemas import Usage
-from schemas.chat import TokenLogprob
+from schemas.chat import FunctionCall, TokenLogprob, ToolCall
 
 # How OpenAI-compatible servers word "the prompt does not fit": vLLM ("maximum context
 # length", "maximum model length"), llama.cpp (exceed_context_size_error), OpenAI
@@ -46,6 +47,9 @@ class ChunkReader:
         self.finish_reason = "stop"
         self.usage = Usage()
         self.logprobs: list[TokenLogprob] = []
+        self.calls: dict[int, dict[str, str]] = {}
+        """Tool calls by index, as their pieces arrive: the id and name first, then
+        the arguments' text piece by piece."""
 
     def deltas(self, chunk: dict[str, Any]) -> list[Delta]:
         if "error" in chunk:
@@ -59,7 +63,9 @@ class ChunkReader:
         out = []
         for choice in chunk.get("choices") or []:
             self._take_logprobs(choice.get("logprobs"))
-            text = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            self._take_calls(delta.get("tool_calls"))
+            text = delta.get("content")
             if text:
                 out.append(Delta(text))
             if choice.get("finish_reason"):
@@ -76,8 +82,35 @@ class ChunkReader:
                     f"unreadable log probabilities: {exc.error_count()} errors"
                 ) from exc
 
+    def _take_calls(self, pieces: Any) -> None:
+        for piece in pieces if isinstance(pieces, list) else []:
+            function = piece.get("function") if isinstance(piece, dict) else None
+            index = piece.get("index", max(self.calls, default=0)) if function else None
+            if not isinstance(function, dict) or not isinstance(index, int):
+                raise EngineError("unreadable tool call piece")
+            call = self.calls.setdefault(index, {})
+            for key, value in (("id", piece.get("id")), ("name", function.get("name"))):
+                if value:
+                    call[key] = str(value)
+            call["arguments"] = call.get("arguments", "") + str(function.get("arguments") or "")
+
+    def _tool_calls(self) -> tuple[ToolCall, ...]:
+        try:
+            return tuple(
+                ToolCall(
+                    id=c.get("id") or new_call_id(),
+                    function=FunctionCall(name=c.get("name", ""), arguments=c["arguments"]),
+                )
+                for _, c in sorted(self.calls.items())
+            )
+        except ValidationError as exc:
+            raise EngineError(f"unreadable tool call: {exc.error_count()} errors") from exc
+
     def finish(self) -> Finish:
-        return Finish(self.finish_reason, self.usage, tuple(self.logprobs))
+        calls = self._tool_calls()
+        # A call cut at max_tokens stays "length": its arguments are not whole.
+        reason = "tool_calls" if calls and self.finish_reason != "length" else self.finish_reason
+        return Finish(reason, self.usage, tuple(self.logprobs), calls)
 
 
 _TOKEN_KEYS = ("token", "logprob", "bytes")

@@ -34,7 +34,13 @@ class OpenAIHttpEngine:
         """The name the server knows the model by."""
         self.slots = slots
         # What the pipeline passes on; the server behind may still refuse (a 400).
-        self.honours = SAMPLING_FIELDS | {"response_format", "logprobs", "top_logprobs"}
+        self.honours = SAMPLING_FIELDS | {
+            "response_format",
+            "logprobs",
+            "top_logprobs",
+            "tools",
+            "tool_choice",
+        }
         self.temperature = temperature
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)

@@ -11,15 +11,17 @@ import asyncio
 import importlib.util
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from kllm.adapters.engines.chat_chunks import ChunkReader, about_context
 from kllm.core.errors import ConfigError, ContextLengthError, EngineError
-from processors.inference import NO_OPTIONS, SAMPLING_FIELDS, EngineEvent, Options
+from processors import tool_calls
+from processors.inference import NO_OPTIONS, SAMPLING_FIELDS, Delta, EngineEvent, Finish, Options
 from schemas.chat import ChatTurn
 
-HONOURS = SAMPLING_FIELDS | {"response_format", "logprobs", "top_logprobs"}
+HONOURS = SAMPLING_FIELDS | {"response_format", "logprobs", "top_logprobs", "tools", "tool_choice"}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _END = object()
 
@@ -49,6 +51,7 @@ class XLlamaEngine:
         threads: int = 2,
         temperature: float = 0.0,
         repeat_penalty: float = 1.15,
+        bounded_json: bool = True,
     ) -> None:
         import xllamacpp
 
@@ -67,6 +70,9 @@ class XLlamaEngine:
         self.temperature = temperature
         # Small models loop on their own phrases; a mild penalty keeps answers on topic.
         self.repeat_penalty = repeat_penalty
+        # A small model asked for any JSON object can run on inside a string until
+        # max_tokens cuts it; a flat object with short strings closes in time.
+        self.bounded_json = bounded_json
         self._pool = ThreadPoolExecutor(n_parallel, thread_name_prefix="xllamacpp")
         try:
             self._server = xllamacpp.Server(params)
@@ -81,12 +87,31 @@ class XLlamaEngine:
     def _body(
         self, messages: Sequence[ChatTurn], max_tokens: int, options: Options
     ) -> dict[str, Any]:
+        fields = options.fields()
+        # SmolLM2's template has no tool-call format: tools are asked for by grammar.
+        fields.pop("tools", None)
+        fields.pop("tool_choice", None)
+        tools = tool_calls.offered(options.tools, options.tool_choice)
+        turns = tool_calls.as_text_turns(messages, tools_offered=bool(tools))
+        fmt = options.response_format
+        if fmt is not None and fmt.type == "json_object" and self.bounded_json and not tools:
+            del fields["response_format"]
+            fields["grammar"] = bounded_object(max_tokens)
+        if tools:
+            schema = tool_calls.reply_schema(tools, options.tool_choice, options.response_format)
+            turns = tool_calls.with_tool_prompt(
+                turns, tool_calls.tool_prompt(tools, options.tool_choice)
+            )
+            fields["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "reply", "schema": schema},
+            }
         return {
-            "messages": [m.wire() for m in messages],
+            "messages": [m.wire() for m in turns],
             "max_tokens": max_tokens,
             "temperature": self.temperature,
             "repeat_penalty": self.repeat_penalty,
-            **options.fields(),  # llama.cpp enforces response_format by grammar
+            **fields,  # llama.cpp enforces response_format by grammar
             # A seeded request repeats only when evaluated afresh: a prompt taken from the
             # cache gives slightly different logits, and sampling at temperature 1 drifts.
             "cache_prompt": options.sampling.seed is None,
@@ -119,14 +144,62 @@ class XLlamaEngine:
 
         loop.run_in_executor(self._pool, run)
         reader = ChunkReader()
+        # With tools offered the answer is JSON to read whole: a call or the text.
+        held: list[str] | None = (
+            [] if tool_calls.offered(options.tools, options.tool_choice) else None
+        )
         while (chunk := await queue.get()) is not _END:
             if isinstance(chunk, EngineError):
                 raise chunk
             if not isinstance(chunk, dict):
                 raise EngineError(f"xllamacpp sent {type(chunk).__name__}, not a chunk")
             for delta in reader.deltas(chunk):
-                yield delta
-        yield reader.finish()
+                if held is None:
+                    yield delta
+                else:
+                    held.append(delta.text)
+        if held is None:
+            yield reader.finish()
+            return
+        for event in _tool_reply("".join(held), reader.finish()):
+            yield event
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+JSON_OBJECT_FIELDS = 6
+JSON_KEY_CHARS = 32
+
+
+def bounded_object(max_tokens: int) -> str:
+    """What JSON mode (``json_object``) asks of the model, as a llama.cpp grammar: a flat
+    object of at most six fields, each named by a key of at most 32 characters and
+    holding a number, a boolean, null or a string of at most a quarter of
+    ``max_tokens`` characters, with little whitespace: it closes before max_tokens. A
+    request wanting nested values sends a ``json_schema``."""
+    chars = max(16, max_tokens // 4)
+    more = JSON_OBJECT_FIELDS - 1
+    return "\n".join(
+        [
+            f'root ::= "{{" ws (pair ("," ws pair){{0,{more}}})? ws "}}"',
+            'pair ::= "\\"" [a-zA-Z_] [a-zA-Z0-9_ -]'
+            + f'{{0,{JSON_KEY_CHARS - 1}}} "\\"" ws ":" ws value',
+            'value ::= text | number | "true" | "false" | "null"',
+            f'text ::= "\\"" char{{0,{chars}}} "\\""',
+            'char ::= [^"\\\\\\x00-\\x1f] | "\\\\" ["\\\\/bfnrt]',
+            'number ::= "-"? [0-9]{1,15} ("." [0-9]{1,8})?',
+            "ws ::= [ \\n]{0,4}",
+        ]
+    )
+
+
+def _tool_reply(text: str, finish: Finish) -> list[EngineEvent]:
+    """A constrained answer as the events it means: its text, or its calls. One that is
+    not whole (cut at max_tokens) is passed on as it came, with its finish reason."""
+    reply = tool_calls.read_reply(text)
+    if reply is None:
+        return [Delta(text), finish] if text else [finish]
+    if reply.calls:
+        return [replace(finish, finish_reason="tool_calls", tool_calls=reply.calls)]
+    return [Delta(reply.text), finish] if reply.text else [finish]
