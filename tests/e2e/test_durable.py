@@ -49,8 +49,13 @@ def _bootstrap(run: Path) -> str:
     return str(orjson.loads((run / "state.json").read_bytes())["bootstrap_servers"])
 
 
-def _read_all(bootstrap: str, topic: str, partitions: int) -> list[tuple[bytes | None, bytes]]:
-    """Every record of ``topic`` from its beginning (group-less, until 3 s of quiet)."""
+def _read_all(
+    bootstrap: str, topic: str, partitions: int, timeout_s: float = 120.0
+) -> list[tuple[bytes | None, bytes]]:
+    """Every record of ``topic`` from its beginning (group-less): read until each partition
+    reaches the end offset it had when the read began, then 1 s of quiet. The durable
+    engine can take seconds to answer a fetch on a busy host (one object per batch), so a
+    quiet spell alone is no end: a 3 s quiet once ended the read with records unread."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -59,15 +64,23 @@ def _read_all(bootstrap: str, topic: str, partitions: int) -> list[tuple[bytes |
             "fetch.wait.max.ms": 10,
         }
     )
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    tps = [TopicPartition(topic, p, 0) for p in range(partitions)]
     out: list[tuple[bytes | None, bytes]] = []
-    quiet_since = time.monotonic()
     try:
-        while time.monotonic() - quiet_since < 3.0:
+        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
+        at = dict.fromkeys(ends, 0)
+        consumer.assign(tps)
+        deadline = time.monotonic() + timeout_s
+        quiet_since = time.monotonic()
+        while any(at[p] < ends[p] for p in ends) or time.monotonic() - quiet_since < 1.0:
+            if time.monotonic() > deadline:
+                short = {p: (at[p], ends[p]) for p in ends if at[p] < ends[p]}
+                raise AssertionError(f"{topic}: not read to its end in {timeout_s:g}s: {short}")
             msg = consumer.poll(0.2)
             if msg is None or msg.error() is not None:
                 continue
             quiet_since = time.monotonic()
+            at[msg.partition()] = (msg.offset() or 0) + 1
             out.append((msg.key(), msg.value() or b""))
     finally:
         consumer.close()
