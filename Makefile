@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages node-packages run up test test-unit test-e2e test-e2e-durable check clean bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load bench-faults bench-overload bench-overhead bench-broker
+.PHONY: install system-packages node-packages run up test test-unit test-e2e test-e2e-durable check clean eval bench bench-inference bench-retrieval bench-gateway eval-moderation bench-moderation load bench-faults bench-overload bench-overhead bench-broker
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -73,6 +73,9 @@ bench-gateway: install  ## gateway overhead p50/p99 at 50 and 200 requests/s, an
 
 bench-moderation: install  ## moderation stage: answers/s, added latency p50/p99, streamed windows (at most 10 min)
 	$(LIMIT) 630 $(BIN)/python loadtest/moderation_throughput.py --limit-s 600
+
+eval: install  ## the golden set (eval/golden.jsonl) through the real pipeline and model: the quality table, cases.jsonl, a PNG (at most 25 min)
+	$(LIMIT) 1530 $(BIN)/python eval/run_golden.py --limit-s 1500
 
 eval-moderation: install  ## output moderation precision/recall per check on eval/moderation.jsonl (at most 5 min)
 	$(LIMIT) 300 $(BIN)/python eval/run_moderation.py

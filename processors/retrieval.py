@@ -235,8 +235,10 @@ class Retriever:
     ) -> Result:
         """The request's inference job; raises StoreError when the search fails."""
         t1 = time.perf_counter()
-        found = self.store.search(
-            vector, [request.tenant, PUBLIC_TENANT], self.top_k, self.min_score
+        found = (  # top_k 0: no retrieval at all (a baseline without RAG)
+            self.store.search(vector, [request.tenant, PUBLIC_TENANT], self.top_k, self.min_score)
+            if self.top_k
+            else []
         )
         chunks = cap_context(found, self.max_context_chars)
         context = RetrievalContext(

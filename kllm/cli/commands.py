@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from kllm.cli import evaluate as cli_eval
 from kllm.cli import export as cli_export
 from kllm.cli import keys as cli_keys
 from kllm.cli import scale as cli_scale
@@ -105,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_export.add_parser(sub)
     cli_scale.add_parser(sub)
     cli_trace.add_parser(sub)
+    cli_eval.add_parser(sub)
     sub.add_parser("provision", help="create the declared topics that are missing (idempotent)")
     sub.add_parser("topics", help="list the declared topics: partitions, key, schema, DLQ")
     broker = sub.add_parser(
@@ -156,7 +158,17 @@ def _broker_line(broker: EmbeddedBroker) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = KafkaSettings()
-    quiet = {"ask", "topics", "ingest", "search", "keys", "export-dataset", "scale", "trace"}
+    quiet = {
+        "ask",
+        "topics",
+        "ingest",
+        "search",
+        "keys",
+        "export-dataset",
+        "scale",
+        "trace",
+        "eval",
+    }
     logs.configure("WARNING" if args.command in quiet else settings.log_level)
     handlers = {
         "up": cmd_up,
@@ -170,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export-dataset": cli_export.cmd_export,
         "scale": cli_scale.cmd_scale,
         "trace": cli_trace.cmd_trace,
+        "eval": cli_eval.cmd_eval,
     }
     try:
         return handlers[args.command](args, settings)

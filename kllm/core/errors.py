@@ -12,6 +12,7 @@ The hierarchy::
     ├── StoreError                   the vector store failed
     ├── EmbedderError                processors.retrieval: the embedding model failed
     ├── SchemaError                  schemas.codec: a record that does not decode
+    ├── CaseFileError                processors.evaluation: a golden-set file is malformed
     ├── Rejected                     processors.base: a stage refused a record on purpose
     ├── GuardrailError               processors.guardrails: a guardrail model failed
     ├── UnreadableFile               kllm.adapters.retrieval.documents: a document file

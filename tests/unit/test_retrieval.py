@@ -97,6 +97,16 @@ def test_retriever_min_score_can_leave_no_context(
     assert corpus.searches[-1] == (["a", PUBLIC_TENANT], 3, 1.01)
 
 
+def test_top_k_0_searches_nothing_a_baseline_without_retrieval(
+    embedder: Any, corpus: Any, make_request: MakeRequest
+) -> None:
+    retriever = Retriever(embedder, corpus, top_k=0, min_score=-1.0)
+    searched = len(corpus.searches)
+    req = make_request(tenant="a", prompt=SECRET_A)
+    job = _job(retriever.process(req), req)
+    assert job.context.chunks == [] and len(corpus.searches) == searched
+
+
 # --- Retriever.process_batch ---------------------------------------------------------------
 
 
