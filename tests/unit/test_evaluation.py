@@ -303,3 +303,38 @@ def test_the_summary_plot_is_a_png_of_the_gated_metrics(tmp_path: Path) -> None:
 
     plot(tmp_path / "s.png", aggregate([_score(i) for i in range(5)]), "a run")
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the shipped golden set -------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_golden_set_is_valid_big_enough_and_true_to_the_docs() -> None:
+    from processors.grounding import content_words
+
+    cases = load_cases((REPO / "eval" / "golden.jsonl").read_text().splitlines())
+    kinds = [c.kind for c in cases]
+    assert len(cases) >= 120 and kinds.count("unanswerable") >= 20
+    assert kinds.count("multi-turn") >= 20 and all(
+        len(c.messages) >= 3 for c in cases if c.kind == "multi-turn"
+    )
+    docs = {p.name: p.read_text() for p in (REPO / "docs").glob("*.md")}
+    untrue = []
+    for case in cases:
+        assert set(case.doc_ids) <= docs.keys(), case.id
+        if case.answerable:  # some distinctive word of the reference is in a cited doc
+            text = " ".join(docs[d] for d in case.doc_ids).lower()
+            words = [w for w in content_words(case.reference) if len(w) > 4]
+            if words and not any(w in text for w in words):
+                untrue.append(case.id)
+    assert not untrue, f"references not found in their documents: {untrue}"
+
+
+def test_the_labelled_sentences_quote_the_docs() -> None:
+    docs = " ".join(p.read_text() for p in (REPO / "docs").glob("*.md"))
+    rows = [
+        orjson.loads(x) for x in (REPO / "eval" / "support_labels.jsonl").read_bytes().splitlines()
+    ]
+    assert len(rows) >= 80 and 0.3 < sum(r["supported"] for r in rows) / len(rows) < 0.7
+    assert [r["id"] for r in rows if r["passage"] not in docs] == []
