@@ -121,14 +121,13 @@ def _run(args: argparse.Namespace, settings: KafkaSettings) -> int:
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     cases = load_cases(_lines(args.golden))[: args.limit]
+    bootstrap = settings.bootstrap()  # before the model loads: no broker, no wait
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:4]
     out: Path = args.out or settings.run_dir / "eval" / run_id
     out.mkdir(parents=True, exist_ok=True)
     scorer, _ = _scorers()
     requests = [ev.request_for(c, run_id, args.tenant, args.max_tokens, args.model) for c in cases]
-    asker = ev.PipelineAsker(
-        settings.bootstrap(), settings.consumer_config(), settings.producer_config()
-    )
+    asker = ev.PipelineAsker(bootstrap, settings.consumer_config(), settings.producer_config())
     started = time.monotonic()
     with tqdm(total=len(requests), unit="case", desc="asking", file=sys.stderr) as bar:
         answers = asker.ask_all(
