@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from kllm.core.errors import PipelineError
+from kllm.core.errors import BrokerError, PipelineError
 from kllm.runtime.delivery import Acks, commit, next_offsets
 from kllm.runtime.dispatch import dead_letter, ref_of
 from kllm.runtime.kafka import records_only
@@ -59,7 +59,7 @@ class CheckpointedRunner:
         self.offsets: dict[tuple[str, int], int] = {}
 
     def run(self, stop: StopFlag, on_ready: Callable[[], None] | None = None) -> None:
-        self.consumer.subscribe(list(self.sources), on_revoke=lambda _c, _p: self.persist())
+        self.consumer.subscribe(list(self.sources), on_revoke=lambda _c, _p: self._revoked())
         if on_ready:
             on_ready()
         last = time.monotonic()
@@ -93,11 +93,25 @@ class CheckpointedRunner:
 
     def persist(self) -> None:
         """Outputs acknowledged, state saved, then offsets: never an offset past unsaved
-        state. Raises (and commits nothing) when an output was not acknowledged."""
+        state. Raises (and commits nothing) when an output was not acknowledged. A commit
+        the group refuses (a rebalance, the broker away) is tried again at the next
+        checkpoint: until then a restart replays events the saved state has seen, which
+        is a replay, never a loss."""
         acks, self.acks = self.acks, Acks(self.producer)
         acks.wait(10.0)
         self.save()
-        commit(self.consumer, self.offsets, asynchronous=False)
+        try:
+            commit(self.consumer, self.offsets, asynchronous=False)
+        except BrokerError as exc:
+            log.warning("commit failed; retried at the next checkpoint", extra={"error": str(exc)})
+            return
+        self.offsets = {}
+
+    def _revoked(self) -> None:
+        """Partitions are leaving: checkpoint now. Offsets the group refuses are dropped,
+        not kept for partitions this process may no longer own (their next owner replays
+        from the last commit)."""
+        self.persist()
         self.offsets = {}
 
     def _decode(self, record: Record) -> Message | None:

@@ -199,10 +199,10 @@ def dead_letter(
 
 def unanswered(out: list[Emit], where: Callable[[str], str]) -> list[Emit]:
     """``out`` without the answers already given (on the responses topic, or by this
-    process in its current run): a replayed record's answer went out before the replay.
-    Only the answer is dropped; the record's other outputs are published again (at least
-    once). A ledger that cannot read the topic keeps the answer: a duplicate, never a
-    loss. ``where``: the source record of a request id, for the log."""
+    process moments ago: kllm.runtime.ledger.AnswerLedger): a replayed record's answer
+    went out before the replay. Only the answer is dropped; the record's other outputs
+    are published again (at least once). A ledger that cannot read the topic keeps the
+    answer: a duplicate, never a loss. ``where``: the source record of a request id, for the log."""
     book = ledger.installed_answers()
     if book is None:
         return out

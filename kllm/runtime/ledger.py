@@ -102,14 +102,17 @@ class DeadLetterLedger(Ledger[SourceRef]):
 
 class AnswerLedger(Ledger[str]):
     """The request ids that have their answer on the responses topic, or that this
-    process answered in its current run.
+    process answered moments ago.
 
     Replays upstream (a stage before this one replayed, and its output went out twice)
     bring the same request here twice within milliseconds, before the first answer can
-    be read back; so the answers this process gives are noted too. A note is safe while
-    every output the process produced is acknowledged or pending: every runner ends the
-    process when an output fails (quixstreams raises, the batch and in-flight loops
-    too), and a new process starts with no notes."""
+    be read back; so the answers this process gives are noted too. A note stands for
+    ``note_trust_s`` only: by then an answer that was written is on the topic, and the
+    topic is the memory. An answer that is not there by then was lost with its broker
+    (measured on the embedded broker: an answer acknowledged just before a kill -9 was
+    not on the topic after its restart, and a note trusted for good turned the replay's
+    answer into a lost request). Past the window the stage answers again: a duplicate
+    when the topic read lags, never a loss."""
 
     def __init__(
         self,
@@ -117,16 +120,22 @@ class AnswerLedger(Ledger[str]):
         refresh_s: float = 1.0,
         max_remembered: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        note_trust_s: float = 5.0,
     ) -> None:
         super().__init__(source, refresh_s, max_remembered, clock)
-        self._noted: OrderedDict[str, None] = OrderedDict()
+        self.note_trust_s = note_trust_s
+        self._noted: OrderedDict[str, float] = OrderedDict()
 
     def already_answered(self, request_id: str) -> bool:
-        return request_id in self._noted or self.seen(request_id)
+        noted_at = self._noted.get(request_id)
+        if noted_at is not None and self.clock() - noted_at < self.note_trust_s:
+            return True
+        return self.seen(request_id)
 
     def note(self, request_id: str) -> None:
-        """This process is publishing the answer to ``request_id`` in its current run."""
-        self._noted[request_id] = None
+        """This process is publishing the answer to ``request_id`` now."""
+        self._noted[request_id] = self.clock()
+        self._noted.move_to_end(request_id)
         while len(self._noted) > self.max_remembered:
             self._noted.popitem(last=False)
 

@@ -103,8 +103,9 @@ def _run_rejoining(
     past the session timeout: this process is no longer a member) ends quixstreams'
     run; the uncommitted records go to the partitions' next owners. The stage then
     joins again with a new application, in this process: its models stay loaded. Its
-    outputs were all acknowledged (quixstreams flushes before it commits), so the
-    answers it noted (kllm.runtime.ledger) still stand."""
+    outputs were all acknowledged (quixstreams flushes before it commits); an answer
+    the broker lost all the same is given again once its note is stale
+    (kllm.runtime.ledger.AnswerLedger)."""
     while True:
         app = assemble()
         mark_ready(settings.ready_file)

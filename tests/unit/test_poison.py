@@ -259,3 +259,16 @@ def test_an_upstream_duplicate_before_the_answer_is_read_back_is_not_answered_ag
     assert _answers(dispatch(_stage(_answer_and_job), dup, _request())) == []  # same refresh
     clock.now += 1.5  # read back from the topic, it is still answered
     assert _answers(dispatch(_stage(_answer_and_job), dup, _request())) == []
+
+
+def test_an_answer_lost_with_its_broker_is_given_again_once_its_note_is_stale() -> None:
+    # The answer was noted, but never reached the topic (the broker lost it in a crash):
+    # within the note's window a replay is still dropped; past it, the topic decides.
+    log, clock = FakeAnswerLog(), Clock()
+    ledger.install_answers(AnswerLedger(log, refresh_s=1.0, clock=clock, note_trust_s=5.0))
+    assert len(_answers(dispatch(_stage(_answer_and_job), REF, _request()))) == 1
+    clock.now += 2.0
+    assert _answers(dispatch(_stage(_answer_and_job), REF, _request())) == []
+    clock.now += 4.0
+    again = _answers(dispatch(_stage(_answer_and_job), REF, _request()))
+    assert [a.request_id for a in again] == ["r-1"]

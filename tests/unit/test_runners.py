@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Sequence
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from kllm.core.errors import BrokerError
 from kllm.runtime.batch import BatchRunner, run_batches
@@ -261,3 +263,49 @@ def test_checkpointed_commits_nothing_when_the_save_fails() -> None:
     with pytest.raises(OSError):
         runner.persist()
     assert consumer.commits == []
+
+
+class _RefusingConsumer(FakeConsumer):
+    """A group coordinator that is away: every commit fails, as librdkafka's does."""
+
+    refuse = True
+
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: bool = True) -> None:
+        if self.refuse:
+            raise KafkaException(KafkaError(KafkaError._WAIT_COORD))
+        super().commit(offsets=offsets, asynchronous=asynchronous)
+
+
+def test_checkpointed_keeps_running_when_the_group_refuses_a_commit() -> None:
+    # The drift stage used to exit when the broker restarted mid-checkpoint.
+    consumer = _RefusingConsumer(SOURCE.name)
+    consumer.append(0, encode(Request(request_id="a", prompt="hello")), key="a")
+    saved: list[int] = []
+    runner = CheckpointedRunner(
+        consumer, FakeProducer(), [SOURCE], lambda m, t: [], lambda: saved.append(1), stage="drift"
+    )
+    consumer.assign({0})
+    runner.step()
+    runner.persist()  # refused: kept for the next checkpoint
+    consumer.refuse = False
+    runner.persist()
+    assert saved == [1, 1] and consumer.committed == {(SOURCE.name, 0): 1}
+
+
+def test_checkpointed_drops_refused_offsets_when_its_partitions_are_revoked() -> None:
+    consumer = _RefusingConsumer(SOURCE.name)
+    consumer.append(0, encode(Request(request_id="a", prompt="hello")), key="a")
+    runner = CheckpointedRunner(
+        consumer, FakeProducer(), [SOURCE], lambda m, t: [], lambda: None, stage="drift"
+    )
+    stop = threading.Event()
+    consumer.assign({0})
+
+    def rebalance_then_stop() -> None:
+        runner.step()
+        consumer.on_revoke(consumer, [])  # refused: the next owner replays from the last commit
+        consumer.refuse = False
+        stop.set()
+
+    runner.run(stop, on_ready=rebalance_then_stop)
+    assert consumer.committed == {}  # the final checkpoint had nothing left to commit
