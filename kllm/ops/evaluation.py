@@ -167,6 +167,9 @@ def write_cases(
                 "question": by_id[score.id].messages[-1].content,
                 "reference": by_id[score.id].reference,
                 "answer": answer.response.text if answer.response else None,
+                "retrieved": [c.doc_id for c in answer.response.citations]
+                if answer.response
+                else [],
                 "model": answer.response.model if answer.response else None,
                 "template": answer.response.template if answer.response else None,
             }

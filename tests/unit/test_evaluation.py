@@ -131,7 +131,7 @@ def _case_line(**over: object) -> str:
         "kind": "answerable",
         "messages": [{"role": "user", "content": "How many chunks does retrieval return?"}],
         "reference": "Five chunks by default, set by KLLM_TOP_K.",
-        "doc_ids": ["architecture.md"],
+        "doc_ids": ["architecture"],
     } | over
     return orjson.dumps(case).decode()
 
@@ -154,7 +154,7 @@ def test_a_golden_file_with_bad_lines_names_each_of_them() -> None:
 def _observed(answer: str, **over: object) -> Observed:
     fields: dict[str, object] = {
         "answer": answer,
-        "retrieved": ["faq.md", "architecture.md"],
+        "retrieved": ["faq", "architecture"],
         "passages": ["Unrelated passage about feedback.", PASSAGE],
         "latency_ms": 900.0,
         "completion_tokens": 12,
@@ -319,7 +319,8 @@ def test_the_golden_set_is_valid_big_enough_and_true_to_the_docs() -> None:
     assert kinds.count("multi-turn") >= 20 and all(
         len(c.messages) >= 3 for c in cases if c.kind == "multi-turn"
     )
-    docs = {p.name: p.read_text() for p in (REPO / "docs").glob("*.md")}
+    # Ids as the seed corpus names its documents: the path under docs/, without suffix.
+    docs = {p.stem: p.read_text() for p in (REPO / "docs").glob("*.md")}
     untrue = []
     for case in cases:
         assert set(case.doc_ids) <= docs.keys(), case.id
