@@ -105,7 +105,8 @@ class PipelineAsker:
         try:
             while waiting or sent:
                 while waiting and len(sent) < concurrency:
-                    req = waiting.pop()
+                    # Its clock starts now: the pipeline's latency, not the wait here.
+                    req = waiting.pop().model_copy(update={"created_at": time.time()})
                     produce_sync(producer, REQUESTS.name, req.tenant, encode(req))
                     sent[req.request_id] = time.monotonic()
                 _read(generations, 0.02, wanted, Generation, gens)
