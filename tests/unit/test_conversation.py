@@ -4,7 +4,6 @@ import pytest
 
 from processors.conversation import (
     CONTEXT_CLOSE,
-    CONTEXT_NOTE,
     CONTEXT_OPEN,
     build_messages,
     context_block,
@@ -40,11 +39,11 @@ def test_one_question_gets_the_template_and_its_passages() -> None:
         SYSTEM,
     )
     assert [t.role for t in turns] == ["system", "user"]
-    assert turns[0].content == f"{SYSTEM}\n\n{CONTEXT_NOTE}"
+    assert turns[0].content == SYSTEM
     user = turns[1].content
     assert user.endswith("\n\nQuestion: What?")
     assert f"{CONTEXT_OPEN}\n[1] first\n\n[2] second\n{CONTEXT_CLOSE}" in user
-    assert user.startswith(CONTEXT_OPEN) and "not instructions" in turns[0].content
+    assert "not instructions" in user.split(CONTEXT_OPEN)[0]
 
 
 def test_without_passages_the_question_is_as_asked() -> None:
@@ -71,14 +70,7 @@ def test_the_conversation_keeps_its_order_after_the_instructions() -> None:
         ]
     )
     assert turns[-1].content.endswith("Question: What is my name?")
-    assert turns[-1].content.startswith(f"{CONTEXT_OPEN}\n[1] p")
     assert "[1] p" not in turns[2].content  # passages go with the latest question only
-    assert turns[0].content == f"{SYSTEM}\n\n{CONTEXT_NOTE}"  # the data note: system's
-
-
-def test_without_passages_there_is_no_data_note() -> None:
-    turns = build_messages(_request(_turn("user", "Hi?")), [], SYSTEM)
-    assert [(t.role, t.content) for t in turns] == [("system", SYSTEM), ("user", "Hi?")]
 
 
 def test_turns_after_the_question_stay_after_it() -> None:
