@@ -10,8 +10,9 @@ prints its table, and stops the pipeline. ``--env NAME=VALUE`` runs a variant (s
     python eval/run_golden.py [--golden eval/golden.jsonl] [--limit N] [--out DIR]
                               [--env KLLM_TOP_K=3 ...] [--compare BASELINE_RUN]
 
-Time limit: the whole run ends within --limit-s (default 1500 s): the pipeline is
-stopped, and the cases answered by then are all that is scored.
+Time limit: the whole run ends within --limit-s (default 1500 s); a run cut short by it
+is reported, writes no scores, and exits 1. Each run writes to its own folder (--out,
+default .kllm/eval/<time>), so a baseline is never overwritten.
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--golden", type=Path, default=REPO / "eval" / "golden.jsonl")
-    p.add_argument("--out", type=Path, default=REPO / ".kllm" / "eval" / "latest")
+    p.add_argument("--out", type=Path, help="the run's folder (default .kllm/eval/<time>)")
     p.add_argument("--limit", type=int, default=None, help="only the first N cases")
     p.add_argument("--label", default="", help="a name for the run")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--compare", type=Path, help="a baseline run to gate this one on")
     p.add_argument("--limit-s", type=float, default=1500.0)
     args = p.parse_args()
+    args.out = args.out or REPO / ".kllm" / "eval" / time.strftime("%Y%m%dT%H%M%S")
+    if args.compare and args.compare.resolve() == args.out.resolve():
+        p.error("--compare names the folder this run writes to: give --out another")
     extra = dict(item.partition("=")[::2] for item in args.env)
     if any(not k.startswith("KLLM_") for k in extra):
         p.error("--env takes KLLM_ settings only, as NAME=VALUE")

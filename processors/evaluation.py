@@ -122,9 +122,10 @@ class Observed:
     answer: str
     retrieved: list[str]
     """Document ids of the passages retrieved, best first."""
-    passages: list[str]
-    """The passage texts the model saw, numbered from 1 as in its prompt; empty when
-    unknown (an answer from the cache)."""
+    passages: list[str] | None
+    """The passage texts the model saw, numbered from 1 as in its prompt (none: nothing
+    was retrieved, and every claim is unsupported); None when unknown (an answer from
+    the cache, or a generation not read in time): then support is not scored."""
     latency_ms: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -183,7 +184,7 @@ class CaseScorer:
             cosine = self._cosine(seen.answer, case.reference)
             rouge = float(self.rouge.score(case.reference, seen.answer)["rougeL"].fmeasure)
             recall = _fact_recall(case.reference, seen.answer)
-            if not declined and seen.passages:
+            if not declined and seen.passages is not None:
                 support = self.grounding.support(seen.answer, seen.passages)
                 grounded = support.groundedness
                 unsupported = [s.sentence for s in support.sentences if not s.supported]

@@ -49,15 +49,19 @@ __all__ = [
 # identifiers such as "faq.md" or "e.g. the" do not end one (no model needed for this).
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\[(\"'`*-])|\n\s*\n|\n\s*(?=[-*\d]+[.)]?\s)")
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
-_WORD = re.compile(r"[A-Za-z0-9]+(?:[._/-][A-Za-z0-9]+)*")
+# Citations after a sentence's full stop ("a fact. [1]") belong to that sentence.
+_TRAILING_CITATIONS = re.compile(r"([.!?])[ \t]*((?:\[\d+(?:\s*,\s*\d+)*\][ \t]*)+)")
+_WORD = re.compile(r"[A-Za-z0-9_]+(?:[./-][A-Za-z0-9_]+)*")
 _STOP = frozenset(ENGLISH_STOP_WORDS)
+_NOT = r"(?:n['\u2019]t|\s+not)"
 DECLINE = re.compile(
-    r"\b(?:(?:does|do|did)\s*(?:n['\u2019]t|not)\s+(?:contain|mention|say|provide|include|"
-    r"specify|state|cover|answer)|not\s+(?:in|mentioned\s+in|covered\s+(?:by|in)|"
-    r"provided\s+in|found\s+in|stated\s+in)\s+the\s+(?:context|passages?|documents?)|"
-    r"no\s+(?:information|mention|details?)|(?:cannot|can['\u2019]t|unable\s+to)\s+"
-    r"(?:answer|find|determine|tell)|(?:i\s+)?do\s*(?:n['\u2019]t|not)\s+know|"
-    r"there\s+is\s+no\s+(?:information|mention))\b",
+    r"\b(?:(?:the\s+)?(?:given\s+|provided\s+)?(?:context|passages?|documents?|text|sources?)"
+    rf"(?:\s+provided)?\s+(?:does|do|did){_NOT}\s+(?:contain|mention|say|provide|include|"
+    r"specify|state|cover|answer|have)|not\s+(?:in|mentioned\s+in|covered\s+(?:by|in)|"
+    r"provided\s+in|found\s+in|stated\s+in|given\s+in)\s+the\s+(?:context|passages?|"
+    r"documents?|text)|no\s+(?:information|mention|details?)\s+(?:about|on|of|regarding|"
+    r"in|is)|(?:i|we)\s+(?:cannot|can['\u2019]t|am\s+unable\s+to|(?:do|does)"
+    rf"{_NOT})\s+(?:answer|find|determine|tell|know))\b",
     re.IGNORECASE,
 )
 """A sentence that declines to answer: the template asks the model to say so."""
@@ -65,6 +69,7 @@ DECLINE = re.compile(
 
 def sentences(text: str) -> list[str]:
     """The sentences of ``text``, stripped, empty ones left out."""
+    text = _TRAILING_CITATIONS.sub(lambda m: f" {m[2].strip()}{m[1]} ", text.strip())
     parts = _SENTENCE_END.split(text.strip())
     return [p.strip(" \t\n-*") for p in parts if p.strip(" \t\n-*")]
 

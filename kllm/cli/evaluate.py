@@ -9,6 +9,7 @@ the groundedness scorer.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import uuid
@@ -180,7 +181,12 @@ def _compare(args: argparse.Namespace) -> int:
             allowed[name] = float(drop)
         except ValueError as exc:
             raise ConfigError(f"--metric {item}: the drop must be a number") from exc
-    deltas = compare(read_cases(args.a), read_cases(args.b))
+        if not math.isfinite(allowed[name]) or allowed[name] < 0:
+            raise ConfigError(f"--metric {item}: the drop must be a number, 0 or more")
+    a, b = read_cases(args.a), read_cases(args.b)
+    if not {s.id for s in a} & {s.id for s in b}:
+        raise PipelineError(f"no case of {args.b} has an id of {args.a}: nothing to compare")
+    deltas = compare(a, b)
     print("| metric | A | B | delta | 95% interval | cases | |\n|---|---|---|---|---|---|---|")
     failed = []
     for d in deltas:

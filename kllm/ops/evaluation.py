@@ -43,11 +43,11 @@ class Answer:
     def observed(self, timeout_s: float) -> Observed:
         r, g = self.response, self.generation
         if r is None:
-            return Observed("", [], [], error=f"no answer within {timeout_s:g} s")
+            return Observed("", [], None, error=f"no answer within {timeout_s:g} s")
         return Observed(
             answer=r.text,
             retrieved=[c.doc_id for c in r.citations],
-            passages=[c.text for c in g.chunks] if g is not None else [],
+            passages=[c.text for c in g.chunks] if g is not None else None,
             latency_ms=r.pipeline_ms,
             prompt_tokens=r.usage.prompt_tokens,
             completion_tokens=r.usage.completion_tokens,
@@ -123,6 +123,8 @@ class PipelineAsker:
             while missing and time.monotonic() < deadline:
                 _read(generations, 0.2, missing, Generation, gens)
                 missing -= gens.keys()
+            if missing:  # their support is not scored: say so
+                log.warning("generations not read", extra={"requests": len(missing)})
         finally:
             responses.close()
             generations.close()

@@ -67,6 +67,13 @@ def test_sentences_split_at_ends_but_not_inside_names() -> None:
     ]
 
 
+def test_a_citation_after_the_full_stop_stays_with_its_sentence() -> None:
+    assert sentences("It has 4 partitions. [1] The broker is Tansu [2].") == [
+        "It has 4 partitions [1].",
+        "The broker is Tansu [2].",
+    ]
+
+
 def test_citations_are_read_in_order_and_in_groups() -> None:
     assert cited("Yes [2], and also [1, 3].") == [2, 1, 3]
     assert cited("No citation here.") == []
@@ -81,6 +88,9 @@ def test_citations_are_read_in_order_and_in_groups() -> None:
         ("There is no information about pricing.", True),
         ("The stage does contain a cache [1].", False),
         ("It uses Qdrant Edge. The context does not say more.", False),  # answers first
+        ("The gateway does not provide TLS.", False),  # a claim, not a refusal
+        ("When retrieval cannot find a passage, it answers anyway.", False),
+        ("The passages do not mention pricing.", True),
     ],
 )
 def test_declines_reads_the_first_sentence(answer: str, declined: bool) -> None:
@@ -180,6 +190,16 @@ def test_a_wrong_citation_and_an_invented_claim_are_counted() -> None:
     s = CaseScorer(WordsEmbedder(), scorer()).score(case, _observed(answer))
     assert s.citation_validity == 0.0  # [1] is the unrelated passage; [2] lacks Redis
     assert s.groundedness == 0.5 and s.unsupported == ["It caches them in Redis [2]."]
+
+
+def test_no_passages_support_nothing_and_unknown_passages_are_not_scored() -> None:
+    case = GoldenCase.model_validate_json(_case_line())
+    score = CaseScorer(WordsEmbedder(), scorer()).score
+    answer = "It returns the best five chunks by default, set by KLLM_TOP_K."
+    none = score(case, _observed(answer, retrieved=[], passages=[]))
+    assert none.groundedness == 0.0 and none.context_rank is None
+    cached = score(case, _observed(answer, passages=None, cached=True))
+    assert cached.groundedness is None and cached.citation_validity is None
 
 
 def test_an_unanswerable_case_declined_is_right_and_an_error_is_no_answer() -> None:
@@ -296,6 +316,14 @@ def test_compare_on_the_command_line_exits_1_on_a_regression(
     assert main(["eval", "compare", str(root / "a"), str(root / "b"), *loose]) == 0
     assert main(["eval", "compare", str(root / "a"), str(root / "missing")]) == 2
     assert main(["eval", "compare", str(root / "a"), str(root / "b"), "--metric", "nope=1"]) == 2
+    nan = ["--metric", "mrr=nan"]
+    assert main(["eval", "compare", str(root / "a"), str(root / "b"), *nan]) == 2
+    (root / "c").mkdir()
+    other = [_score(i + 100) for i in range(5)]  # no id in common with a
+    (root / "c" / "cases.jsonl").write_bytes(
+        b"".join(orjson.dumps(x.to_json()) + b"\n" for x in other)
+    )
+    assert main(["eval", "compare", str(root / "a"), str(root / "c")]) == 2
 
 
 def test_the_summary_plot_is_a_png_of_the_gated_metrics(tmp_path: Path) -> None:
