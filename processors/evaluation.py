@@ -220,11 +220,10 @@ class CaseScorer:
         checks = [(s, n) for s in sentences(answer) for n in cited(s)]
         if not checks:
             return None
-        valid = 0
-        for sentence, n in checks:
-            if 1 <= n <= len(passages):
-                (one,) = self.grounding.sentence_support([sentence], [passages[n - 1]]) or (None,)
-                valid += one is not None and one.supported
+        named = [(s, passages[n - 1]) for s, n in checks if 1 <= n <= len(passages)]
+        evidence = self.grounding.evidence_each(named)  # one embedding call for all
+        judged = [self.grounding.judge(s, e) for (s, _), e in zip(named, evidence, strict=True)]
+        valid = sum(j.supported for j in judged)
         return valid / len(checks)
 
 

@@ -57,12 +57,17 @@ class Answer:
         )
 
 
+def request_id(run_id: str, case: GoldenCase) -> str:
+    """The request id of a case in a run."""
+    return f"eval-{run_id}-{case.id}"
+
+
 def request_for(
     case: GoldenCase, run_id: str, tenant: str, max_tokens: int | None, model: str | None
 ) -> Request:
     """The pipeline request a case becomes (greedy, so runs compare)."""
     return Request(
-        request_id=f"eval-{run_id}-{case.id}",
+        request_id=request_id(run_id, case),
         tenant=case.tenant or tenant,
         messages=[ChatTurn(role=t.role, content=t.content) for t in case.messages],
         max_tokens=max_tokens,
@@ -154,7 +159,7 @@ def score_all(
 ) -> list[tuple[CaseScore, Answer]]:
     out = []
     for case in cases:
-        answer = answers[f"eval-{run_id}-{case.id}"]
+        answer = answers[request_id(run_id, case)]
         out.append((scorer.score(case, answer.observed(timeout_s)), answer))
     return out
 
