@@ -43,6 +43,7 @@ __all__ = [
     "declines",
     "measure",
     "sentences",
+    "specifics",
 ]
 
 # A sentence ends at . ! or ? followed by space and a capital, digit, bracket or quote:
@@ -95,7 +96,7 @@ def content_words(text: str) -> set[str]:
     return {w for w in _words(text) if w not in _STOP and len(w) > 1}
 
 
-def _specifics(sentence: str) -> set[str]:
+def specifics(sentence: str) -> set[str]:
     """Names and numbers in a sentence: what an invented claim usually gets wrong."""
     found = set()
     for i, match in enumerate(_WORD.finditer(_CITATION.sub(" ", sentence))):
@@ -156,9 +157,13 @@ class GroundingScorer:
     """Scores answer sentences against passages (see the module docstring).
 
     Hyperparameters: ``min_overlap`` and ``min_cosine`` (measured on labelled sentences,
-    see `kllm eval calibrate`). The scorer learns nothing: every query is pure."""
+    see `kllm eval calibrate`). Without an embedder only the lexical arms judge (every
+    cosine is 0): stricter, and free of a model. The scorer learns nothing: every query
+    is pure."""
 
-    def __init__(self, embedder: Embedder, min_overlap: float = 0.55, min_cosine: float = 0.725):
+    def __init__(
+        self, embedder: Embedder | None, min_overlap: float = 0.55, min_cosine: float = 0.725
+    ):
         self.embedder = embedder
         self.min_overlap = min_overlap
         self.min_cosine = min_cosine
@@ -196,7 +201,7 @@ class GroundingScorer:
         contents = [content_words(p) for p in passages]
         pieces = [(i, s) for i, p in enumerate(passages) for s in sentences(p)]
         cosines = np.zeros((len(claims), 0), dtype=np.float32)
-        if claims and pieces:
+        if claims and pieces and (vectors is not None or self.embedder is not None):
             texts = [*claims, *(s for _, s in pieces)]
             have = vectors if vectors is not None else self.vectors(texts)
             matrix = np.stack([have[t] for t in texts])
@@ -206,14 +211,14 @@ class GroundingScorer:
             words = content_words(claim)
             shares = [len(words & c) / len(words) if words else 0.0 for c in contents]
             best = max(range(len(shares)), key=shares.__getitem__) if shares else None
-            at = int(np.argmax(cosines[row])) if pieces else None
+            at = int(np.argmax(cosines[row])) if cosines.shape[1] else None
             out.append(
                 Evidence(
                     overlap=shares[best] if best is not None else 0.0,
                     overlap_passage=_one(best),
                     cosine=float(cosines[row, at]) if at is not None else 0.0,
                     cosine_passage=None if at is None else pieces[at][0] + 1,
-                    unknown=tuple(sorted(_specifics(claim) - known)),
+                    unknown=tuple(sorted(specifics(claim) - known)),
                 )
             )
         return out
@@ -221,12 +226,14 @@ class GroundingScorer:
     def vectors(self, texts: Iterable[str]) -> dict[str, npt.NDArray[np.float32]]:
         """Unit vectors of the distinct ``texts``, in one embedding call."""
         distinct = list(dict.fromkeys(texts))
+        if self.embedder is None:
+            raise ValueError("this scorer has no embedder: it judges by words alone")
         return dict(zip(distinct, _unit(self.embedder.embed(distinct)), strict=True))
 
     def evidence_each(self, pairs: Sequence[tuple[str, str]]) -> list[Evidence]:
         """The evidence of each (sentence, passage) pair, all embedded in one call."""
         texts = [t for sentence, passage in pairs for t in (sentence, *sentences(passage))]
-        vectors = self.vectors(texts) if texts else {}
+        vectors = self.vectors(texts) if texts and self.embedder is not None else None
         return [self.evidence([s], [p], vectors)[0] for s, p in pairs]
 
 

@@ -24,7 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
+from processors.answering import Grounded, GroundedAnswerer
+from processors.answering import Policy as AnswerPolicy
 from processors.base import Emit
+from processors.conversation import latest_question_index, search_text
 from processors.guardrails import Redactor
 from processors.policies import Policy, PolicyBook
 from schemas import Citation, Generation, ModerationEvent, Request, Response
@@ -213,10 +216,38 @@ class Moderator:
     response and a moderation event."""
 
     def __init__(
-        self, checks: OutputModerator, system_prompt_for: Callable[[str], str] | None = None
+        self,
+        checks: OutputModerator,
+        system_prompt_for: Callable[[str], str] | None = None,
+        *,
+        answerer: GroundedAnswerer | None = None,
+        answer_policy: AnswerPolicy = "off",
     ) -> None:
         self.checks = checks
         self.system_prompt_for = system_prompt_for
+        self.answerer = answerer if answerer is not None else GroundedAnswerer()
+        self.answer_policy = answer_policy
+
+    def ground(self, generation: Generation, json_mode: bool) -> Grounded | None:
+        """The grounded answer in place of the generated one (see `processors.answering`);
+        None where it does not apply: the policy is off, the engine failed, the answer
+        calls tools or is JSON. A streamed answer has reached its caller already: it is
+        scored, never replaced."""
+        if self.answer_policy == "off" or generation.error or generation.tool_calls or json_mode:
+            return None
+        request = generation.request
+        try:
+            question = request.messages[latest_question_index(request.messages)].content
+        except ValueError:  # no user turn with text: nothing to ground against
+            return None
+        return self.answerer.answer(
+            question,
+            search_text(request),
+            generation.text,
+            [c.text for c in generation.chunks],
+            [c.score for c in generation.chunks],
+            replace=self.answer_policy == "grounded" and not request.stream,
+        )
 
     def context(self, request: Request) -> Context:
         system = None
@@ -236,7 +267,9 @@ class Moderator:
         request = generation.request
         policy = self.checks.policies.for_tenant(request.tenant).tag
         ctx = self.context(request)
-        result, calls = self.judge(generation.text, generation.tool_calls, ctx)
+        grounded = self.ground(generation, ctx.json_mode)
+        text = generation.text if grounded is None else grounded.text
+        result, calls = self.judge(text, generation.tool_calls, ctx)
         judged = [
             (alt, *self.judge(alt.text, alt.tool_calls, ctx)) for alt in generation.alternatives
         ]
@@ -269,8 +302,10 @@ class Moderator:
             alternatives=[_moderated_choice(alt, r, c) for alt, r, c in judged],
             tool_calls=calls,
             logprobs=generation.logprobs
-            if request.logprobs and result.verdict == "allowed"
+            if request.logprobs and result.verdict == "allowed" and text == generation.text
             else None,
+            answer_mode=grounded.mode if grounded is not None else "generated",
+            groundedness=grounded.groundedness if grounded is not None else None,
         )
         out = [
             Emit(RESPONSES, request.request_id, response),

@@ -373,6 +373,8 @@ def extension(response: Response) -> dict[str, Any]:
         "instructions_dropped": response.instructions_dropped,
         "trimmed_turns": response.trimmed_turns,
         "fallback": response.fallback,
+        "answer_mode": response.answer_mode,
+        "groundedness": response.groundedness,
         "cost_usd": response.cost_usd,
         "pipeline_ms": response.pipeline_ms,
         "engine_ms": response.engine_ms,

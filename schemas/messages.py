@@ -272,6 +272,11 @@ class Response(Message):
     reads as generated; None when moderation changed its text (they would not match)."""
     tool_calls: list[ToolCall] = Field(default_factory=list)
     """The caller's tools the model called, their arguments moderated."""
+    answer_mode: Literal["generated", "quoted", "declined"] = "generated"
+    """How the text was reached: the model's answer, quoted passages in its place (it
+    was unsupported), or a decline (the passages do not answer the question)."""
+    groundedness: float | None = Field(default=None, ge=0.0, le=1.0)
+    """The supported share of the generated answer's claims; None when not scored."""
 
 
 class ModerationEvent(Message):

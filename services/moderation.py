@@ -14,6 +14,8 @@ from kllm.runtime import logs, tracing
 from kllm.runtime.dispatch import StageLogic, keyed_only
 from kllm.runtime.quix import serve_many
 from kllm.runtime.settings import POLICIES_DIR, PROMPTS_DIR, StageSettings
+from processors.answering import GroundedAnswerer
+from processors.answering import Policy as AnswerPolicy
 from processors.guardrails import Redactor
 from processors.moderation import Moderator, OutputModerator, TextClassifier
 from processors.policies import load_policies
@@ -37,6 +39,18 @@ class Settings(StageSettings):
     """An answer repeating this many consecutive words of the system prompt is blocked."""
     max_window_chars: int = Field(default=240, ge=20)
     """A streamed window is a sentence, or at most this many characters without one."""
+    answer_policy: AnswerPolicy = "grounded"
+    """``grounded``: decline what the passages do not answer and quote the passages in
+    place of an unsupported answer; ``flag``: only score it (``groundedness`` in the
+    response); ``off``. See processors/answering.py and the README's golden-set table."""
+    grounded_min_score: float = Field(default=0.3, ge=0.0, le=1.0)
+    """The best passage's retrieval score under which the question is declined."""
+    grounded_min_coverage: float = Field(default=0.3, ge=0.0, le=1.0)
+    """The share of the question's words the passages must hold, or it is declined."""
+    grounded_min_groundedness: float = Field(default=0.5, ge=0.0, le=1.0)
+    """The supported share of its sentences under which a generated answer is replaced."""
+    quote_sentences: int = Field(default=3, ge=1, le=10)
+    """Passage sentences quoted in place of an unsupported answer."""
 
 
 def build_checks(
@@ -78,7 +92,15 @@ def build(
         for version in catalog.versions(name)
         for v in catalog.get(name, version).variants
     )
-    moderator = Moderator(checks, lambda _tag: known)
+    answerer = GroundedAnswerer(
+        min_score=settings.grounded_min_score,
+        min_coverage=settings.grounded_min_coverage,
+        min_groundedness=settings.grounded_min_groundedness,
+        quote_sentences=settings.quote_sentences,
+    )
+    moderator = Moderator(
+        checks, lambda _tag: known, answerer=answerer, answer_policy=settings.answer_policy
+    )
     stream = StreamModerator(moderator, settings.max_window_chars)
     return [
         (GENERATIONS, StageLogic(STAGE, Generation, moderator.process)),

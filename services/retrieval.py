@@ -53,7 +53,7 @@ class Settings(StageSettings):
     """The name /v1/embeddings callers ask for the embedding model by."""
     embedding_max_inputs: int = Field(default=256, ge=1)
     """Texts embedded per poll for /v1/embeddings, over however many requests."""
-    top_k: int = Field(default=2, ge=0, le=50)
+    top_k: int = Field(default=3, ge=0, le=50)
     """Passages retrieved per question; 0 retrieves none (a baseline without RAG)."""
     min_score: float = 0.2
     model_pools: dict[str, str] = Field(default_factory=dict)

@@ -95,6 +95,9 @@ def pipeline(
         "KLLM_SEED_DIR": str(REPO / "docs"),
         "KLLM_TOP_K": "2",
         "KLLM_DEFAULT_MAX_TOKENS": "24",
+        # The scripted answers are there for the output checks: scored, never replaced
+        # by quotes (test_eval.py runs the grounded default end to end).
+        "KLLM_ANSWER_POLICY": "flag",
         **FAST_GROUPS,
     }
     sup = Supervisor(run_dir, env)
