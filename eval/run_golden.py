@@ -49,6 +49,8 @@ def main() -> int:
     if any(not k.startswith("KLLM_") for k in extra):
         p.error("--env takes KLLM_ settings only, as NAME=VALUE")
     deadline = time.monotonic() + args.limit_s
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C: the pipeline is stopped below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="kllm-eval-") as tmp:
         env = (
             os.environ

@@ -10,7 +10,8 @@ and stays quiet for ``cooldown`` events, so one shift is one alert, not a storm.
 Detectors per signal (``DETECTORS``):
 
 * ADWIN for bounded values and rates (``blocked``, ``feedback_score``, ``retrieval_top_score``,
-  ``prompt_distance``, ``feedback_model_error``): they live in [0, 1], where ADWIN's bound
+  ``prompt_distance``, ``feedback_model_error``, and ``groundedness`` from the evaluation
+  stage): they live in [0, 1], where ADWIN's bound
   needs no assumption on the distribution and its adaptive window finds both sudden and
   gradual changes of the mean without a chosen window length. (KSWIN tests every event at
   a fixed level: with its defaults, 12 false alarms in 10,000 stationary prompt distances.)
@@ -50,6 +51,7 @@ SIGNALS = (
     "blocked",
     "feedback_score",
     "feedback_model_error",
+    "groundedness",
 )
 
 ADWIN = "adwin"
@@ -65,6 +67,7 @@ DETECTORS: dict[str, str] = {
     "blocked": ADWIN,
     "feedback_score": ADWIN,
     "feedback_model_error": ADWIN,
+    "groundedness": ADWIN,
 }
 # Signals where only a rise is a problem; a fall re-baselines without an alert.
 RISE_ONLY = frozenset({"feedback_model_error"})

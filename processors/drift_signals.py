@@ -4,7 +4,8 @@ Signals per (tenant, model): from each question as ingestion passed it on, its
 length and its embedding's distance to the tenant's reference; from each
 inference job, the best retrieval score; from each response, latency, time to
 first token and whether moderation blocked it; from joined feedback, the
-rating, and the feedback model's error on it. Streams are keyed by the model
+rating, and the feedback model's error on it; from each online evaluation, the answer's
+groundedness. Streams are keyed by the model
 the request named ("default" when it named none) for request-side signals and
 by the model that answered for the rest.
 """
@@ -18,7 +19,15 @@ from dataclasses import dataclass
 
 from processors.base import Emit
 from processors.drift import Alert, DriftMonitor, Observation, PromptReference, rating_score
-from schemas import DriftAlert, FeedbackEnriched, InferenceJob, Message, Request, Response
+from schemas import (
+    DriftAlert,
+    Evaluation,
+    FeedbackEnriched,
+    InferenceJob,
+    Message,
+    Request,
+    Response,
+)
 from topics import DRIFT_ALERTS
 
 log = logging.getLogger(__name__)
@@ -139,6 +148,12 @@ class DriftStage:
             ]
         if isinstance(m, Response):
             return _response_observations(m, now)
+        if isinstance(m, Evaluation) and m.groundedness is not None:
+            return [
+                Observation(
+                    m.tenant, m.model, "groundedness", m.groundedness, m.request_id, m.evaluated_at
+                )
+            ]
         if isinstance(m, FeedbackEnriched) and m.status == "joined":
             score = rating_score(m.rating)
             model = m.model or DEFAULT_MODEL

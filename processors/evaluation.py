@@ -30,7 +30,7 @@ from rouge_score.rouge_scorer import RougeScorer
 from scipy.stats import bootstrap
 
 from kllm.core.errors import PipelineError
-from processors.grounding import GroundingScorer, cited, content_words, declines, sentences
+from processors.grounding import GroundingScorer, content_words, cosine_of, declines
 from processors.retrieval import Embedder
 
 __all__ = [
@@ -132,6 +132,8 @@ class Observed:
     cost_usd: float = 0.0
     error: str | None = None
     cached: bool = False
+    answer_mode: str = "generated"
+    """How moderation reached the answer: generated, quoted or declined."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class CaseScore:
     cost_usd: float
     cached: bool = False
     error: str | None = None
+    answer_mode: str = "generated"
     unsupported: list[str] = field(default_factory=list)
     """The answer's sentences no passage supports (for reading, not scoring)."""
 
@@ -181,14 +184,14 @@ class CaseScorer:
         grounded = citations = cosine = rouge = recall = None
         unsupported: list[str] = []
         if answered and case.answerable:
-            cosine = self._cosine(seen.answer, case.reference)
+            cosine = cosine_of(self.embedder, seen.answer, case.reference)
             rouge = float(self.rouge.score(case.reference, seen.answer)["rougeL"].fmeasure)
             recall = _fact_recall(case.reference, seen.answer)
             if not declined and seen.passages is not None:
                 support = self.grounding.support(seen.answer, seen.passages)
                 grounded = support.groundedness
                 unsupported = [s.sentence for s in support.sentences if not s.supported]
-                citations = self._citation_validity(seen.answer, seen.passages)
+                citations = self.grounding.citation_validity(seen.answer, seen.passages)
         return CaseScore(
             id=case.id,
             kind=case.kind,
@@ -207,24 +210,9 @@ class CaseScorer:
             cost_usd=seen.cost_usd,
             cached=seen.cached,
             error=seen.error,
+            answer_mode=seen.answer_mode,
             unsupported=unsupported,
         )
-
-    def _cosine(self, a: str, b: str) -> float:
-        va, vb = (np.asarray(v, dtype=np.float64) for v in self.embedder.embed([a, b]))
-        norm = float(np.linalg.norm(va) * np.linalg.norm(vb))
-        return float(va @ vb / norm) if norm else 0.0
-
-    def _citation_validity(self, answer: str, passages: Sequence[str]) -> float | None:
-        """Of the answer's citations, the share naming a passage that supports its sentence."""
-        checks = [(s, n) for s in sentences(answer) for n in cited(s)]
-        if not checks:
-            return None
-        named = [(s, passages[n - 1]) for s, n in checks if 1 <= n <= len(passages)]
-        evidence = self.grounding.evidence_each(named)  # one embedding call for all
-        judged = [self.grounding.judge(s, e) for (s, _), e in zip(named, evidence, strict=True)]
-        valid = sum(j.supported for j in judged)
-        return valid / len(checks)
 
 
 def _fact_recall(reference: str, answer: str) -> float | None:

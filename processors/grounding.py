@@ -40,6 +40,7 @@ __all__ = [
     "calibrate",
     "cited",
     "content_words",
+    "cosine_of",
     "declines",
     "measure",
     "sentences",
@@ -230,6 +231,17 @@ class GroundingScorer:
             raise ValueError("this scorer has no embedder: it judges by words alone")
         return dict(zip(distinct, _unit(self.embedder.embed(distinct)), strict=True))
 
+    def citation_validity(self, answer: str, passages: Sequence[str]) -> float | None:
+        """Of the answer's citations ``[n]``, the share naming a passage that supports its
+        sentence (a number past the passages counts as invalid); None: no citations."""
+        checks = [(s, n) for s in sentences(answer) for n in cited(s)]
+        if not checks:
+            return None
+        named = [(s, passages[n - 1]) for s, n in checks if 1 <= n <= len(passages)]
+        evidence = self.evidence_each(named)  # one embedding call for all
+        valid = sum(self.judge(s, e).supported for (s, _), e in zip(named, evidence, strict=True))
+        return valid / len(checks)
+
     def evidence_each(self, pairs: Sequence[tuple[str, str]]) -> list[Evidence]:
         """The evidence of each (sentence, passage) pair, all embedded in one call."""
         texts = [t for sentence, passage in pairs for t in (sentence, *sentences(passage))]
@@ -307,6 +319,13 @@ def measure(
         recall=hits / sum(truth) if any(truth) else 1.0,
         examples=len(labelled),
     )
+
+
+def cosine_of(embedder: Embedder, a: str, b: str) -> float:
+    """The cosine between two texts' embeddings (0 when either is all zeros)."""
+    va, vb = (np.asarray(v, dtype=np.float64) for v in embedder.embed([a, b]))
+    norm = float(np.linalg.norm(va) * np.linalg.norm(vb))
+    return float(va @ vb / norm) if norm else 0.0
 
 
 def _one(index: int | None) -> int | None:

@@ -394,6 +394,38 @@ class DriftAlert(Message):
     detected_at: float = Field(default_factory=_now)
 
 
+class Evaluation(Message):
+    """One answer scored online by the evaluation stage (processors/online_eval.py):
+    groundedness against its passages, citation validity, relevance to the question,
+    and what it cost. ``source`` tells a live answer from a shadow model's."""
+
+    SCHEMA: ClassVar[str] = "llm.evaluation"
+    VERSION: ClassVar[int] = 1
+
+    request_id: RequestId
+    tenant: str
+    model: str
+    template: str | None = None
+    source: Literal["primary", "shadow"] = "primary"
+    groundedness: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Supported share of the answer's claim sentences; None: no claims (or declined)."""
+    unsupported: bool = False
+    """Groundedness under the stage's threshold."""
+    declined: bool = False
+    claims: int = 0
+    citation_validity: float | None = Field(default=None, ge=0.0, le=1.0)
+    relevance: float | None = None
+    """Cosine between the question and the answer (the pipeline's embedder)."""
+    passages: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    error: str | None = None
+    evaluated_at: float = Field(default_factory=_now)
+
+
 class DeadLetter(Message):
     """A record a stage could not process. Its payload is kept whole when it is small
     enough to replay from here (``payload_truncated`` False); a larger one keeps a prefix,

@@ -12,6 +12,7 @@ from schemas import (
     DriftAlert,
     EmbeddingRequest,
     Embeddings,
+    Evaluation,
     Feedback,
     FeedbackEnriched,
     Generation,
@@ -81,6 +82,7 @@ FEEDBACK_ENRICHED = TopicSpec(
     "llm.feedback.enriched", 4, "request id", FeedbackEnriched, retention_ms=90 * _DAY_MS
 )
 DRIFT_ALERTS = TopicSpec("llm.drift.alerts", 1, "tenant/model", DriftAlert)
+EVALUATIONS = TopicSpec("llm.evaluations", 4, "request id", Evaluation, retention_ms=30 * _DAY_MS)
 EMBEDDING_REQUESTS = TopicSpec(
     "llm.embeddings.requests", 2, "request id", EmbeddingRequest, has_dlq=True
 )
@@ -100,6 +102,7 @@ _PRIMARY = (
     FEEDBACK,
     FEEDBACK_ENRICHED,
     DRIFT_ALERTS,
+    EVALUATIONS,
     EMBEDDING_REQUESTS,
     EMBEDDINGS,
 )

@@ -14,6 +14,7 @@ from topics.catalog import (
     ALL,
     DOCUMENTS,
     EMBEDDING_REQUESTS,
+    EVALUATIONS,
     FEEDBACK,
     FEEDBACK_ENRICHED,
     GENERATIONS,
@@ -75,10 +76,12 @@ FEEDBACK_GROUP = ConsumerGroup(
     group_id("feedback"), "feedback", (RETRIEVAL, INFERENCE, RESPONSES, FEEDBACK)
 )
 """A join: its inputs are co-partitioned (same key, same partition count)."""
+EVALUATION_GROUP = ConsumerGroup(group_id("evaluation"), "evaluation", (GENERATIONS,))
+"""A side reader of the generations: scores a sample of the answers online."""
 DRIFT_GROUP = ConsumerGroup(
     group_id("drift"),
     "drift",
-    (RETRIEVAL, INFERENCE, RESPONSES, FEEDBACK_ENRICHED),
+    (RETRIEVAL, INFERENCE, RESPONSES, FEEDBACK_ENRICHED, EVALUATIONS),
     single_replica="every detector must see all of a tenant's events",
 )
 
@@ -154,6 +157,7 @@ STAGES: tuple[str, ...] = (
     "inference",
     "moderation",
     "feedback",
+    "evaluation",
     "drift",
     "gateway",
 )
@@ -166,6 +170,7 @@ _FIXED: dict[str, tuple[ConsumerGroup, ...]] = {
     "retrieval": (RETRIEVAL_GROUP, INDEXER_GROUP, EMBEDDING_GROUP, CACHE_GROUP),
     "moderation": (MODERATION_GROUP,),
     "feedback": (FEEDBACK_GROUP,),
+    "evaluation": (EVALUATION_GROUP,),
     "drift": (DRIFT_GROUP,),
     "gateway": (),
 }

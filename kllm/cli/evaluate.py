@@ -13,6 +13,7 @@ import math
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,7 +145,8 @@ def _run(args: argparse.Namespace, settings: KafkaSettings) -> int:
     ev.write_cases(out / "cases.jsonl", scored, cases)
     models = sorted({a.response.model for a in answers.values() if a.response})
     meta = {"run": run_id, "label": args.label, "golden": str(args.golden), "cases": len(cases)}
-    meta |= {"seconds": round(took, 1), "models": models}
+    modes = dict(sorted(Counter(s.answer_mode for s in scores if s.answered).items()))
+    meta |= {"seconds": round(took, 1), "models": models, "answer_modes": modes}
     (out / "summary.json").write_bytes(
         orjson.dumps(meta | {"metrics": summary}, option=orjson.OPT_INDENT_2)
     )
@@ -152,6 +154,7 @@ def _run(args: argparse.Namespace, settings: KafkaSettings) -> int:
     ev.plot(out / "summary.png", summary, title)
     _print_summary(scores, summary)
     print(f"\n{len(cases)} cases in {took:.0f} s; written to {out}/")
+    print("answers: " + ", ".join(f"{n} {mode}" for mode, n in modes.items()))
     cached = sum(s.cached for s in scores)
     if cached:
         print(f"note: {cached} answers came from the response cache (no passages to check)")

@@ -25,10 +25,11 @@ from kllm.core.errors import BrokerError, PipelineError
 from kllm.core.refs import readable_key
 from kllm.runtime.kafka import end_offsets
 from kllm.runtime.lag import Lag, consumer_lag, lag_groups
-from schemas import DeadLetter, DriftAlert, decode, peek_request_id
+from schemas import DeadLetter, DriftAlert, Evaluation, decode, peek_request_id
 from topics import (
     DASHBOARD_GROUP,
     DRIFT_ALERTS,
+    EVALUATIONS,
     GENERATIONS,
     INFERENCE,
     REQUESTS,
@@ -57,6 +58,16 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 @dataclass
+class Quality:
+    """The recent online evaluations of one (tenant, model, template, source)."""
+
+    groundedness: deque[float] = field(default_factory=lambda: deque(maxlen=500))
+    outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=500))
+    """Per scored answer with claims: whether it was unsupported."""
+    evaluated: int = 0
+
+
+@dataclass
 class Snapshot:
     seen: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=50_000))
     stamps: OrderedDict[str, dict[str, float]] = field(default_factory=OrderedDict)
@@ -67,6 +78,7 @@ class Snapshot:
     alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
     lag: list[Lag] = field(default_factory=list)
     lag_error: str | None = None
+    quality: dict[tuple[str, str, str, str], Quality] = field(default_factory=dict)
 
 
 class PipelineMonitor:
@@ -136,6 +148,8 @@ class PipelineMonitor:
                 self._dead_letter(value)
             elif topic == DRIFT_ALERTS.name:
                 self._drift(value)
+            elif topic == EVALUATIONS.name:
+                self._evaluation(value)
             else:
                 rid = peek_request_id(value) if topic == REQUESTS.name else readable_key(key)
                 if rid:
@@ -176,6 +190,22 @@ class PipelineMonitor:
                 "at": a.detected_at,
             }
         )
+
+    def _evaluation(self, value: bytes) -> None:
+        try:
+            e = decode(value, Evaluation)
+        except PipelineError:
+            return
+        key = (e.tenant, e.model, e.template or "", e.source)
+        q = self.snap.quality.get(key)
+        if q is None:
+            if len(self.snap.quality) >= 200:  # bounded: the dashboard is not a database
+                return
+            q = self.snap.quality[key] = Quality()
+        q.evaluated += 1
+        if e.groundedness is not None:
+            q.groundedness.append(e.groundedness)
+            q.outcomes.append(e.unsupported)
 
     def _poll_lag(self) -> None:
         while not self._stop.is_set():
@@ -221,4 +251,18 @@ class PipelineMonitor:
                 "lag_error": self.snap.lag_error,
                 "dead_letters": list(self.snap.dead),
                 "drift_alerts": list(self.snap.alerts),
+                "quality": [
+                    {
+                        "tenant": tenant,
+                        "model": model,
+                        "template": template,
+                        "source": source,
+                        "evaluated": q.evaluated,
+                        "groundedness_p50": _pct(list(q.groundedness), 0.5),
+                        "unsupported_rate": round(sum(q.outcomes) / len(q.outcomes), 3)
+                        if q.outcomes
+                        else None,
+                    }
+                    for (tenant, model, template, source), q in sorted(self.snap.quality.items())
+                ],
             }

@@ -54,6 +54,7 @@ class Answer:
             cost_usd=r.cost_usd,
             error=r.error,
             cached=r.cached,
+            answer_mode=r.answer_mode,
         )
 
 

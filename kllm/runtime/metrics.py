@@ -103,6 +103,20 @@ class StageMetrics:
         )
         self.cost = Counter("kllm_cost_usd", "Cost of generations", ["model"], registry=r)
         self.cache = Counter("kllm_cache_answers", "Answers served from the cache", registry=r)
+        quality = ["tenant", "model", "template", "source"]
+        self.groundedness = Histogram(
+            "kllm_answer_groundedness",
+            "Supported share of an evaluated answer's claims (online evaluation)",
+            quality,
+            buckets=[i / 10 for i in range(1, 11)],
+            registry=r,
+        )
+        self.evaluated = Counter(
+            "kllm_answers_evaluated",
+            "Answers scored online, by outcome: supported, unsupported, declined, no_claims, error",
+            [*quality, "outcome"],
+            registry=r,
+        )
 
     def observe(self, source: str, records: int, outputs: Sequence[Any], seconds: float) -> None:
         """One handled batch (or record) and what it produced."""
@@ -125,6 +139,25 @@ class StageMetrics:
                 self.cost.labels(model).inc(message.cost_usd)
             if getattr(message, "cached", False):
                 self.cache.inc()
+            if getattr(message, "SCHEMA", "") == "llm.evaluation":
+                self._evaluated(message)
+
+    def _evaluated(self, e: Any) -> None:
+        labels = (e.tenant, e.model, e.template or "", e.source)
+        if e.groundedness is not None:
+            self.groundedness.labels(*labels).observe(e.groundedness)
+        outcome = (
+            "error"
+            if e.error
+            else "declined"
+            if e.declined
+            else "no_claims"
+            if e.groundedness is None
+            else "unsupported"
+            if e.unsupported
+            else "supported"
+        )
+        self.evaluated.labels(*labels, outcome).inc()
 
     def serve(self, port: int) -> None:
         """Expose /metrics on ``port`` (0: not at all)."""

@@ -24,6 +24,7 @@ SHIFTS = {
     "blocked": "rate 0.02 -> 0.10",
     "feedback_score": "mean rating 4.2 -> 3.0 (scaled (r-1)/4)",
     "feedback_model_error": "P(negative | features) relation inverted",
+    "groundedness": "mean -0.2 (beta, 0.70 -> 0.50, sd 0.12)",
 }
 
 RATINGS = (1, 2, 3, 4, 5)
@@ -53,6 +54,8 @@ def sample(signal: str, rng: random.Random, shifted: bool) -> float:
     if signal == "feedback_score":
         weights = RATING_P_SHIFTED if shifted else RATING_P
         return rating_score(rng.choices(RATINGS, weights)[0])
+    if signal == "groundedness":
+        return _beta(rng, 0.50 if shifted else 0.70, 13.6)
     raise ValueError(f"no generator for {signal!r}")
 
 

@@ -64,7 +64,7 @@ def test_up_demo_answers_and_leaves_no_process_behind(tmp_path: Path) -> None:
     assert gateway.split("A:", 1)[1].split("\n", 1)[0].strip()
     assert "stopped" in out
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
-    assert len(pids) == 9, out  # the broker, its storage server (durable) and seven stages
+    assert len(pids) == 10, out  # the broker, its storage server (durable) and eight stages
     assert not [p for p in pids if _alive(p)], f"processes left behind: {out}"
     assert not (tmp_path / "run" / "state.json").exists()
 
@@ -127,7 +127,7 @@ def test_up_then_ask_from_another_shell_then_sigint_stops_everything(tmp_path: P
     assert up.returncode == 0, out
     assert "stopped" in out
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
-    assert len(pids) == 9, out  # the broker, its storage server and seven stages
+    assert len(pids) == 10, out  # the broker, its storage server and eight stages
     assert not [p for p in pids if _alive(p)], f"processes left behind: {out}"
 
     # Stopped: the store is free, and search shows the ingested chunk.
