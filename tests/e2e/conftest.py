@@ -98,6 +98,7 @@ def pipeline(
         # The scripted answers are there for the output checks: scored, never replaced
         # by quotes (test_eval.py runs the grounded default end to end).
         "KLLM_ANSWER_POLICY": "flag",
+        "KLLM_EVAL_SAMPLE": "1.0",  # every answer scored online (test_online_eval.py)
         **FAST_GROUPS,
     }
     sup = Supervisor(run_dir, env)
