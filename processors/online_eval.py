@@ -19,6 +19,7 @@ request id, so a replayed record is sampled again, and any replica agrees.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from processors.base import Emit
 from processors.conversation import latest_question_index
@@ -35,7 +36,8 @@ __all__ = ["UNSUPPORTED_BELOW", "OnlineEvaluator"]
 class OnlineEvaluator:
     """Scores a sample of generations. Hyperparameters: ``sample`` (the share of each
     tenant's answers scored), ``per_tenant`` (tenant -> its own share) and
-    ``min_groundedness``. Pure: it learns nothing."""
+    ``min_groundedness``; ``source`` marks what it scores (live or shadow answers).
+    Pure: it learns nothing."""
 
     def __init__(
         self,
@@ -45,6 +47,7 @@ class OnlineEvaluator:
         sample: float = 0.1,
         per_tenant: Mapping[str, float] | None = None,
         min_groundedness: float = UNSUPPORTED_BELOW,
+        source: Literal["primary", "shadow"] = "primary",
     ) -> None:
         rates = {"": sample, **(per_tenant or {})}
         bad = {t or "(default)": r for t, r in rates.items() if not 0.0 <= r <= 1.0}
@@ -55,6 +58,7 @@ class OnlineEvaluator:
         self.sample = sample
         self.per_tenant = dict(per_tenant or {})
         self.min_groundedness = min_groundedness
+        self.source: Literal["primary", "shadow"] = source
 
     def sampled(self, request_id: str, tenant: str) -> bool:
         """Whether this answer is scored: a draw fixed by its request id."""
@@ -78,6 +82,7 @@ class OnlineEvaluator:
             tenant=request.tenant,
             model=generation.model,
             template=request.template,
+            source=self.source,
             passages=len(generation.chunks),
             latency_ms=generation.latency_ms,
             ttft_ms=generation.ttft_ms,

@@ -1,5 +1,6 @@
-"""Evaluation stage: a sample of the answers (llm.generations) scored online into
-llm.evaluations, for the drift stage's quality detectors, the metrics and the dashboard.
+"""Evaluation stage: a sample of the answers (llm.generations) and every shadow answer
+(llm.generations.shadow) scored online into llm.evaluations, for the drift stage's
+quality detectors, the metrics, the dashboard and `kllm shadow report`.
 
 A side reader in its own group (kllm-evaluation): moderation owns llm.generations and
 dead-letters what it cannot read; this stage skips it. See processors/online_eval.py.
@@ -18,7 +19,7 @@ from kllm.runtime.settings import StageSettings
 from processors.online_eval import UNSUPPORTED_BELOW, OnlineEvaluator
 from processors.retrieval import Embedder
 from schemas import Generation
-from topics import GENERATIONS, TopicSpec
+from topics import GENERATIONS, GENERATIONS_SHADOW, TopicSpec
 
 STAGE = "evaluation"
 
@@ -48,7 +49,15 @@ def build(
         per_tenant=settings.eval_sample_per_tenant,
         min_groundedness=settings.eval_min_groundedness,
     )
-    return [(GENERATIONS, StageLogic(STAGE, Generation, evaluator.process, owner=False))]
+    shadow = OnlineEvaluator(
+        embedder, evaluator.scorer, sample=1.0, min_groundedness=evaluator.min_groundedness,
+        source="shadow",
+    )  # fmt: skip
+    return [
+        (GENERATIONS, StageLogic(STAGE, Generation, evaluator.process, owner=False)),
+        # Every shadow answer: the shadow sampled its jobs already, by the same draw.
+        (GENERATIONS_SHADOW, StageLogic(STAGE, Generation, shadow.process, owner=False)),
+    ]
 
 
 def main() -> None:

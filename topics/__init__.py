@@ -16,6 +16,7 @@ from topics.catalog import (
     FEEDBACK,
     FEEDBACK_ENRICHED,
     GENERATIONS,
+    GENERATIONS_SHADOW,
     INFERENCE,
     MODERATED_TOKENS,
     MODERATION_EVENTS,
@@ -57,6 +58,7 @@ from topics.groups import (
     groups,
     inference_group,
     primary_group,
+    shadow_group,
     stage_group,
     stage_groups,
 )
@@ -84,6 +86,7 @@ __all__ = [
     "FEEDBACK_ENRICHED",
     "FEEDBACK_GROUP",
     "GENERATIONS",
+    "GENERATIONS_SHADOW",
     "GROUPLESS",
     "GROUP_PREFIX",
     "INDEXER_GROUP",
@@ -115,6 +118,7 @@ __all__ = [
     "inference_topic",
     "primary_group",
     "provision",
+    "shadow_group",
     "stage_group",
     "stage_groups",
 ]

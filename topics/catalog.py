@@ -71,6 +71,8 @@ MODERATED_TOKENS = TopicSpec(
 )
 GENERATIONS = TopicSpec("llm.generations", 4, "request id", Generation, has_dlq=True)
 RESPONSES = TopicSpec("llm.responses", 4, "request id", Response)
+GENERATIONS_SHADOW = TopicSpec("llm.generations.shadow", 4, "request id", Generation)
+"""A candidate model's answers to copies of live or replayed jobs: scored, never answered."""
 MODERATION_EVENTS = TopicSpec("llm.moderation.events", 2, "request id", ModerationEvent)
 DOCUMENTS = TopicSpec(
     "llm.documents", 2, "tenant/document id", Document, has_dlq=True, retention_ms=30 * _DAY_MS
@@ -96,6 +98,7 @@ _PRIMARY = (
     MODERATED_TOKENS,
     GENERATIONS,
     RESPONSES,
+    GENERATIONS_SHADOW,
     MODERATION_EVENTS,
     DOCUMENTS,
     DOCUMENTS_INDEXED,

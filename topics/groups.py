@@ -7,6 +7,7 @@ derive from this; nothing else spells a group name.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from topics.catalog import (
     FEEDBACK,
     FEEDBACK_ENRICHED,
     GENERATIONS,
+    GENERATIONS_SHADOW,
     INFERENCE,
     REQUESTS,
     RESPONSES,
@@ -33,6 +35,9 @@ GROUP_PREFIX = "kllm-"
 def group_id(name: str) -> str:
     """A consumer group name: every consumer of it shares the work."""
     return f"{GROUP_PREFIX}{name}"
+
+
+_SHADOW_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
 def stage_group(stage: str, pool: str = "") -> str:
@@ -76,8 +81,11 @@ FEEDBACK_GROUP = ConsumerGroup(
     group_id("feedback"), "feedback", (RETRIEVAL, INFERENCE, RESPONSES, FEEDBACK)
 )
 """A join: its inputs are co-partitioned (same key, same partition count)."""
-EVALUATION_GROUP = ConsumerGroup(group_id("evaluation"), "evaluation", (GENERATIONS,))
-"""A side reader of the generations: scores a sample of the answers online."""
+EVALUATION_GROUP = ConsumerGroup(
+    group_id("evaluation"), "evaluation", (GENERATIONS, GENERATIONS_SHADOW)
+)
+"""A side reader of the generations: scores a sample of the answers online, and every
+shadow answer."""
 DRIFT_GROUP = ConsumerGroup(
     group_id("drift"),
     "drift",
@@ -143,6 +151,14 @@ READER_GROUPS = (
 )
 """Group ids of the readers that assign partitions themselves: librdkafka requires one,
 but none of them joins its group or commits, so none has lag."""
+
+
+def shadow_group(name: str) -> ConsumerGroup:
+    """The group of a shadow candidate (`kllm shadow start`): a copy of the inference
+    jobs, read beside the inference workers. Not a stage of ``kllm up``."""
+    if not _SHADOW_NAME.match(name):
+        raise ValueError(f"a shadow name is 1-32 of a-z, 0-9, - and _, got {name!r}")
+    return ConsumerGroup(group_id(f"shadow-{name}"), "shadow", (INFERENCE,))
 
 
 def inference_group(pool: str = "") -> ConsumerGroup:

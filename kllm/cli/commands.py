@@ -17,6 +17,7 @@ from kllm.cli import evaluate as cli_eval
 from kllm.cli import export as cli_export
 from kllm.cli import keys as cli_keys
 from kllm.cli import scale as cli_scale
+from kllm.cli import shadow as cli_shadow
 from kllm.cli import supervision
 from kllm.cli import trace as cli_trace
 from kllm.core.errors import PipelineError
@@ -107,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_scale.add_parser(sub)
     cli_trace.add_parser(sub)
     cli_eval.add_parser(sub)
+    cli_shadow.add_parser(sub)
     sub.add_parser("provision", help="create the declared topics that are missing (idempotent)")
     sub.add_parser("topics", help="list the declared topics: partitions, key, schema, DLQ")
     broker = sub.add_parser(
@@ -168,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scale",
         "trace",
         "eval",
+        "replay",
     }
     logs.configure("WARNING" if args.command in quiet else settings.log_level)
     handlers = {
@@ -183,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scale": cli_scale.cmd_scale,
         "trace": cli_trace.cmd_trace,
         "eval": cli_eval.cmd_eval,
+        "shadow": cli_shadow.cmd_shadow,
+        "replay": cli_shadow.cmd_replay,
     }
     try:
         return handlers[args.command](args, settings)

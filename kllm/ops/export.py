@@ -1,5 +1,6 @@
 """The enriched feedback stream as a dataset: JSONL (chat-format rows, ready for
-fine-tuning or evaluation) or Parquet (one flat column per field).
+fine-tuning or evaluation) or Parquet (one flat column per field). ``read_topic`` is
+the snapshot reader under it, for any topic (`kllm replay`, `kllm shadow report`).
 
 Reads llm.feedback.enriched from its start to the end it had when the export
 began, without a consumer group (an export is a snapshot, not a subscriber),
@@ -14,15 +15,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from kllm.core.errors import BrokerError, ConfigError
-from schemas import FeedbackEnriched, SchemaError, decode
+from kllm.core.refs import where
+from schemas import FeedbackEnriched, Message, SchemaError, decode
 from topics import EXPORT_GROUP, FEEDBACK_ENRICHED
 
+M = TypeVar("M", bound=Message)
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -131,17 +134,37 @@ def read_enriched(
     idle_s: float = 10.0,
     settle_s: float = 1.0,
 ) -> Iterator[FeedbackEnriched]:
-    """Every readable record from the start to the end offsets taken now (and any that
-    follow within ``settle_s``); unreadable ones are reported to ``on_unreadable``."""
+    """Every readable record of the enriched feedback (see ``read_topic``)."""
+    return read_topic(
+        bootstrap, FEEDBACK_ENRICHED.name, FeedbackEnriched, on_progress, on_unreadable,
+        idle_s=idle_s, settle_s=settle_s,
+    )  # fmt: skip
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    schema: type[M],
+    on_progress: Callable[[int, int], None] | None = None,
+    on_unreadable: Callable[[str], None] | None = None,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+    idle_s: float = 10.0,
+    settle_s: float = 1.0,
+) -> Iterator[M]:
+    """Every readable record of ``topic`` from the start to the end offsets taken now,
+    and any that follow within ``settle_s``, produced within [``since``, ``until``]
+    (Unix times; by the record's timestamp); unreadable ones are reported to
+    ``on_unreadable``. The whole retained topic is read: a broker's time index is not
+    relied on (the embedded one's is not kept)."""
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": EXPORT_GROUP, "enable.auto.commit": False}
     )
     try:
-        ends = _ranges(consumer, FEEDBACK_ENRICHED.name)
-        total = sum(high - low for low, high in ends.values())
-        consumer.assign(
-            [TopicPartition(FEEDBACK_ENRICHED.name, p, lo) for p, (lo, _) in ends.items()]
-        )
+        ends = _ranges(consumer, topic)
+        total = sum(max(0, high - low) for low, high in ends.values())
+        consumer.assign([TopicPartition(topic, p, lo) for p, (lo, _) in ends.items()])
         reached = {p for p, (lo, hi) in ends.items() if hi <= lo}
         done, last = 0, time.monotonic()
         while True:
@@ -157,16 +180,19 @@ def read_enriched(
             p, offset = msg.partition(), msg.offset()
             if p is None or offset is None:
                 continue
+            if offset + 1 >= ends[p][1]:
+                reached.add(p)
             done += 1
             if on_progress:
                 on_progress(done, max(total, done))
-            if offset + 1 >= ends[p][1]:
-                reached.add(p)
+            produced = msg.timestamp()[1] / 1000
+            if (since is not None and produced < since) or (until is not None and produced > until):
+                continue
             try:
-                record = decode(msg.value() or b"", FeedbackEnriched)
+                record = decode(msg.value() or b"", schema)
             except SchemaError as exc:
                 if on_unreadable:
-                    on_unreadable(f"{FEEDBACK_ENRICHED.name}[{p}]@{offset}: {exc}")
+                    on_unreadable(f"{where(topic, p, offset)}: {exc}")
                 continue
             yield record
     finally:
