@@ -38,6 +38,8 @@ def group_id(name: str) -> str:
 
 
 _SHADOW_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+SHADOW_GROUP_PREFIX = group_id("shadow-")
+"""A shadow candidate's group is this prefix and its name (`kllm shadow start --name`)."""
 
 
 def stage_group(stage: str, pool: str = "") -> str:
@@ -158,7 +160,7 @@ def shadow_group(name: str) -> ConsumerGroup:
     jobs, read beside the inference workers. Not a stage of ``kllm up``."""
     if not _SHADOW_NAME.match(name):
         raise ValueError(f"a shadow name is 1-32 of a-z, 0-9, - and _, got {name!r}")
-    return ConsumerGroup(group_id(f"shadow-{name}"), "shadow", (INFERENCE,))
+    return ConsumerGroup(f"{SHADOW_GROUP_PREFIX}{name}", "shadow", (INFERENCE,))
 
 
 def inference_group(pool: str = "") -> ConsumerGroup:

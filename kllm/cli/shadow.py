@@ -22,6 +22,7 @@ from typing import Any
 
 from kllm.core.errors import ConfigError
 from kllm.runtime.settings import KafkaSettings
+from topics import GENERATIONS_SHADOW, INFERENCE, SHADOW_GROUP_PREFIX, shadow_group
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,10 +36,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     start = what.add_parser(
         "start",
         help="follow live inference jobs with the candidate until Ctrl-C",
-        description="Joins the consumer group kllm-shadow-NAME on llm.inference (a copy of "
-        "the live jobs, beside the inference workers) and answers the sampled jobs with the "
-        "candidate into llm.generations.shadow. Runs in the foreground until Ctrl-C; its "
-        "committed offsets let a restart continue where it stopped.",
+        description=f"Joins the consumer group {SHADOW_GROUP_PREFIX}NAME on "
+        f"{INFERENCE.name} (a copy of the live jobs, beside the inference workers) and "
+        f"answers the sampled jobs with the candidate into {GENERATIONS_SHADOW.name}. Runs "
+        "in the foreground until Ctrl-C; its committed offsets let a restart continue "
+        "where it stopped.",
     )
     _candidate_args(start)
     start.add_argument("--name", default="candidate", help="the shadow's name (its group)")
@@ -53,10 +55,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     replay = sub.add_parser(
         "replay",
         help="re-run retained inference jobs through a candidate (no live traffic needed)",
-        description="Reads the jobs on llm.inference produced between --since and --until "
-        "(from what the topic retains), answers each with the candidate, in process, and "
-        "publishes the answers to llm.generations.shadow, where the evaluation stage "
-        "scores them. Exits when every answer is acknowledged.",
+        description=f"Reads the jobs on {INFERENCE.name} produced between --since and "
+        "--until (from what the topic retains), answers each with the candidate, in "
+        f"process, and publishes the answers to {GENERATIONS_SHADOW.name}, where the "
+        "evaluation stage scores them. Exits when every answer is acknowledged.",
     )
     _candidate_args(replay)
     replay.add_argument("--since", required=True, help="ISO date/time, or an age: 30m, 24h, 7d")
@@ -83,8 +85,6 @@ def _candidate_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _start(args: argparse.Namespace, settings: KafkaSettings) -> int:
-    from topics import shadow_group
-
     if not 0.0 <= args.sample <= 1.0:
         raise ConfigError("--sample must be in [0, 1]")
     try:
@@ -149,7 +149,6 @@ def cmd_replay(args: argparse.Namespace, settings: KafkaSettings) -> int:
     from schemas import InferenceJob
     from services.shadow import Settings as ShadowSettings
     from services.shadow import build
-    from topics import INFERENCE
 
     since = parse_when(args.since)
     until = parse_when(args.until) if args.until else None

@@ -13,7 +13,7 @@ from processors.online_eval import OnlineEvaluator
 from schemas import Chunk, Evaluation, Generation, Request, Usage, encode
 from services.evaluation import Settings, build
 from tests.unit.conftest import FakeEmbedder
-from topics import EVALUATION_GROUP, EVALUATIONS, GENERATIONS, stage_groups
+from topics import EVALUATION_GROUP, EVALUATIONS, GENERATIONS, GENERATIONS_SHADOW, stage_groups
 
 PASSAGE = "Each stage is a separate Python process. Stages talk only through Kafka topics."
 
@@ -96,11 +96,16 @@ def test_sample_rates_outside_0_1_are_refused() -> None:
 
 
 def test_the_stage_reads_generations_in_its_own_group_as_a_side_reader() -> None:
-    ((source, logic),) = build(Settings(eval_sample=1.0), embedder=FakeEmbedder())
-    assert source == GENERATIONS
-    assert logic.owner is False
+    (source, logic), (shadows, of_shadows) = build(
+        Settings(eval_sample=0.0), embedder=FakeEmbedder()
+    )
+    assert (source, shadows) == (GENERATIONS, GENERATIONS_SHADOW)
+    assert logic.owner is False and of_shadows.owner is False
+    shadow_answer = _generation("r6", "Each stage is a separate Python process.")
+    assert logic.process(shadow_answer) == []  # live answers: none sampled at 0
+    assert _evaluation(of_shadows.process(shadow_answer)).source == "shadow"  # every shadow one
     assert stage_groups("evaluation") == (EVALUATION_GROUP,)
-    out = logic.process(_generation("r5", "Each stage is a separate Python process."))
+    out = of_shadows.process(_generation("r5", "Each stage is a separate Python process."))
     assert _evaluation(out).groundedness == 1.0
 
 
