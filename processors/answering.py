@@ -83,7 +83,7 @@ class GroundedAnswerer:
         min_score: float = 0.3,
         min_coverage: float = 0.3,
         min_groundedness: float = 0.5,
-        quote_sentences: int = 2,
+        quote_sentences: int = 3,
     ) -> None:
         if quote_sentences < 1:
             raise ValueError(f"quote_sentences must be at least 1, got {quote_sentences}")
@@ -100,7 +100,9 @@ class GroundedAnswerer:
         if max(scores, default=0.0) < self.min_score:
             return f"the best passage scores under {self.min_score:g}"
         text = " ".join(passages).lower()
-        missing = sorted(w for w in specifics(question) - _GENERIC if w not in text)
+        # Names per sentence: a capitalised first word of a later sentence is no name.
+        named = set().union(*(specifics(s) for s in sentences(question))) - _GENERIC
+        missing = sorted(w for w in named if w not in text)
         if missing:
             return f"{len(missing)} name(s) or number(s) of the question are in no passage"
         asked = _stems(question)

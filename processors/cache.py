@@ -217,6 +217,8 @@ def _cacheable(response: Response) -> bool:
         and response.verdict in ("allowed", "redacted")
         and response.finish_reason in CACHEABLE_FINISH
         and bool(response.text.strip())
+        # Quotes and declines answer the exact question asked, not a similar one.
+        and response.answer_mode == "generated"
     )
 
 

@@ -24,6 +24,7 @@ Detectors per signal (``DETECTORS``):
 model) that predicts negative feedback from request features before it learns the label
 (prequential): when the relation between features and complaints changes, its error rises.
 Only a rise is alerted; a falling error (the model still learning) re-baselines silently.
+For ``groundedness`` only a fall is alerted.
 
 The whole monitor is plain picklable state: ``pickle.dumps(monitor)`` is its checkpoint, and
 a restored monitor continues exactly where the original was.
@@ -71,6 +72,8 @@ DETECTORS: dict[str, str] = {
 }
 # Signals where only a rise is a problem; a fall re-baselines without an alert.
 RISE_ONLY = frozenset({"feedback_model_error"})
+# Signals where only a fall is a problem (answers better grounded are no alert).
+FALL_ONLY = frozenset({"groundedness"})
 
 
 def rating_score(rating: int) -> float:
@@ -245,10 +248,11 @@ class DriftMonitor:
             return []
         baseline = float(stream.fed.get())
         stream.fed = stats.Mean()  # river's detectors restart after a detection
-        if obs.signal in RISE_ONLY:
+        if obs.signal in RISE_ONLY or obs.signal in FALL_ONLY:
             scaled_recent = [s for _, s, _ in stream.recent]
-            if _change_start(scaled_recent, baseline)[1] < 0:
-                return []  # a fall: the detector restarts on the new level, nothing to report
+            rise = _change_start(scaled_recent, baseline)[1] > 0
+            if rise != (obs.signal in RISE_ONLY):
+                return []  # the harmless way: the detector restarts on the new level
         if stream.last_alert is not None and stream.seen - stream.last_alert <= self.cooldown:
             return []
         alert = self._alert(obs, kind, stream)

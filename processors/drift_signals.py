@@ -148,7 +148,8 @@ class DriftStage:
             ]
         if isinstance(m, Response):
             return _response_observations(m, now)
-        if isinstance(m, Evaluation) and m.groundedness is not None:
+        if isinstance(m, Evaluation) and m.source == "primary" and m.groundedness is not None:
+            # Shadow answers are a candidate's, not the live model's: no live alert on them.
             return [
                 Observation(
                     m.tenant, m.model, "groundedness", m.groundedness, m.request_id, m.evaluated_at

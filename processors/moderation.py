@@ -230,12 +230,20 @@ class Moderator:
 
     def ground(self, generation: Generation, json_mode: bool) -> Grounded | None:
         """The grounded answer in place of the generated one (see `processors.answering`);
-        None where it does not apply: the policy is off, the engine failed, the answer
-        calls tools or is JSON. A streamed answer has reached its caller already: it is
-        scored, never replaced."""
-        if self.answer_policy == "off" or generation.error or generation.tool_calls or json_mode:
-            return None
+        None where it does not apply: the policy is off, the engine failed, the answer is
+        JSON, or it calls tools or answers from tool results (the passages are not its
+        evidence then). A streamed answer has reached its caller already: it is scored,
+        never replaced."""
         request = generation.request
+        if (
+            self.answer_policy == "off"
+            or generation.error
+            or generation.tool_calls
+            or json_mode
+            or request.tools
+            or any(m.role == "tool" for m in request.messages)
+        ):
+            return None
         try:
             question = request.messages[latest_question_index(request.messages)].content
         except ValueError:  # no user turn with text: nothing to ground against

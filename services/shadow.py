@@ -77,25 +77,37 @@ def build(settings: Settings, *, engines: Mapping[str, Engine] | None = None) ->
     return shadow, capacity
 
 
+async def answer_or_skip(shadow: Shadow, job: InferenceJob, record: str) -> list[Emit] | None:
+    """The candidate's answer to ``job``; None when it cannot take the job. Whatever
+    fails on one job is logged and skipped: a shadow must never stop on a record (and
+    never dead-letters one: the live stages own the topic, its DLQ and its callers)."""
+    rid = job.request.request_id
+    try:
+        return await shadow.answer(job)
+    except PipelineError as exc:  # e.g. a field the candidate cannot honour
+        log.warning(
+            "shadow skipped a job", extra={"request_id": rid, "record": record, "reason": str(exc)}
+        )
+        return None
+    except Exception as exc:
+        log.exception(
+            "shadow failed on a job",
+            extra={"request_id": rid, "record": record, "reason": type(exc).__name__},
+        )
+        return None
+
+
 def handler(shadow: Shadow) -> Handler:
-    """A record of llm.inference to the candidate's answer. A record the shadow cannot
-    read or answer is skipped: the inference stage owns the topic and its DLQ."""
+    """A record of the job topic to the candidate's answer; see ``answer_or_skip``."""
 
     async def handle(ref: RecordRef, value: bytes | None, _publish: Publish) -> list[Emit]:
         try:
             job = decode(value or b"", InferenceJob)
         except PipelineError as exc:
-            log.warning(
-                "shadow skipped an unreadable job",
-                extra={"record": str(ref), "request_id": ref.key, "reason": str(exc)},
-            )
+            extra = {"record": str(ref), "request_id": ref.key, "reason": str(exc)}
+            log.warning("shadow skipped an unreadable job", extra=extra)
             return []
-        try:
-            return await shadow.answer(job)
-        except PipelineError as exc:  # e.g. a field the candidate cannot honour
-            extra = {"record": str(ref), "request_id": job.request.request_id, "reason": str(exc)}
-            log.warning("shadow skipped a job", extra=extra)
-            return []
+        return await answer_or_skip(shadow, job, str(ref)) or []
 
     return handle
 
@@ -107,7 +119,7 @@ def main() -> None:
     stage_metrics = metrics.for_stage(STAGE)
     stage_metrics.serve(settings.metrics_port)
     bootstrap = settings.bootstrap()
-    group = shadow_group(settings.shadow_name)
+    group = shadow_group(settings.shadow_name, settings.pool)
     runner = InflightRunner(
         # A new shadow copies live traffic from now on (`kllm replay` covers the past);
         # after its first commit a restart continues where it stopped.

@@ -155,12 +155,12 @@ READER_GROUPS = (
 but none of them joins its group or commits, so none has lag."""
 
 
-def shadow_group(name: str) -> ConsumerGroup:
-    """The group of a shadow candidate (`kllm shadow start`): a copy of the inference
-    jobs, read beside the inference workers. Not a stage of ``kllm up``."""
+def shadow_group(name: str, pool: str = "") -> ConsumerGroup:
+    """The group of a shadow candidate (`kllm shadow start`): a copy of a pool's
+    inference jobs, read beside its workers. Not a stage of ``kllm up``."""
     if not _SHADOW_NAME.match(name):
         raise ValueError(f"a shadow name is 1-32 of a-z, 0-9, - and _, got {name!r}")
-    return ConsumerGroup(f"{SHADOW_GROUP_PREFIX}{name}", "shadow", (INFERENCE,))
+    return ConsumerGroup(f"{SHADOW_GROUP_PREFIX}{name}", "shadow", (inference_topic(pool),))
 
 
 def inference_group(pool: str = "") -> ConsumerGroup:

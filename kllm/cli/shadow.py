@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 from typing import Any
 
 from kllm.core.errors import ConfigError
 from kllm.runtime.settings import KafkaSettings
-from topics import GENERATIONS_SHADOW, INFERENCE, SHADOW_GROUP_PREFIX, shadow_group
+from topics import GENERATIONS_SHADOW, INFERENCE, SHADOW_GROUP_PREFIX, inference_topic, shadow_group
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,11 +44,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _candidate_args(start)
     start.add_argument("--name", default="candidate", help="the shadow's name (its group)")
     start.add_argument(
-        "--sample", type=float, default=1.0, help="share of jobs copied, 0..1 (default 1)"
+        "--sample",
+        type=float,
+        default=0.1,
+        help="share of jobs copied, 0..1, drawn as the evaluation stage draws: at or under "
+        "KLLM_EVAL_SAMPLE every shadowed request has its live answer scored (default 0.1)",
     )
     rep = what.add_parser("report", help="the candidate against the live answers, per metric")
     rep.add_argument("--model", help="only this shadow model (default: all)")
-    rep.add_argument("--since", help="evaluations from this time on (ISO, or an age: 24h)")
+    rep.add_argument("--since", help="shadow answers from this time on (ISO, or an age: 24h)")
     rep.add_argument("--json", action="store_true", help="rows as JSON")
 
     replay = sub.add_parser(
@@ -69,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _candidate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="the candidate: a model of KLLM_MODELS")
     p.add_argument("--template", help="a candidate template tag, e.g. rag@v2/b")
+    p.add_argument("--pool", default="", help="the inference pool whose jobs to copy")
 
 
 def cmd_shadow(args: argparse.Namespace, settings: KafkaSettings) -> int:
@@ -78,7 +82,7 @@ def cmd_shadow(args: argparse.Namespace, settings: KafkaSettings) -> int:
 
 
 def _candidate_env(args: argparse.Namespace) -> dict[str, str]:
-    env = {"KLLM_SHADOW_MODEL": args.model}
+    env = {"KLLM_SHADOW_MODEL": args.model, "KLLM_POOL": args.pool}
     if args.template:
         env["KLLM_SHADOW_TEMPLATE"] = args.template
     return env
@@ -88,7 +92,7 @@ def _start(args: argparse.Namespace, settings: KafkaSettings) -> int:
     if not 0.0 <= args.sample <= 1.0:
         raise ConfigError("--sample must be in [0, 1]")
     try:
-        group = shadow_group(args.name)
+        group = shadow_group(args.name, args.pool)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     env = os.environ | _candidate_env(args)
@@ -97,11 +101,9 @@ def _start(args: argparse.Namespace, settings: KafkaSettings) -> int:
         "KLLM_SHADOW_SAMPLE": str(args.sample),
         "KLLM_BOOTSTRAP_SERVERS": settings.bootstrap(),
     }
-    print(f"shadow {args.model} in {group.name}: Ctrl-C stops it", file=sys.stderr)
-    try:
-        return subprocess.call([sys.executable, "-m", "services.shadow"], env=env)
-    except KeyboardInterrupt:  # the worker got the Ctrl-C too, and stops cleanly
-        return 0
+    print(f"shadow {args.model} in {group.name}: Ctrl-C stops it", file=sys.stderr, flush=True)
+    # This process becomes the worker: Ctrl-C, SIGTERM and its exit status are its own.
+    os.execve(sys.executable, [sys.executable, "-m", "services.shadow"], env)
 
 
 def _report(args: argparse.Namespace, settings: KafkaSettings) -> int:
@@ -113,8 +115,19 @@ def _report(args: argparse.Namespace, settings: KafkaSettings) -> int:
     from topics import EVALUATIONS
 
     since = parse_when(args.since) if args.since else None
-    evaluations = read_topic(settings.bootstrap(), EVALUATIONS.name, Evaluation, since=since)
-    found = pairs(evaluations, args.model)
+    evaluations = list(read_topic(settings.bootstrap(), EVALUATIONS.name, Evaluation))
+    shadows = {
+        e.request_id
+        for e in evaluations
+        if e.source == "shadow"
+        and (args.model is None or e.model == args.model)
+        and (since is None or e.evaluated_at >= since)
+    }
+    found = [p for p in pairs(evaluations, args.model) if p.shadow.request_id in shadows]
+    if len(shadows) > len(found):
+        left = len(shadows) - len(found)
+        print(f"{left} shadow answers have no live evaluation (KLLM_EVAL_SAMPLE did not "
+              "draw them): left out", file=sys.stderr)  # fmt: skip
     if not found:
         print("no request has both a live and a shadow evaluation yet", file=sys.stderr)
         return 1
@@ -156,17 +169,21 @@ def cmd_replay(args: argparse.Namespace, settings: KafkaSettings) -> int:
         raise ConfigError("--until is not after --since")
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
-    overrides: dict[str, Any] = {"shadow_model": args.model}
+    overrides: dict[str, Any] = {"shadow_model": args.model, "pool": args.pool}
     if args.template:
         overrides["shadow_template"] = args.template
     bootstrap = settings.bootstrap()
     shadow, capacity = build(ShadowSettings(**overrides))
     skipped: list[str] = []
-    jobs = read_topic(bootstrap, INFERENCE.name, InferenceJob, None, skipped.append,
+    topic = inference_topic(args.pool).name
+    jobs = read_topic(bootstrap, topic, InferenceJob, None, skipped.append,
                       since=since, until=until)  # fmt: skip
     with tqdm(unit="job", desc=f"replaying through {shadow.model}", file=sys.stderr) as bar:
         done = asyncio.run(replay(jobs, shadow, bootstrap, capacity, args.limit, bar.update))
-    print(f"{done.answered} shadow generations from {done.read} jobs ({done.failed} failed)")
+    print(
+        f"{done.answered} shadow generations from {done.read} jobs ({done.failed} failed, "
+        f"{done.skipped} skipped)"
+    )
     for reason in skipped[:5]:
         print(f"skipped unreadable job {reason}", file=sys.stderr)
-    return 0 if done.failed == 0 else 1
+    return 0 if done.failed == 0 and done.skipped == 0 else 1

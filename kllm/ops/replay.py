@@ -16,6 +16,7 @@ from kllm.runtime.delivery import Acks
 from kllm.runtime.kafka import make_producer
 from processors.shadow import Shadow
 from schemas import Generation, InferenceJob
+from services.shadow import answer_or_skip
 
 ACK_TIMEOUT_S = 60.0
 
@@ -26,6 +27,8 @@ class Replayed:
     answered: int = 0
     failed: int = 0
     """Answers with an engine error (published too: errors are part of the comparison)."""
+    skipped: int = 0
+    """Jobs the candidate could not take (logged with their request id)."""
 
 
 def _take(jobs: Iterator[InferenceJob], n: int) -> list[InferenceJob]:
@@ -47,9 +50,12 @@ async def replay(
 
     async def one(job: InferenceJob) -> None:
         async with slots:
-            emits = await shadow.answer(job)
-        for emit in emits:
+            emits = await answer_or_skip(shadow, job, f"replay of {job.request.request_id}")
+        if emits is None:
+            result.skipped += 1
+        for emit in emits or []:
             acks.produce(emit)
+            acks.poll()  # delivery reports as they come: a long replay never fills the queue
             if isinstance(emit.message, Generation):
                 result.answered += 1
                 result.failed += emit.message.error is not None

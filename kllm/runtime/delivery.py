@@ -53,6 +53,10 @@ class Acks:
             topic, key=key, value=value, headers=headers, on_delivery=on_delivery
         )
 
+    def poll(self) -> None:
+        """Serve the delivery reports that have arrived, without waiting."""
+        self._producer.poll(0)
+
     def wait(self, timeout_s: float) -> None:
         left = self._producer.flush(timeout_s)
         if left > 0 or self.errors:

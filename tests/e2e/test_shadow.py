@@ -61,7 +61,7 @@ def test_a_shadow_answers_live_jobs_unseen_and_the_report_lists_both(
     started = time.time()
     worker = subprocess.Popen(
         [sys.executable, "-m", "kllm.cli", "shadow", "start", "--model", CANDIDATE,
-         "--name", f"e2e-{uuid.uuid4().hex[:6]}"],
+         "--name", f"e2e-{uuid.uuid4().hex[:6]}", "--sample", "1"],
         cwd=REPO, env=pipeline.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -132,7 +132,9 @@ def test_replay_reruns_200_retained_jobs_into_200_shadow_generations(
         done = _kllm(pipeline, "replay", "--since", _iso(since), "--until", _iso(until),
                      "--model", CANDIDATE)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "200 shadow generations from 200 jobs (0 failed)" in done.stdout, done.stdout
+        assert "200 shadow generations from 200 jobs (0 failed, 0 skipped)" in done.stdout, (
+            done.stdout
+        )
         ids = {j.request.request_id for j in jobs}
         got = collect(shadows, ids, 60)
     finally:

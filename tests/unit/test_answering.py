@@ -147,3 +147,29 @@ def test_a_conversation_is_grounded_on_its_latest_question() -> None:
         }
     )
     assert _moderate(gen, "grounded").answer_mode == "declined"
+
+
+def test_a_capitalised_word_opening_a_later_sentence_is_no_name() -> None:
+    question = "Thanks. Explain how each stage is started as its own process?"
+    assert GroundedAnswerer().unanswered(question, PASSAGES, SCORES) == ""
+
+
+def test_answers_from_tools_are_not_grounded_on_the_passages() -> None:
+    from schemas.chat import FunctionSpec, Tool
+
+    gen = _generation("It is 18 degrees in Paris.")
+    with_tools = gen.request.model_copy(
+        update={"tools": [Tool(function=FunctionSpec(name="weather"))]}
+    )
+    after_tool = gen.request.model_copy(
+        update={
+            "messages": [
+                ChatTurn(role="user", content="How warm is Paris?"),
+                ChatTurn(role="tool", content="18 C"),
+                ChatTurn(role="user", content="So how warm is it?"),
+            ]
+        }
+    )
+    for request in (with_tools, after_tool):
+        response = _moderate(gen.model_copy(update={"request": request}), "grounded")
+        assert (response.text, response.answer_mode) == (gen.text, "generated")

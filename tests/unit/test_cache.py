@@ -374,3 +374,9 @@ def test_a_fallback_answer_is_kept_under_its_own_model() -> None:
     assert cache.lookup_exact(req(request_id="r2"), NOW + 1) is None
     hit = cache.lookup_exact(req(request_id="r3", model="fallback-m"), NOW + 1)
     assert hit is not None and hit.answer.model == "fallback-m"
+
+
+@pytest.mark.parametrize("mode", ["quoted", "declined"])
+def test_quoted_and_declined_answers_are_not_cached(mode: str) -> None:
+    # They answer the exact question asked from its passages, not a similar one.
+    assert learned(ResponseCache(), req(), answer_mode=mode) is False

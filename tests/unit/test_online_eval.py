@@ -154,3 +154,21 @@ def test_dashboard_shows_groundedness_p50_and_unsupported_rate_per_row() -> None
     assert row["model"] == "m" and row["evaluated"] == 4
     assert row["groundedness_p50"] == 1.0
     assert row["unsupported_rate"] == 0.25
+
+
+def test_drift_ignores_shadow_answers() -> None:
+    stage = DriftStage(
+        DriftMonitor(warmup=50, cooldown=0), PromptReference(10), FakeEmbedder().embed
+    )
+    shadow = [_scored(f"s{i}", 0.9).model_copy(update={"source": "shadow"}) for i in range(60)]
+    stage.process_batch(shadow, 0.0)
+    assert stage.monitor.streams() == []  # a candidate's scores are not the live model's
+
+
+def test_drift_does_not_alert_when_groundedness_rises() -> None:
+    stage = DriftStage(
+        DriftMonitor(warmup=50, cooldown=0), PromptReference(10), FakeEmbedder().embed
+    )
+    stage.process_batch([_scored(f"a{i}", 0.1 * (i % 2)) for i in range(300)], 0.0)
+    alerts = stage.process_batch([_scored(f"b{i}", 0.9 + 0.1 * (i % 2)) for i in range(300)], 0.0)
+    assert alerts == []

@@ -10,6 +10,7 @@ import pytest
 
 from kllm.core.errors import ConfigError
 from kllm.runtime.dispatch import RecordRef
+from processors.base import Outcome
 from processors.online_eval import OnlineEvaluator
 from processors.shadow import Shadow
 from processors.shadow_report import pairs, report
@@ -127,3 +128,12 @@ def test_report_gives_deltas_intervals_and_win_rates() -> None:
     assert rows["unsupported"].win_rate == 1.0  # fewer unsupported wins
     assert rows["completion_tokens"].win_rate is None  # no winner on tokens
     assert rows["citation_validity"].pairs == 0 and rows["citation_validity"].delta is None
+
+
+def test_the_worker_skips_a_job_the_candidate_fails_on(make_job: MakeJob) -> None:
+    async def broken(_job: InferenceJob) -> Outcome:
+        raise RuntimeError("a bug in the candidate's engine")
+
+    handle = handler(Shadow(broken, "cand"))
+    ref = RecordRef(INFERENCE, 0, 8, "req-1")
+    assert asyncio.run(handle(ref, encode(make_job()), lambda _e: None)) == []
