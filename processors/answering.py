@@ -16,13 +16,18 @@ README's golden-set table), so the moderation stage puts every whole answer thro
    most words with the question, quoted, each cited by its passage number: mode
    ``quoted``.
 
-The thresholds were chosen on the golden set's retrieved passages (eval/golden.jsonl,
-even lines) and checked on the odd lines; the README gives the figures. All queries are
-pure: the answerer learns nothing.
+The thresholds were chosen offline, on the passages retrieval finds for the golden
+set's questions (eval/golden.jsonl), without the model, and checked on each half of it;
+the README gives the figures. All queries are pure: the answerer learns nothing.
+
+The generated answer's support is judged by words alone here (no embedder in this
+stage): stricter than the evaluation stage's calibrated scorer, which also uses cosine
+similarity, so the two groundedness figures of one answer can differ.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -35,7 +40,10 @@ AnswerMode = Literal["generated", "quoted", "declined"]
 Policy = Literal["grounded", "flag", "off"]
 """``grounded`` replaces unsupported answers; ``flag`` only scores them; ``off`` skips."""
 DECLINED_TEXT = "The provided documents do not answer this question."
+# The project's own name is in nearly every question and most passages: no evidence.
 _GENERIC = frozenset({"kllm"})
+# A Markdown heading that chunking joined to the sentence before or after it: not quoted.
+_HEADING = re.compile(r"^#{1,6}\s+[^\n]*?[?:]\s+|^#{1,6}\s+[^\n]*$|\s+#{1,6}\s+.*$")
 
 
 def _stem(word: str) -> str:
@@ -115,12 +123,16 @@ class GroundedAnswerer:
         """The passage sentences (with their 1-based passage) sharing the most words with
         ``question``, in passage order; an earlier passage wins a tie."""
         asked = _stems(question)
+        found = [
+            (p, text)
+            for p, passage in enumerate(passages)
+            for s in sentences(passage)
+            if (text := _HEADING.sub("", s).strip())
+        ]
         ranked = sorted(
             (
                 (len(asked & _stems(s)) / max(1, len(asked)) - 0.05 * p, order, s, p + 1)
-                for order, (p, s) in enumerate(
-                    (p, s) for p, passage in enumerate(passages) for s in sentences(passage)
-                )
+                for order, (p, s) in enumerate(found)
             ),
             key=lambda r: (-r[0], r[1]),
         )[: self.quote_sentences]

@@ -49,10 +49,13 @@ __all__ = [
 
 # A sentence ends at . ! or ? followed by space and a capital, digit, bracket or quote:
 # identifiers such as "faq.md" or "e.g. the" do not end one (no model needed for this).
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\[(\"'`*-])|\n\s*\n|\n\s*(?=[-*\d]+[.)]?\s)")
+_SENTENCE_END = re.compile(
+    r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d]))\s+(?=[A-Z0-9\[(\"'`*-])|\n\s*\n|\n\s*(?=[-*\d]+[.)]?\s)"
+)
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
-# Citations after a sentence's full stop ("a fact. [1]") belong to that sentence.
-_TRAILING_CITATIONS = re.compile(r"([.!?])[ \t]*((?:\[\d+(?:\s*,\s*\d+)*\][ \t]*)+)")
+# Citations after a sentence's full stop ("a fact. [1]", or a quote's: '"a fact." [1]')
+# belong to that sentence.
+_TRAILING_CITATIONS = re.compile(r"([.!?][\"'\u201d]?)[ \t]*((?:\[\d+(?:\s*,\s*\d+)*\][ \t]*)+)")
 _WORD = re.compile(r"[A-Za-z0-9_]+(?:[./-][A-Za-z0-9_]+)*")
 _STOP = frozenset(ENGLISH_STOP_WORDS)
 _NOT = r"(?:n['\u2019]t|\s+not)"

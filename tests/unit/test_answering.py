@@ -173,3 +173,9 @@ def test_answers_from_tools_are_not_grounded_on_the_passages() -> None:
     for request in (with_tools, after_tool):
         response = _moderate(gen.model_copy(update={"request": request}), "grounded")
         assert (response.text, response.answer_mode) == (gen.text, "generated")
+
+
+def test_headings_joined_to_a_sentence_are_not_quoted() -> None:
+    passages = ["## Which model runs on CPU? On CPU, kllm runs SmolLM2. ## Only a heading"]
+    quoted = GroundedAnswerer().quotes("Which model runs on CPU?", passages)
+    assert quoted == [("On CPU, kllm runs SmolLM2.", 1)]

@@ -74,6 +74,13 @@ def test_a_citation_after_the_full_stop_stays_with_its_sentence() -> None:
     ]
 
 
+def test_quoted_sentences_each_keep_their_citation() -> None:
+    # The grounded answer's form: one quoted passage sentence per line, then its passage.
+    quoted = '"It has 4 partitions." [1]\n"The broker is Tansu." [2]'
+    assert sentences(quoted) == ['"It has 4 partitions [1]."', '"The broker is Tansu [2]."']
+    assert [cited(s) for s in sentences(quoted)] == [[1], [2]]
+
+
 def test_citations_are_read_in_order_and_in_groups() -> None:
     assert cited("Yes [2], and also [1, 3].") == [2, 1, 3]
     assert cited("No citation here.") == []
