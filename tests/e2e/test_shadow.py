@@ -92,9 +92,10 @@ def test_a_shadow_answers_live_jobs_unseen_and_the_report_lists_both(
             r.close()
     assert worker.returncode == 0, out
     assert set(copies) == ids, f"no shadow answer for {ids - set(copies)}"
-    # Callers saw only the live model: one response per request, from it.
-    assert all(len(answers[i]) == 1 and not late[i] for i in ids), (answers, late)
-    assert all(answers[i][0].model == LIVE for i in ids), answers
+    # Callers saw only the live model: every response to these requests is its answer
+    # (a redelivery under load may repeat one: at least once, never the candidate's).
+    seen = {i: [*answers[i], *(decode(v, Response) for v in late[i])] for i in ids}
+    assert all(seen[i] and all(r.model == LIVE for r in seen[i]) for i in ids), seen
     for rid in ids:
         sources = {(e.source, e.model) for e in scored[rid]}
         assert sources == {("primary", LIVE), ("shadow", CANDIDATE)}, (rid, sources)
