@@ -190,6 +190,9 @@ def test_a_crash_looping_stage_fails_alone_and_the_pipeline_keeps_answering(
         "KLLM_RESTART_BACKOFF_S": "0.5",
         "KLLM_MODELS": "",
         "KLLM_GATEWAY_MODELS": '["scripted"]',
+        # The scripted answer as the engine gave it ("Hi?" is in no passage: a grounded
+        # pipeline would decline it), so the check below sees it cross every stage.
+        "KLLM_ANSWER_POLICY": "flag",
     }
     run = tmp_path / "run"
     with scripted_engine() as script:
