@@ -36,6 +36,7 @@ from schemas import (
     ChatTurn,
     Chunk,
     DriftAlert,
+    Evaluation,
     FeedbackEnriched,
     InferenceJob,
     Message,
@@ -51,6 +52,7 @@ from tests.e2e.conftest import CONSUMER, FAST_GROUPS, embedded_broker
 from topics import (
     DRIFT_ALERTS,
     DRIFT_GROUP,
+    EVALUATIONS,
     FEEDBACK_ENRICHED,
     INFERENCE,
     RESPONSES,
@@ -83,6 +85,7 @@ STATED_MAX = {
     "blocked": 436,
     "feedback_score": 76,
     "feedback_model_error": 84,
+    "groundedness": 76,
 }
 BOUND = {signal: 2 * worst for signal, worst in STATED_MAX.items()}
 FEEDBACK_SIGNALS = ("feedback_score", "feedback_model_error")
@@ -271,7 +274,7 @@ class Traffic:
     rngs: dict[str, random.Random] = field(init=False)
 
     def __post_init__(self) -> None:
-        kinds = ("request", "job", "response", "feedback")
+        kinds = ("request", "job", "response", "feedback", "evaluation")
         self.rngs = {k: random.Random(f"{SEED}:{self.tenant}:{k}") for k in kinds}
 
     def rid(self, i: int) -> str:
@@ -323,6 +326,19 @@ class Traffic:
             ttft_ms=ttft,
             pipeline_ms=latency,
             cost_usd=completion * 2e-7,
+        )
+
+    def evaluation(self, i: int, shifted: bool) -> Evaluation:
+        """The evaluation stage's score of answer ``i``: groundedness 0.70 -> 0.50."""
+        groundedness = sample("groundedness", self.rngs["evaluation"], shifted)
+        return Evaluation(
+            request_id=self.rid(i),
+            tenant=self.tenant,
+            model=MODEL,
+            groundedness=groundedness,
+            unsupported=groundedness < 0.5,
+            claims=3,
+            evaluated_at=1_000.0 + i,
         )
 
     def feedback(self, i: int, relation: Relation) -> FeedbackEnriched:
@@ -485,6 +501,7 @@ def test_stationary_traffic_raises_at_most_one_false_alarm(stage: Stage) -> None
         publisher.send(
             FEEDBACK_ENRICHED.name, (traffic.feedback(i, STABLE) for i in range(STATIONARY))
         )
+        publisher.send(EVALUATIONS.name, (traffic.evaluation(i, False) for i in range(STATIONARY)))
         publisher.processed(300)
         alerts = alerts_of(reader, "acme", 3)  # alerts are flushed before offsets commit
     finally:
@@ -507,10 +524,12 @@ RISES = {  # which way each shift moves its signal's mean
     "blocked": True,
     "feedback_score": False,
     "feedback_model_error": True,
+    "groundedness": False,
 }
 FIRST_SHIFT = tuple(s for s in SIGNALS if s != "feedback_score")
 REQUEST_SIGNALS = ("prompt_distance", "prompt_length", "retrieval_top_score")
 RESPONSE_SIGNALS = ("latency_ms", "ttft_ms", "blocked")
+EVALUATION_SIGNALS = ("groundedness",)
 FINE = 128  # shifted events published 8 at a time, then 32 at a time
 
 
@@ -547,6 +566,9 @@ def test_every_signal_alerts_soon_after_its_shift(stage: Stage) -> None:
     def feedback(span: range, relation: Relation) -> None:
         publisher.send(FEEDBACK_ENRICHED.name, [traffic.feedback(i, relation) for i in span])
 
+    def evaluations(span: range, shifted: bool) -> None:
+        publisher.send(EVALUATIONS.name, [traffic.evaluation(i, shifted) for i in span])
+
     def fired() -> set[str]:
         alerts.extend(alerts_of(reader, tenant, 0.05))
         return {a.signal for a in alerts if index(a) >= shift_at[a.signal]}
@@ -556,6 +578,7 @@ def test_every_signal_alerts_soon_after_its_shift(stage: Stage) -> None:
         requests(range(WARM_REQUESTS), False)
         responses(range(WARM), False)
         feedback(range(WARM), STABLE)
+        evaluations(range(WARM), False)
         publisher.processed(300)
         # Everything shifts but the ratings: their distribution stays put while the relation
         # between features and complaints inverts (both feedback signals come from the same
@@ -571,6 +594,8 @@ def test_every_signal_alerts_soon_after_its_shift(stage: Stage) -> None:
                 requests(range(WARM_REQUESTS + span.start, WARM_REQUESTS + span.stop), True)
             if pending & set(RESPONSE_SIGNALS):
                 responses(range(WARM + span.start, WARM + span.stop), True)
+            if pending & set(EVALUATION_SIGNALS):
+                evaluations(range(WARM + span.start, WARM + span.stop), True)
             if "feedback_model_error" in pending:
                 fb = WARM + span.stop
                 feedback(range(WARM + span.start, fb), INVERTED)
