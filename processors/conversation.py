@@ -42,6 +42,14 @@ def latest_question_index(messages: Sequence[ChatTurn]) -> int:
     raise ValueError("the conversation has no user turn with text")
 
 
+def latest_question(messages: Sequence[ChatTurn]) -> str | None:
+    """The latest user turn's text; None when no user turn has text."""
+    try:
+        return messages[latest_question_index(messages)].content
+    except ValueError:
+        return None
+
+
 def follows_up(question: str) -> bool:
     """Whether a question likely leans on the turn before it."""
     return len(question.split()) <= SHORT_QUESTION_WORDS or bool(_REFERRING.search(question))

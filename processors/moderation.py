@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 from processors.answering import Grounded, GroundedAnswerer
 from processors.answering import Policy as AnswerPolicy
 from processors.base import Emit
-from processors.conversation import latest_question_index, search_text
+from processors.conversation import latest_question, search_text
 from processors.guardrails import Redactor
 from processors.policies import Policy, PolicyBook
 from schemas import Citation, Generation, ModerationEvent, Request, Response
@@ -244,9 +244,8 @@ class Moderator:
             or any(m.role == "tool" for m in request.messages)
         ):
             return None
-        try:
-            question = request.messages[latest_question_index(request.messages)].content
-        except ValueError:  # no user turn with text: nothing to ground against
+        question = latest_question(request.messages)
+        if question is None:  # no user turn with text: nothing to ground against
             return None
         return self.answerer.answer(
             question,

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from processors.base import Emit
-from processors.conversation import latest_question_index
+from processors.conversation import latest_question
 from processors.evaluation import UNSUPPORTED_BELOW
 from processors.grounding import GroundingScorer, cosine_of, declines
 from processors.retrieval import Embedder
@@ -109,9 +109,7 @@ class OnlineEvaluator:
         )
 
     def _relevance(self, generation: Generation) -> float | None:
-        messages = generation.request.messages
-        try:
-            question = messages[latest_question_index(messages)].content
-        except ValueError:  # no user turn with text
+        question = latest_question(generation.request.messages)
+        if question is None:  # no user turn with text
             return None
         return cosine_of(self.embedder, question, generation.text)
